@@ -1,0 +1,84 @@
+"""Eager reference vs torch.compile(reference) vs trm_fast.TRMModel: forward and train step.
+
+    pytest benchmarks --benchmark-only [--benchmark-json=benchmarks/results/<device>.json]
+
+CUDA timings synchronize the device after each call; peak memory is recorded in extra_info.
+"""
+import contextlib
+
+import pytest
+import torch
+
+import trm_fast
+from trm_fast import reference
+from bench_cases import CASES, CUDA, DTYPE
+
+IMPLS = ("eager", "compiled", "trm_fast")
+MODES = ("forward", "train_step")
+
+
+def build(impl: str, case: dict):
+    config = dict(vocab_size=case["vocab_size"], d_model=case["d_model"], n_heads=case["n_heads"],
+                  max_seq_len=case["length"])
+    torch.manual_seed(0)
+    if impl == "trm_fast":
+        model = trm_fast.TRMModel(trm_fast.TRMConfig(**config))
+    else:
+        model = reference.TRMModel(reference.TRMConfig(**config))
+    device = "cuda" if CUDA else "cpu"
+    model = model.to(device)
+    runner = torch.compile(model) if impl == "compiled" else model
+    g = torch.Generator(device=device).manual_seed(1)
+    ids = torch.randint(1, case["vocab_size"], (case["batch"], case["length"]), device=device, generator=g)
+    targets = torch.randint(1, case["vocab_size"], (case["batch"], case["length"]), device=device, generator=g)
+    return model, runner, ids, targets
+
+
+def autocast():
+    return torch.autocast("cuda", dtype=DTYPE) if DTYPE is not None else contextlib.nullcontext()
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_model(benchmark, case, impl, mode):
+    spec = CASES[case]
+    model, runner, ids, targets = build(impl, spec)
+    if mode == "forward":
+        model.eval()
+
+        def step():
+            with torch.no_grad(), autocast():
+                out = runner(ids, target_ids=targets)
+            sync()
+            return out
+    else:
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
+
+        def step():
+            with autocast():
+                out = runner(ids, target_ids=targets)
+            out["loss"].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync()
+            return out
+
+    warmup = 3 if benchmark.enabled else 0
+    for _ in range(warmup):  # compilation and autotuning stay out of the timing
+        step()
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    out = benchmark.pedantic(step, rounds=20 if CUDA else 5, iterations=1, warmup_rounds=0)
+    assert torch.isfinite(out["loss"]), "benchmarked step produced a non-finite loss"
+    tokens = spec["batch"] * spec["length"]
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name() if CUDA else "cpu", dtype=str(DTYPE or torch.float32),
+        tokens=tokens, kernels=trm_fast.kernel_status()["ops"]["tinynet.causal_attention"] if impl == "trm_fast" else "reference",
+        peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9 if CUDA else None)

@@ -1,0 +1,1 @@
+"""Triton kernels for TinyNet, installed as `trm_fast.kernels`. Each op lives in its own file."""

@@ -1,0 +1,68 @@
+"""trm_fast._C ops (or their fallback) against PyTorch: numbers, dtypes, fake kernels, opcheck."""
+import pytest
+import torch
+
+import trm_fast
+from trm_fast import ops
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def expected_confidence(logits):
+    return torch.softmax(logits.double(), dim=-1).amax(dim=-1).float()
+
+
+def test_extension_is_built():
+    """`pip install -e .` must have built trm_fast._C (set TRM_FAST_ALLOW_NO_EXTENSION=1 to run without)."""
+    import os
+    if os.environ.get("TRM_FAST_ALLOW_NO_EXTENSION") == "1":
+        pytest.skip("running without the compiled extension on purpose")
+    assert ops.EXTENSION_ERROR is None, ops.EXTENSION_ERROR
+    if torch.cuda.is_available():
+        assert not ops.CUDA_FALLBACK, "trm_fast._C was built without its CUDA ops on a CUDA machine"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-6), (torch.bfloat16, 1e-6),
+                                        (torch.float16, 1e-6)])
+@pytest.mark.parametrize("shape", [(7, 3, 50), (4, 16000), (1, 1), (3, 1025)])
+def test_token_confidence_matches_softmax(device, dtype, tol, shape):
+    logits = (torch.randn(shape, device=device) * 4).to(dtype)
+    out = trm_fast.token_confidence(logits)
+    assert out.dtype == torch.float32 and out.shape == shape[:-1]
+    # bf16/fp16 inputs: compared with the same rounded inputs in float64, so only accumulation differs.
+    torch.testing.assert_close(out, expected_confidence(logits), rtol=tol * 10, atol=tol)
+    assert (out > 0).all() and (out <= 1).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_confidence_extremes(device):
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [100.0, -100.0, 0.0, 0.0], [-1e4, -1e4, -1e4, 50.0],
+                           [float("-inf"), 1.0, float("-inf"), 1.0]], device=device)
+    expected = torch.tensor([0.25, 1.0, 1.0, 0.5], device=device)
+    torch.testing.assert_close(trm_fast.token_confidence(logits), expected)
+    empty = trm_fast.token_confidence(torch.empty(0, 5, device=device))
+    assert empty.shape == (0,)
+    strided = torch.randn(6, 40, device=device)[:, ::2]  # non-contiguous input
+    torch.testing.assert_close(trm_fast.token_confidence(strided), expected_confidence(strided))
+
+
+def test_token_confidence_bad_input():
+    with pytest.raises(TypeError, match="floating point"):
+        trm_fast.token_confidence(torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="vocab > 0"):
+        trm_fast.token_confidence(torch.ones(2, 0))
+    with pytest.raises(TypeError, match="must be a tensor"):
+        trm_fast.token_confidence([1.0, 2.0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_confidence_opcheck(device):
+    for logits in (torch.randn(3, 4, 33, device=device), torch.randn(5, 700, device=device).bfloat16()):
+        torch.library.opcheck(torch.ops.trm_fast.token_confidence.default, (logits,))
+
+
+def test_token_confidence_under_compile():
+    compiled = torch.compile(lambda x: trm_fast.token_confidence(x) * 2, fullgraph=True, backend="aot_eager")
+    logits = torch.randn(4, 9, 31)
+    torch.testing.assert_close(compiled(logits), expected_confidence(logits) * 2)

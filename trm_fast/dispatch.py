@@ -1,0 +1,77 @@
+"""Which implementation runs each op: `kernels="auto" | "torch" | "triton"`, and `kernel_status()`."""
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+from typing import Any, Dict, Optional
+
+import torch
+
+from . import torch_ops
+from . import ops as extension_ops
+
+KERNEL_CHOICES = ("auto", "torch", "triton")
+TINYNET_OPS = ("concat_linear", "causal_attention", "add_layer_norm", "feed_forward")
+
+
+def check_kernels_choice(kernels: str) -> str:
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+    return kernels
+
+
+@functools.lru_cache(maxsize=None)
+def triton_tinynet_ops() -> tuple[Optional[ModuleType], str]:
+    """(module, note): the Triton TinyNet ops from `trm_fast.kernels`, or None and why not."""
+    try:
+        import triton
+    except ImportError:
+        return None, "triton is not installed"
+    try:
+        module = importlib.import_module("trm_fast.kernels.tinynet")
+    except ImportError as exc:
+        return None, f"no Triton TinyNet kernels in this build ({exc})"
+    return module, f"triton {triton.__version__}"
+
+
+def tinynet_ops(kernels: str, device: torch.device) -> ModuleType:
+    """The op table for TinyNet on `device` under the `kernels` choice."""
+    if kernels == "torch":
+        return torch_ops
+    module, note = triton_tinynet_ops()
+    if kernels == "triton":
+        if module is None:
+            raise RuntimeError(f"kernels='triton' was requested but is not available: {note}; "
+                               "use kernels='auto' or 'torch'")
+        return module
+    return module if module is not None and device.type == "cuda" else torch_ops
+
+
+def kernel_status(device: Optional[torch.device] = None) -> Dict[str, Any]:
+    """What is installed and which implementation each op uses on `device` (default: CUDA if present)."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    triton_module, triton_note = triton_tinynet_ops()
+    tinynet = tinynet_ops("auto", device)
+    tinynet_path = "triton" if tinynet is triton_module and triton_module is not None else "torch"
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "device": str(device),
+        "triton": triton_note,
+        "extension": extension_ops.extension_status(),
+        "ops": {
+            **{f"tinynet.{name}": tinynet_path for name in TINYNET_OPS},
+            "token_confidence": extension_ops.token_confidence_backend(device),
+        },
+    }
+
+
+def format_kernel_status(status: Dict[str, Any]) -> str:
+    lines = [f"torch      {status['torch']}", f"cuda       {status['cuda'] or 'not available'}",
+             f"triton     {status['triton']}", f"extension  {status['extension']}",
+             f"ops on {status['device']}:"]
+    lines += [f"  {name:<28} {path}" for name, path in status["ops"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,125 @@
+"""`TRMModel`: the drop-in for the seed model, running TinyNet through the dispatch layer."""
+from __future__ import annotations
+
+import operator
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from . import reference
+from .dispatch import check_kernels_choice, tinynet_ops
+from .reference import TRMConfig
+
+
+class DispatchTinyNet(reference.TinyNet):
+    """The seed's TinyNet (same parameters and keys); each op runs on the backend chosen by `kernels`."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.1, kernels: str = "auto"):
+        super().__init__(d_model, n_heads, dropout)
+        self.kernels = check_kernels_choice(kernels)
+
+    def _block(self, ops, h: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        block, attn = self.block, self.block.attn
+        key_valid = (attn_mask != 0) if attn_mask is not None else torch.ones(
+            h.shape[:2], dtype=torch.bool, device=h.device)
+        p = (lambda rate: rate if self.training else 0.0)
+        a = ops.causal_attention(h, key_valid, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight,
+                                 attn.out_proj.bias, attn.num_heads, p(attn.dropout))
+        h = ops.add_layer_norm(h, a, block.ln1.weight, block.ln1.bias, block.ln1.eps, p(block.dropout.p))
+        f = ops.feed_forward(h, block.ffn[0].weight, block.ffn[0].bias, block.ffn[2].weight, block.ffn[2].bias)
+        return ops.add_layer_norm(h, f, block.ln2.weight, block.ln2.bias, block.ln2.eps, p(block.ffn[3].p))
+
+    def forward_xyz(self, x, y, z, attn_mask):
+        ops = tinynet_ops(self.kernels, x.device)
+        return self._block(ops, ops.concat_linear((x, y, z), self.xyz_proj.weight, self.xyz_proj.bias), attn_mask)
+
+    def forward_yz(self, y, z, attn_mask):
+        ops = tinynet_ops(self.kernels, y.device)
+        return self._block(ops, ops.concat_linear((y, z), self.yz_proj.weight, self.yz_proj.bias), attn_mask)
+
+
+def _check_positive_int(name: str, value: Any, allow_none: bool = False, allow_zero: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} int, got {value!r}")
+
+
+def _check_ids(name: str, ids: torch.Tensor, vocab_size: int, device: torch.device) -> None:
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an integer tensor (torch.long), got {ids.dtype}")
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise ValueError(f"{name} must have shape [batch, seq_len] with both > 0, got {tuple(ids.shape)}")
+    if ids.device != device:
+        raise ValueError(f"{name} is on {ids.device} but the model is on {device}")
+    if not torch.compiler.is_compiling():
+        low, high = (int(v) for v in torch.aminmax(ids))
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{name} has ids outside [0, vocab_size={vocab_size}): min {low}, max {high}")
+
+
+class TRMModel(reference.TRMModel):
+    """Drop-in for the seed `TRMModel`: same constructor, methods, outputs and state_dict keys.
+
+    `kernels`: "auto" (Triton on CUDA when available, else torch), "torch", or "triton".
+    """
+
+    def __init__(self, config: TRMConfig, kernels: str = "auto"):
+        if not isinstance(config, TRMConfig):
+            raise TypeError(f"config must be a TRMConfig, got {type(config).__name__} (use TRMConfig.from_dict)")
+        super().__init__(config)
+        self.kernels = kernels
+
+    def _make_tiny_net(self, config: TRMConfig) -> DispatchTinyNet:
+        return DispatchTinyNet(config.d_model, config.n_heads, config.dropout)
+
+    @property
+    def kernels(self) -> str:
+        return self.tiny_net.kernels
+
+    @kernels.setter
+    def kernels(self, value: str) -> None:
+        self.tiny_net.kernels = check_kernels_choice(value)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                target_ids: Optional[torch.Tensor] = None, supervision_steps: Optional[int] = None) -> Dict[str, Any]:
+        device = self.token_embed.weight.device
+        _check_ids("input_ids", input_ids, self.config.vocab_size, device)
+        for name, other in (("attention_mask", attention_mask), ("target_ids", target_ids)):
+            if other is not None and (not isinstance(other, torch.Tensor) or other.shape != input_ids.shape):
+                shape = tuple(other.shape) if isinstance(other, torch.Tensor) else type(other).__name__
+                raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}")
+        if target_ids is not None:
+            _check_ids("target_ids", target_ids, self.config.vocab_size, device)
+        _check_positive_int("supervision_steps", supervision_steps, allow_none=True)
+        return super().forward(input_ids, attention_mask, target_ids, supervision_steps)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int = 64, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 0.0, repetition_penalty: float = 1.0,
+                 supervision_steps: Optional[int] = None, q_threshold: Optional[float] = 0.7,
+                 device: Optional[torch.device] = None) -> List[int]:
+        try:
+            prompt = [operator.index(t) for t in prompt_ids]
+        except TypeError as exc:
+            raise TypeError(f"prompt_ids must be a sequence of int token ids ({exc})") from None
+        if not prompt:
+            raise ValueError("prompt_ids must contain at least one token id")
+        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_ids has ids outside [0, vocab_size={self.config.vocab_size}): {bad[:5]}")
+        _check_positive_int("max_new_tokens", max_new_tokens, allow_zero=True)
+        _check_positive_int("top_k", top_k, allow_zero=True)
+        _check_positive_int("supervision_steps", supervision_steps, allow_none=True)
+        if not 0.0 <= top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {top_p!r}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        if repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty!r}")
+        if q_threshold is not None and not 0.0 <= q_threshold <= 1.0:
+            raise ValueError(f"q_threshold must be None or in [0, 1], got {q_threshold!r}")
+        return super().generate(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                supervision_steps, q_threshold, device)

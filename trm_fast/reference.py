@@ -1,0 +1,299 @@
+"""The seed TRM restated in plain PyTorch: the numerical ground truth for every fast path.
+
+Behaviour follows ../shared/SPEC.md §1 exactly, seed quirks included. The one documented departure:
+the halting BCE is computed in float32 with autocast disabled, which gives the same numbers in fp32 and
+does not raise under CUDA bf16 autocast (the seed's `F.binary_cross_entropy` call does).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class TRMConfig:
+    vocab_size: int
+    d_model: int = 512
+    n_heads: int = 8
+    dropout: float = 0.1
+    max_seq_len: int = 512
+    latent_steps: int = 2
+    deep_steps: int = 2
+    supervision_steps: int = 2
+    act_threshold: float = 0.95
+    act_weight: float = 1.0
+    pad_token_id: int = 0
+    tie_embeddings: bool = True
+    eos_token_id: Optional[int] = None  # new: None keeps the seed's stop-on-pad rule only
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "d_model", "n_heads", "max_seq_len", "latent_steps", "deep_steps",
+                    "supervision_steps")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TRMConfig.{name} must be a positive int, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"TRMConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"TRMConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("pad_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ValueError(f"TRMConfig.{name} ({value}) must be in [0, vocab_size={self.vocab_size})")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TRMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TRMConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+
+class TinyBlock(nn.Module):
+    """Post-LayerNorm transformer block: causal self-attention with key padding, then a GELU FFN."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.1):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.ffn = nn.Sequential(
+            nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model), nn.Dropout(dropout)
+        )
+        self.ln1 = nn.LayerNorm(d_model)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        L = h.size(1)
+        causal = torch.triu(torch.ones(L, L, dtype=torch.bool, device=h.device), diagonal=1)
+        key_padding = (attn_mask == 0) if attn_mask is not None else None
+        a, _ = self.attn(h, h, h, attn_mask=causal, key_padding_mask=key_padding)
+        h = self.ln1(h + self.dropout(a))
+        return self.ln2(h + self.ffn(h))
+
+
+class TinyNet(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.1):
+        super().__init__()
+        self.xyz_proj = nn.Linear(3 * d_model, d_model)
+        self.yz_proj = nn.Linear(2 * d_model, d_model)
+        self.block = TinyBlock(d_model, n_heads, dropout)
+
+    def forward_xyz(self, x, y, z, attn_mask):
+        return self.block(self.xyz_proj(torch.cat([x, y, z], dim=-1)), attn_mask=attn_mask)
+
+    def forward_yz(self, y, z, attn_mask):
+        return self.block(self.yz_proj(torch.cat([y, z], dim=-1)), attn_mask=attn_mask)
+
+
+def halting_bce(q_hat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`F.binary_cross_entropy` in float32 with autocast off: seed numbers, and bf16-autocast safe."""
+    with torch.autocast(device_type=q_hat.device.type, enabled=False):
+        return F.binary_cross_entropy(q_hat.float(), labels.float())
+
+
+def sample_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """The seed's sampler: top-k, then nucleus (first token always kept), NaN guard, argmax fallback."""
+    logits = logits.clone()
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
+        logits[logits < kth] = float("-inf")
+    if 0.0 < top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+        cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+        remove = cumulative > top_p
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., 0] = False
+        logits[remove.scatter(-1, sorted_idx, remove)] = float("-inf")
+    probs = torch.nan_to_num(F.softmax(logits, dim=-1), nan=0.0)
+    empty = probs.sum(dim=-1) <= 0
+    if bool(empty.any()):
+        fallback = torch.nan_to_num(logits, nan=float("-inf")).argmax(dim=-1)
+        probs[empty] = F.one_hot(fallback[empty], probs.size(-1)).to(probs.dtype)
+    return torch.multinomial(probs, num_samples=1).squeeze(-1)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Seed rule: divide the logit of every id already present by `penalty`, whatever its sign."""
+    if penalty == 1.0:
+        return logits
+    logits = logits.clone()
+    for row, ids in enumerate(seen_ids):
+        uniq = torch.unique(ids)
+        logits[row, uniq] = logits[row, uniq] / penalty
+    return logits
+
+
+class TRMModel(nn.Module):
+    """The seed model: one TinyNet applied recursively to (x, y, z) with deep supervision and ACT."""
+
+    def __init__(self, config: TRMConfig):
+        super().__init__()
+        self.config = config
+        D = config.d_model
+        self.token_embed = nn.Embedding(config.vocab_size, D, padding_idx=config.pad_token_id)
+        self.pos_embed = nn.Embedding(config.max_seq_len, D)
+        self.dropout = nn.Dropout(config.dropout)
+        self.tiny_net = self._make_tiny_net(config)
+        self.output_head = nn.Linear(D, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output_head.weight = self.token_embed.weight
+        self.q_head = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, 1))
+
+    def _make_tiny_net(self, config: TRMConfig) -> TinyNet:
+        return TinyNet(config.d_model, config.n_heads, config.dropout)
+
+    # -- embedding and states ------------------------------------------------------------------------
+    def _grow_positional_table(self, length: int) -> None:
+        old = self.pos_embed
+        new = nn.Embedding(length, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight[: old.num_embeddings] = old.weight
+            new.weight[old.num_embeddings:] = old.weight[-1]
+        self.pos_embed = new
+        self.config.max_seq_len = length
+
+    def _add_positional_encoding(self, token_embeddings: torch.Tensor) -> torch.Tensor:
+        L = token_embeddings.size(1)
+        if L > self.pos_embed.num_embeddings:
+            self._grow_positional_table(L)
+        positions = torch.arange(L, device=token_embeddings.device)
+        return self.dropout(token_embeddings + self.pos_embed(positions).unsqueeze(0))
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._add_positional_encoding(self.token_embed(input_ids))
+
+    @staticmethod
+    def _init_states(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return x.clone(), torch.zeros_like(x)
+
+    # -- recursion -------------------------------------------------------------------------------------
+    def latent_recursion(self, x, y, z, attention_mask):
+        for _ in range(self.config.latent_steps):
+            z = self.tiny_net.forward_xyz(x, y, z, attention_mask)
+            y = self.tiny_net.forward_yz(y, z, attention_mask)
+        return y, z
+
+    def _deep_recursion_step(self, x, y, z, attention_mask):
+        """`deep_steps` latent recursions; only the last records gradients."""
+        for _ in range(self.config.deep_steps - 1):
+            with torch.no_grad():
+                y, z = self.latent_recursion(x, y, z, attention_mask)
+        y, z = self.latent_recursion(x, y, z, attention_mask)
+        return y, z, y.detach(), z.detach()
+
+    @staticmethod
+    def _pool_for_q(y: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).to(y.dtype)
+        return (y * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+    def _q_hat(self, y: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.q_head(self._pool_for_q(y, attention_mask)))
+
+    @staticmethod
+    def _compute_act_labels(logits, target_ids, attention_mask, threshold: float) -> torch.Tensor:
+        correct = logits.argmax(dim=-1) == target_ids
+        mask = attention_mask.bool()
+        if threshold < 1.0:
+            accuracy = (correct & mask).sum(dim=1).float() / mask.sum(dim=1).clamp(min=1).float()
+            labels = accuracy >= threshold
+        else:
+            labels = (correct | ~mask).all(dim=1)
+        return labels.float().unsqueeze(-1)
+
+    def _output_logits(self, y: torch.Tensor) -> torch.Tensor:
+        return self.output_head(y)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        target_ids: Optional[torch.Tensor] = None,
+        supervision_steps: Optional[int] = None,
+    ) -> Dict[str, Any]:
+        cfg = self.config
+        if attention_mask is None:
+            attention_mask = (input_ids != cfg.pad_token_id).long()
+        x = self._embed(input_ids)
+        y, z = self._init_states(x)
+        all_logits: List[torch.Tensor] = []
+        q_hats: List[torch.Tensor] = []
+        ce_losses: List[torch.Tensor] = []
+        act_losses: List[torch.Tensor] = []
+        for _ in range(supervision_steps or cfg.supervision_steps):
+            y_grad, _, y, z = self._deep_recursion_step(x, y, z, attention_mask)
+            logits = self._output_logits(y_grad)
+            q_hat = self._q_hat(y_grad, attention_mask)
+            all_logits.append(logits)
+            q_hats.append(q_hat)
+            if target_ids is not None:
+                ce_losses.append(F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1),
+                                                 ignore_index=cfg.pad_token_id))
+                labels = self._compute_act_labels(logits, target_ids, attention_mask, cfg.act_threshold)
+                act_losses.append(halting_bce(q_hat, labels))
+        ce_loss = torch.stack(ce_losses).mean() if ce_losses else None
+        act_loss = torch.stack(act_losses).mean() if act_losses else None
+        loss = None
+        if ce_loss is not None:
+            loss = ce_loss + cfg.act_weight * act_loss
+        return {
+            "loss": loss,
+            "ce_loss": ce_loss,
+            "act_loss": act_loss,
+            "logits": all_logits[-1] if all_logits else None,
+            "all_logits": all_logits,
+            "q_hats": q_hats,
+        }
+
+    # -- inference -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _inference_cycle(self, x, y, z, attention_mask, supervision_steps=None, q_threshold=None):
+        """Per supervision step: `deep_steps` latent recursions, then pooled q_hat; halts batch-wide."""
+        q_hat = None
+        for _ in range(supervision_steps or self.config.supervision_steps):
+            for _ in range(self.config.deep_steps):
+                y, z = self.latent_recursion(x, y, z, attention_mask)
+            q_hat = self._q_hat(y, attention_mask)
+            if q_threshold is not None and bool((q_hat > q_threshold).all()):
+                break
+        return y, z, q_hat
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        supervision_steps: Optional[int] = None,
+        q_threshold: Optional[float] = 0.7,
+        device: Optional[torch.device] = None,
+    ) -> List[int]:
+        """Seed generation: re-runs embedding and the inference cycle over the whole sequence per token."""
+        cfg = self.config
+        device = device or next(self.parameters()).device
+        input_ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=device).unsqueeze(0)
+        for _ in range(max_new_tokens):
+            attention_mask = (input_ids != cfg.pad_token_id).long()
+            x = self._embed(input_ids)
+            y, z = self._init_states(x)
+            y, z, _ = self._inference_cycle(x, y, z, attention_mask, supervision_steps, q_threshold)
+            next_logits = self._output_logits(y)[:, -1] / max(temperature, 1e-5)
+            next_logits = apply_repetition_penalty(next_logits, input_ids, repetition_penalty)
+            next_token = sample_logits(next_logits, top_k=top_k, top_p=top_p)
+            input_ids = torch.cat([input_ids, next_token.unsqueeze(1)], dim=1)
+            token = int(next_token[0])
+            if token == cfg.pad_token_id or (cfg.eos_token_id is not None and token == cfg.eos_token_id):
+                break
+        return input_ids.squeeze(0).tolist()

@@ -1,0 +1,40 @@
+"""The torch path of the TinyNet ops: plain PyTorch, any device. Triton kernels replace these one by one."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def concat_linear(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`cat(inputs, -1) @ weight.T + bias`."""
+    return F.linear(torch.cat(list(inputs), dim=-1), weight, bias)
+
+
+def causal_attention(h, key_valid, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
+                     n_heads: int, dropout_p: float) -> torch.Tensor:
+    """Self-attention of `nn.MultiheadAttention` with a causal mask and key padding (`key_valid` [B, L]).
+
+    A query with no valid key (the start of a left-padded row) outputs zero before the output projection
+    and carries no gradient, where the seed's attention gives NaN.
+    """
+    B, L, D = h.shape
+    q, k, v = F.linear(h, in_proj_weight, in_proj_bias).view(B, L, 3, n_heads, D // n_heads).permute(2, 0, 3, 1, 4)
+    no_key = key_valid.cumsum(dim=1) == 0
+    eye = torch.eye(L, dtype=torch.bool, device=h.device)
+    mask = torch.ones_like(eye).tril() & key_valid[:, None, :]
+    mask = (mask | (eye & no_key[:, :, None])).unsqueeze(1)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    o = o.transpose(1, 2).reshape(B, L, D).masked_fill(no_key.unsqueeze(-1), 0.0)
+    return F.linear(o, out_proj_weight, out_proj_bias)
+
+
+def add_layer_norm(h, residual, weight, bias, eps: float, dropout_p: float) -> torch.Tensor:
+    """`layer_norm(h + dropout(residual))`."""
+    return F.layer_norm(h + F.dropout(residual, dropout_p), (h.size(-1),), weight, bias, eps)
+
+
+def feed_forward(h, w1, b1, w2, b2) -> torch.Tensor:
+    """`linear(gelu(linear(h)))` with exact (erf) GELU; its dropout is `add_layer_norm`'s."""
+    return F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
