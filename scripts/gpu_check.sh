@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 echo "== build"
-pip install -e . --no-build-isolation --no-deps > "$OUT/build.log" 2>&1 || status=1
+python3 -m pip install -e . --no-build-isolation --no-deps > "$OUT/build.log" 2>&1 || status=1
 grep -E "trm_fast:|error|Successfully" "$OUT/build.log"
 python3 -m trm_fast doctor | tee "$OUT/doctor.txt"
 
