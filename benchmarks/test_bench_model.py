@@ -75,7 +75,7 @@ def test_model(benchmark, case, impl, mode):
         step()
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
-    out = benchmark.pedantic(step, rounds=20 if CUDA else 5, iterations=1, warmup_rounds=0)
+    out = benchmark.pedantic(step, rounds=50 if CUDA else 5, iterations=1, warmup_rounds=0)
     assert torch.isfinite(out["loss"]), "benchmarked step produced a non-finite loss"
     tokens = spec["batch"] * spec["length"]
     benchmark.extra_info.update(
