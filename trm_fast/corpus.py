@@ -29,7 +29,7 @@ def default_corpus(min_words: int = 8) -> str:
             continue
         objects = [module] + [obj for _, obj in sorted(vars(module).items())
                               if (inspect.isclass(obj) or inspect.isfunction(obj))
-                              and getattr(obj, "__module__", "").startswith(name)]
+                              and (getattr(obj, "__module__", None) or "").startswith(name)]
         for obj in objects:
             doc = inspect.getdoc(obj)
             if doc and len(doc.split()) >= min_words and doc not in seen:

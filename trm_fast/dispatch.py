@@ -53,14 +53,12 @@ def kernel_status(device: Optional[torch.device] = None) -> Dict[str, Any]:
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
-    triton_module, triton_note = triton_tinynet_ops()
-    tinynet = tinynet_ops("auto", device)
-    tinynet_path = "triton" if tinynet is triton_module and triton_module is not None else "torch"
+    tinynet_path = "torch" if tinynet_ops("auto", device) is torch_ops else "triton"
     return {
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "device": str(device),
-        "triton": triton_note,
+        "triton": triton_tinynet_ops()[1],
         "extension": extension_ops.extension_status(),
         "ops": {
             **{f"tinynet.{name}": tinynet_path for name in TINYNET_OPS},

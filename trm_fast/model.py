@@ -22,7 +22,10 @@ class DispatchTinyNet(reference.TinyNet):
         block, attn = self.block, self.block.attn
         key_valid = (attn_mask != 0) if attn_mask is not None else torch.ones(
             h.shape[:2], dtype=torch.bool, device=h.device)
-        p = (lambda rate: rate if self.training else 0.0)
+
+        def p(rate: float) -> float:  # dropout rates apply in training only
+            return rate if self.training else 0.0
+
         a = ops.causal_attention(h, key_valid, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight,
                                  attn.out_proj.bias, attn.num_heads, p(attn.dropout))
         h = ops.add_layer_norm(h, a, block.ln1.weight, block.ln1.bias, block.ln1.eps, p(block.dropout.p))
