@@ -8,6 +8,7 @@
 #include <torch/all.h>
 
 #include <cmath>
+#include <tuple>
 #include <limits>
 
 extern "C" {
@@ -51,12 +52,49 @@ at::Tensor token_confidence_cpu(const at::Tensor& logits) {
   return out;
 }
 
+void check_route_inputs(const at::Tensor& confidence, const at::Tensor& active, double threshold) {
+  TORCH_CHECK(confidence.dim() == 1 && active.dim() == 1 && confidence.size(0) == active.size(0),
+              "route_tokens: confidence and active must be 1-D of the same length, got ", confidence.sizes(),
+              " and ", active.sizes());
+  TORCH_CHECK(confidence.scalar_type() == at::kFloat, "route_tokens: confidence must be float32, got ",
+              confidence.scalar_type());
+  TORCH_CHECK(active.scalar_type() == at::kBool, "route_tokens: active must be bool, got ", active.scalar_type());
+  TORCH_CHECK(confidence.device() == active.device(), "route_tokens: confidence and active are on different devices");
+  TORCH_CHECK(threshold >= 0.0 && threshold <= 1.0, "route_tokens: threshold must be in [0, 1], got ", threshold);
+}
+
+// Early-exit routing of N tokens: exited = active & (confidence >= threshold); active_index holds the
+// indices of the tokens still active, ascending, padded with -1 to length N; counts = [exited, active].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route_tokens_cpu(const at::Tensor& confidence,
+                                                                const at::Tensor& active, double threshold) {
+  check_route_inputs(confidence, active, threshold);
+  const at::Tensor conf = confidence.contiguous(), act = active.contiguous();
+  const int64_t n = conf.size(0);
+  at::Tensor exited = at::empty({n}, act.options());
+  at::Tensor index = at::full({n}, -1, act.options().dtype(at::kLong));
+  const float* c = conf.const_data_ptr<float>();
+  const bool* a = act.const_data_ptr<bool>();
+  bool* e = exited.data_ptr<bool>();
+  int64_t* idx = index.data_ptr<int64_t>();
+  int64_t n_exited = 0, n_active = 0;
+  const float t = static_cast<float>(threshold);
+  for (int64_t i = 0; i < n; ++i) {
+    e[i] = a[i] && c[i] >= t;
+    n_exited += e[i];
+    if (a[i] && !e[i]) idx[n_active++] = i;
+  }
+  at::Tensor counts = at::tensor({n_exited, n_active}, act.options().dtype(at::kLong));
+  return {exited, index, counts};
+}
+
 TORCH_LIBRARY(trm_fast, m) {
   m.def("token_confidence(Tensor logits) -> Tensor");
+  m.def("route_tokens(Tensor confidence, Tensor active, float threshold) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(trm_fast, CPU, m) {
   m.impl("token_confidence", &token_confidence_cpu);
+  m.impl("route_tokens", &route_tokens_cpu);
 }
 
 }  // namespace trm_fast

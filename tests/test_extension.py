@@ -66,3 +66,75 @@ def test_token_confidence_under_compile():
     compiled = torch.compile(lambda x: trm_fast.token_confidence(x) * 2, fullgraph=True, backend="aot_eager")
     logits = torch.randn(4, 9, 31)
     torch.testing.assert_close(compiled(logits), expected_confidence(logits) * 2)
+
+
+def expected_route(confidence, active, threshold):
+    """route_tokens by a plain loop."""
+    exited, index = [], []
+    for i, (c, a) in enumerate(zip(confidence.tolist(), active.tolist())):
+        exited.append(a and c >= threshold)
+        if a and not exited[-1]:
+            index.append(i)
+    n = len(exited)
+    return exited, index + [-1] * (n - len(index)), [sum(exited), len(index)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [0, 1, 31, 1023, 1024, 1025, 5000, 70001])
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
+def test_route_tokens_matches_loop(device, n, threshold):
+    g = torch.Generator().manual_seed(n)
+    confidence = torch.rand(n, generator=g)
+    confidence[::7] = 1.0  # exact hits of threshold 1.0 exit
+    active = torch.rand(n, generator=g) > 0.3
+    exited, index, counts = trm_fast.route_tokens(confidence.to(device), active.to(device), threshold)
+    want = expected_route(confidence, active, threshold)
+    assert exited.dtype == torch.bool and index.dtype == counts.dtype == torch.long
+    assert (exited.tolist(), index.tolist(), counts.tolist()) == want
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_route_tokens_all_and_none_exit(device):
+    confidence = torch.full((3000,), 0.9, device=device)
+    active = torch.ones(3000, dtype=torch.bool, device=device)
+    exited, index, counts = trm_fast.route_tokens(confidence, active, 0.5)
+    assert exited.all() and (index == -1).all() and counts.tolist() == [3000, 0]
+    exited, index, counts = trm_fast.route_tokens(confidence, active, 0.95)
+    assert not exited.any() and torch.equal(index, torch.arange(3000, device=device)) and counts.tolist() == [0, 3000]
+    exited, index, counts = trm_fast.route_tokens(confidence, ~active, 0.5)  # nothing active: nothing exits
+    assert not exited.any() and (index == -1).all() and counts.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_route_tokens_opcheck(device):
+    confidence = torch.rand(2048, device=device)
+    active = torch.rand(2048, device=device) > 0.5
+    torch.library.opcheck(torch.ops.trm_fast.route_tokens.default, (confidence, active, 0.4))
+
+
+def test_route_tokens_bad_input():
+    conf, act = torch.rand(5), torch.ones(5, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\], got 1.5"):
+        trm_fast.route_tokens(conf, act, 1.5)
+    with pytest.raises(ValueError, match="threshold"):
+        trm_fast.route_tokens(conf, act, -0.1)
+    with pytest.raises(TypeError, match="confidence must be a 1-D torch.float32"):
+        trm_fast.route_tokens(conf.double(), act, 0.5)
+    with pytest.raises(TypeError, match="active must be a 1-D torch.bool"):
+        trm_fast.route_tokens(conf, act.long(), 0.5)
+    with pytest.raises(TypeError, match="1-D"):
+        trm_fast.route_tokens(conf.view(1, 5), act.view(1, 5), 0.5)
+    with pytest.raises(ValueError, match="must match"):
+        trm_fast.route_tokens(conf, act[:4], 0.5)
+    if ops.EXTENSION_ERROR is None:
+        with pytest.raises(RuntimeError, match="threshold must be in"):  # the C++ op checks too
+            torch.ops.trm_fast.route_tokens(conf, act, 2.0)
+
+
+def test_fallbacks_match_loop():
+    """The pure-PyTorch fallbacks (used when _C is not built) compute the same as the reference loops."""
+    confidence, active = torch.rand(2500), torch.rand(2500) > 0.4
+    exited, index, counts = ops.FALLBACKS["route_tokens"](confidence, active, 0.6)
+    assert (exited.tolist(), index.tolist(), counts.tolist()) == expected_route(confidence, active, 0.6)
+    logits = torch.randn(4, 300)
+    torch.testing.assert_close(ops.FALLBACKS["token_confidence"](logits), expected_confidence(logits))

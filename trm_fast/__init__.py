@@ -3,11 +3,11 @@ from . import reference
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .dispatch import KERNEL_CHOICES, kernel_status
 from .model import TRMModel
-from .ops import token_confidence
+from .ops import route_tokens, token_confidence
 from .presets import PRESETS, create_model, preset_config
 from .reference import TRMConfig
 
 __version__ = "0.1.0"
 __all__ = ["TRMConfig", "TRMModel", "create_model", "preset_config", "PRESETS", "load_checkpoint",
            "read_checkpoint", "save_checkpoint", "kernel_status", "KERNEL_CHOICES", "token_confidence",
-           "reference"]
+           "route_tokens", "reference"]

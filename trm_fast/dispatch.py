@@ -62,7 +62,7 @@ def kernel_status(device: Optional[torch.device] = None) -> Dict[str, Any]:
         "extension": extension_ops.extension_status(),
         "ops": {
             **{f"tinynet.{name}": tinynet_path for name in TINYNET_OPS},
-            "token_confidence": extension_ops.token_confidence_backend(device),
+            **{name: extension_ops.op_backend(name, device) for name in extension_ops.FALLBACKS},
         },
     }
 
