@@ -126,9 +126,6 @@ def test_route_tokens_bad_input():
         trm_fast.route_tokens(conf.view(1, 5), act.view(1, 5), 0.5)
     with pytest.raises(ValueError, match="must match"):
         trm_fast.route_tokens(conf, act[:4], 0.5)
-    if ops.EXTENSION_ERROR is None:
-        with pytest.raises(RuntimeError, match="threshold must be in"):  # the C++ op checks too
-            torch.ops.trm_fast.route_tokens(conf, act, 2.0)
 
 
 def test_fallbacks_match_loop():

@@ -78,7 +78,9 @@ def route_tokens(confidence: torch.Tensor, active: torch.Tensor,
 
     Returns `exited` (bool [N]: active and confidence >= threshold), `active_index` (int64 [N]: the
     indices of the tokens still active, ascending, then -1 padding) and `counts` (int64 [2]: exited,
-    still active).
+    still active). Inputs are validated here, before the op: on the H100 machine (torch 2.11+cu130,
+    2026-11-22) a failing TORCH_CHECK inside the C++ route_tokens kernels crashed the process instead of
+    raising, while token_confidence's raised cleanly; the cause is not yet found.
     """
     for name, t, dtype in (("confidence", confidence, torch.float32), ("active", active, torch.bool)):
         if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 1:
