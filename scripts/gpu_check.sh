@@ -19,6 +19,10 @@ echo "== tests"
 python3 -m pytest tests -q -p no:cacheprovider > "$OUT/tests.log" 2>&1 || status=1
 tail -n 25 "$OUT/tests.log"
 
+echo "== decode profile"
+timeout 240 python3 scripts/decode_profile.py > "$OUT/decode_profile.txt" 2>&1 || status=1
+cat "$OUT/decode_profile.txt" | tail -n 60
+
 echo "== benchmarks"
 python3 -m pytest benchmarks --benchmark-only -q -p no:cacheprovider --benchmark-json="$OUT/bench.json" \
     --benchmark-columns=median,iqr,min,rounds > "$OUT/bench.log" 2>&1 || status=1

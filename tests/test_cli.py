@@ -11,8 +11,10 @@ def test_doctor_reports_every_op(capsys):
     assert main(["doctor", "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert set(status["ops"]) == {"tinynet.concat_linear", "tinynet.causal_attention", "tinynet.add_layer_norm",
-                                  "tinynet.feed_forward", "token_confidence", "route_tokens"}
+                                  "tinynet.feed_forward", "decode.decode_attention", "decode.add_layer_norm_into",
+                                  "token_confidence", "route_tokens"}
     assert status["ops"]["tinynet.causal_attention"] in ("torch", "triton")
+    assert status["ops"]["decode.decode_attention"] == ("triton" if status["device"].startswith("cuda") else "torch")
     assert main(["doctor"]) == 0
     assert "token_confidence" in capsys.readouterr().out
 

@@ -35,6 +35,18 @@ def triton_tinynet_ops() -> tuple[Optional[ModuleType], str]:
     return module, f"triton {triton.__version__}"
 
 
+@functools.lru_cache(maxsize=None)
+def decode_ops() -> Any:
+    """The incremental decoder's ops: `torch.ops.trm_fast` (Triton on CUDA, PyTorch on CPU) when the
+    Triton kernels import, else the torch path."""
+    try:
+        importlib.import_module("trm_fast.kernels.decode_attention")
+        importlib.import_module("trm_fast.kernels.add_layer_norm")
+    except ImportError:
+        return torch_ops
+    return torch.ops.trm_fast
+
+
 def tinynet_ops(kernels: str, device: torch.device) -> ModuleType:
     """The op table for TinyNet on `device` under the `kernels` choice."""
     if kernels == "torch":
@@ -54,6 +66,7 @@ def kernel_status(device: Optional[torch.device] = None) -> Dict[str, Any]:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     tinynet_path = "torch" if tinynet_ops("auto", device) is torch_ops else "triton"
+    decode_path = "triton" if decode_ops() is not torch_ops and device.type == "cuda" else "torch"
     return {
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -62,6 +75,7 @@ def kernel_status(device: Optional[torch.device] = None) -> Dict[str, Any]:
         "extension": extension_ops.extension_status(),
         "ops": {
             **{f"tinynet.{name}": tinynet_path for name in TINYNET_OPS},
+            **{f"decode.{name}": decode_path for name in ("decode_attention", "add_layer_norm_into")},
             **{name: extension_ops.op_backend(name, device) for name in extension_ops.FALLBACKS},
         },
     }

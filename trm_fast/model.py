@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import operator
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from . import reference
+from . import decoding, reference
 from .dispatch import check_kernels_choice, tinynet_ops
 from .reference import TRMConfig
 
@@ -99,20 +99,107 @@ class TRMModel(reference.TRMModel):
         _check_positive_int("supervision_steps", supervision_steps, allow_none=True)
         return super().forward(input_ids, attention_mask, target_ids, supervision_steps)
 
+    # -- generation (exact incremental decoding: trm_fast.decoding) ------------------------------------
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int = 64, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 0.0, repetition_penalty: float = 1.0,
                  supervision_steps: Optional[int] = None, q_threshold: Optional[float] = 0.7,
                  device: Optional[torch.device] = None) -> List[int]:
+        """The seed's `generate` (same arguments, same tokens), decoded incrementally with a KV cache.
+
+        In training mode with dropout > 0 it runs the seed's algorithm, whose dropout masks an incremental
+        decoder cannot reproduce. Greedy decoding on CUDA (`top_k=1`) takes the argmax on the GPU where
+        the seed draws from a one-hot distribution: the same tokens, without using the random generator.
+        """
+        prompt = self._check_prompt("prompt_ids", prompt_ids)
+        self._check_generation_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                    supervision_steps, q_threshold)
+        if device is not None and torch.device(device) != self.token_embed.weight.device:
+            raise ValueError(f"device {device} differs from the model's device {self.token_embed.weight.device}")
+        if self.training and self.config.dropout > 0:
+            return super().generate(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                    supervision_steps, q_threshold, device)
+        new = decoding.decode(self, [prompt], max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                              supervision_steps, q_threshold, stop_ids=self._stop_ids(None))
+        return prompt + [token for _, token in new]
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 1.0,
+                       top_k: int = 0, top_p: float = 0.0, repetition_penalty: float = 1.0,
+                       supervision_steps: Optional[int] = None, q_threshold: Optional[float] = 0.7,
+                       per_sequence_halting: bool = False, eos_token_id: Optional[int] = None,
+                       schedule: str = "auto", cuda_graph: Optional[bool] = None) -> List[List[int]]:
+        """Decode prompts of different lengths together; returns each prompt + its new tokens.
+
+        A sequence stops after the pad id (the seed's rule) or `eos_token_id` (default: the config's) and
+        leaves the batch. Halting is batch-wide over the unfinished sequences, as the seed's (stop the
+        supervision loop when every q_hat exceeds `q_threshold`); with `per_sequence_halting=True` each
+        sequence halts on its own and gets exactly what `generate` gives it alone. Dropout is not applied.
+        `schedule` ("auto", "lazy", "all_steps") and `cuda_graph` pick how it runs, not what it returns.
+        """
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError("prompts must be a non-empty list of token-id lists")
+        batch = [self._check_prompt(f"prompts[{i}]", p) for i, p in enumerate(prompts)]
+        self._check_generation_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                    supervision_steps, q_threshold)
+        if schedule not in ("auto", "lazy", "all_steps"):
+            raise ValueError(f"schedule must be 'auto', 'lazy' or 'all_steps', got {schedule!r}")
+        if cuda_graph and (schedule == "lazy" or not self.token_embed.weight.is_cuda):
+            raise ValueError("cuda_graph=True needs a model on CUDA and the 'all_steps' (or 'auto') schedule")
+        outputs = [list(p) for p in batch]
+        for row, token in decoding.decode(self, batch, max_new_tokens, temperature, top_k, top_p,
+                                          repetition_penalty, supervision_steps, q_threshold,
+                                          per_sequence_halting, self._stop_ids(eos_token_id), schedule, cuda_graph):
+            outputs[row].append(token)
+        return outputs
+
+    @torch.no_grad()
+    def stream(self, prompt_ids: Sequence[int], max_new_tokens: int = 64, temperature: float = 1.0,
+               top_k: int = 0, top_p: float = 0.0, repetition_penalty: float = 1.0,
+               supervision_steps: Optional[int] = None, q_threshold: Optional[float] = 0.7,
+               eos_token_id: Optional[int] = None) -> Iterator[int]:
+        """Yield the new token ids of `generate(prompt_ids, ...)` one by one, as each is decided."""
+        prompt = self._check_prompt("prompt_ids", prompt_ids)
+        self._check_generation_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                    supervision_steps, q_threshold)
+        return self._stream(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                            supervision_steps, q_threshold, self._stop_ids(eos_token_id))
+
+    def _stream(self, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, supervision_steps,
+                q_threshold, stop_ids) -> Iterator[int]:
+        with torch.no_grad():
+            for _, token in decoding.decode(self, [prompt], max_new_tokens, temperature, top_k, top_p,
+                                            repetition_penalty, supervision_steps, q_threshold,
+                                            stop_ids=stop_ids, sync_every=1):
+                yield token
+
+    def reset_state(self) -> None:
+        """Drop the decoding caches and captured CUDA graphs kept between generation calls."""
+        decoding.reset_decoders(self)
+
+    def _stop_ids(self, eos_token_id: Optional[int]) -> List[int]:
+        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        if eos is not None and not (isinstance(eos, int) and 0 <= eos < self.config.vocab_size):
+            raise ValueError(f"eos_token_id must be an int in [0, vocab_size={self.config.vocab_size}), got {eos!r}")
+        return [self.config.pad_token_id] + ([eos] if eos is not None else [])
+
+    def _check_prompt(self, name: str, prompt_ids: Sequence[int]) -> List[int]:
+        if isinstance(prompt_ids, torch.Tensor):
+            prompt_ids = prompt_ids.tolist()
         try:
             prompt = [operator.index(t) for t in prompt_ids]
         except TypeError as exc:
-            raise TypeError(f"prompt_ids must be a sequence of int token ids ({exc})") from None
+            raise TypeError(f"{name} must be a sequence of int token ids ({exc})") from None
         if not prompt:
-            raise ValueError("prompt_ids must contain at least one token id")
+            raise ValueError(f"{name} must contain at least one token id")
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
-            raise ValueError(f"prompt_ids has ids outside [0, vocab_size={self.config.vocab_size}): {bad[:5]}")
+            raise ValueError(f"{name} has ids outside [0, vocab_size={self.config.vocab_size}): {bad[:5]}")
+        return prompt
+
+    @staticmethod
+    def _check_generation_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty, supervision_steps,
+                               q_threshold) -> None:
         _check_positive_int("max_new_tokens", max_new_tokens, allow_zero=True)
         _check_positive_int("top_k", top_k, allow_zero=True)
         _check_positive_int("supervision_steps", supervision_steps, allow_none=True)
@@ -124,5 +211,3 @@ class TRMModel(reference.TRMModel):
             raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty!r}")
         if q_threshold is not None and not 0.0 <= q_threshold <= 1.0:
             raise ValueError(f"q_threshold must be None or in [0, 1], got {q_threshold!r}")
-        return super().generate(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                supervision_steps, q_threshold, device)

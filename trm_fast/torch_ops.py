@@ -38,3 +38,22 @@ def add_layer_norm(h, residual, weight, bias, eps: float, dropout_p: float) -> t
 def feed_forward(h, w1, b1, w2, b2) -> torch.Tensor:
     """`linear(gelu(linear(h)))` with exact (erf) GELU; its dropout is `add_layer_norm`'s."""
     return F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
+
+
+def decode_attention(qkv, kv_cache, token_valid, pos, n_heads: int) -> torch.Tensor:
+    """One new query per row (`qkv` [B, 3D]) over its cache [B, T, 2, H, Dh]: writes the new key and value
+    at `pos` [B], attends over valid keys 0..pos (`token_valid` [B, T]); a row with none gives zero."""
+    B, three_d = qkv.shape
+    D = three_d // 3
+    kv_cache[torch.arange(B, device=qkv.device), pos] = qkv[:, D:].view(B, 2, n_heads, D // n_heads)
+    allowed = token_valid & (torch.arange(kv_cache.size(1), device=qkv.device) <= pos[:, None])
+    bias = torch.zeros(allowed.shape, dtype=qkv.dtype, device=qkv.device).masked_fill(~allowed, float("-inf"))
+    q = qkv[:, :D].view(B, 1, n_heads, D // n_heads).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, kv_cache[:, :, 0].transpose(1, 2), kv_cache[:, :, 1].transpose(1, 2),
+                                       attn_mask=bias[:, None, None, :])
+    return o.reshape(B, D).masked_fill(~allowed.any(dim=1, keepdim=True), 0.0)
+
+
+def add_layer_norm_into(x, residual, weight, bias, eps: float, out) -> None:
+    """`out[:] = layer_norm(x + residual)` (`out` may be a strided view)."""
+    out.copy_(F.layer_norm(x + residual, (x.size(-1),), weight, bias, eps))

@@ -1,0 +1,57 @@
+"""`trm_fast::add_layer_norm_into`: `out = layer_norm(x + residual)` in one pass, inference only.
+
+One program per row, float32 statistics; `out` may be a strided view (e.g. the y or z slot of a
+decoder's [B, 3D] state buffer), which removes the concatenation before the next projection.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from trm_fast import torch_ops
+
+
+@triton.jit
+def _add_layer_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, out_ptr, stride_x, stride_r, stride_out, N, eps,
+                           BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    x += tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / N
+    centered = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_out + cols, (centered * rstd * w + b).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_layer_norm_triton(x, residual, weight, bias, eps: float, out) -> None:
+    rows, n = x.shape
+    _add_layer_norm_kernel[(rows,)](x, residual, weight, bias, out, x.stride(0), residual.stride(0), out.stride(0),
+                                    n, eps, BLOCK=triton.next_power_of_2(n))
+
+
+def _check(x, residual, weight, bias, out):
+    if x.dim() != 2 or residual.shape != x.shape or out.shape != x.shape:
+        raise ValueError(f"add_layer_norm_into: x {tuple(x.shape)}, residual {tuple(residual.shape)} and out "
+                         f"{tuple(out.shape)} must be the same [rows, N]")
+    if weight.shape != (x.shape[1],) or bias.shape != (x.shape[1],):
+        raise ValueError(f"add_layer_norm_into: weight and bias must be [{x.shape[1]}]")
+    if any(t.stride(1) != 1 for t in (x, residual, out)):
+        raise ValueError("add_layer_norm_into: rows must be contiguous (any row stride)")
+
+
+@torch.library.custom_op("trm_fast::add_layer_norm_into", mutates_args=("out",))
+def add_layer_norm_into(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                        eps: float, out: torch.Tensor) -> None:
+    _check(x, residual, weight, bias, out)
+    if x.is_cuda:
+        add_layer_norm_triton(x, residual, weight, bias, eps, out)
+    else:
+        torch_ops.add_layer_norm_into(x, residual, weight, bias, eps, out)
+
+
+@add_layer_norm_into.register_fake
+def _(x, residual, weight, bias, eps, out):
+    return None

@@ -1,0 +1,79 @@
+"""The decoder's Triton kernels against the torch path (CPU: Triton's interpreter; CUDA: compiled)."""
+import pytest
+import torch
+
+from parity_helpers import DEVICES
+from trm_fast import torch_ops
+
+triton = pytest.importorskip("triton")
+from trm_fast.kernels import add_layer_norm, decode_attention  # noqa: E402
+
+# Where the Triton launchers run: the GPU, or Triton's interpreter on a CPU-only machine (conftest.py).
+KERNEL_DEVICE = ["cuda"] if "cuda" in DEVICES else ["cpu"]
+
+
+def attention_case(batch, capacity, heads, head_dim, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    D = heads * head_dim
+    qkv = torch.randn(batch, 3 * D, generator=g).to(device, dtype)
+    cache = torch.randn(batch, capacity, 2, heads, head_dim, generator=g).to(device, dtype)
+    valid = torch.rand(batch, capacity, generator=g) > 0.3
+    pos = torch.randint(0, capacity, (batch,), generator=g)
+    pos[0], pos[-1] = capacity - 1, 0  # the last slot; a first token whose only key is itself
+    valid[-1, 0] = True
+    if batch > 2:
+        valid[1, : pos[1] + 1] = False  # no valid key at all: zero output
+    return qkv, cache, valid.to(device), pos.to(device)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICE)
+@pytest.mark.parametrize("heads, head_dim", [(4, 32), (8, 64), (2, 128)])
+@pytest.mark.parametrize("capacity", [1, 7, 64, 130])
+def test_decode_attention_matches_torch(device, heads, head_dim, capacity):
+    batch = 3 if capacity > 1 else 2
+    qkv, cache, valid, pos = attention_case(batch, capacity, heads, head_dim, device, torch.float32)
+    cache_ref = cache.clone()
+    expected = torch_ops.decode_attention(qkv, cache_ref, valid, pos, heads)
+    got = decode_attention.decode_attention_triton(qkv, cache, valid, pos, heads)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(cache, cache_ref)  # the new keys/values landed at pos, nothing else changed
+    if batch > 2:
+        assert torch.equal(got[1], torch.zeros_like(got[1]))
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
+def test_decode_attention_bf16_cuda():
+    qkv, cache, valid, pos = attention_case(64, 320, 8, 64, "cuda", torch.bfloat16)
+    expected = torch_ops.decode_attention(qkv.float(), cache.float(), valid, pos, 8)
+    got = torch.ops.trm_fast.decode_attention(qkv, cache, valid, pos, 8)
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICE)
+@pytest.mark.parametrize("n", [32, 100, 512])
+def test_add_layer_norm_into_strided_output(device, n):
+    g = torch.Generator().manual_seed(n)
+    x, r = (torch.randn(5, n, generator=g).to(device) * 3 for _ in range(2))
+    w, b = torch.randn(n, generator=g).to(device), torch.randn(n, generator=g).to(device)
+    state = torch.zeros(5, 3 * n, device=device)
+    add_layer_norm.add_layer_norm_triton(x, r, w, b, 1e-5, state[:, n: 2 * n])
+    expected = torch.nn.functional.layer_norm(x + r, (n,), w, b, 1e-5)
+    torch.testing.assert_close(state[:, n: 2 * n], expected, rtol=1e-5, atol=1e-5)
+    assert not state[:, :n].any() and not state[:, 2 * n:].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_custom_ops_opcheck_and_errors(device):
+    qkv, cache, valid, pos = attention_case(3, 16, 4, 32, device, torch.float32)
+    torch.library.opcheck(torch.ops.trm_fast.decode_attention, (qkv, cache, valid, pos, 4))
+    x = torch.randn(4, 32, device=device)
+    out = torch.empty(4, 64, device=device)[:, :32]
+    torch.library.opcheck(torch.ops.trm_fast.add_layer_norm_into,
+                          (x, x.clone(), torch.ones(32, device=device), torch.zeros(32, device=device), 1e-5, out))
+    with pytest.raises(ValueError, match="kv_cache"):
+        torch.ops.trm_fast.decode_attention(qkv, cache[:, :, :1], valid, pos, 4)
+    with pytest.raises(ValueError, match="pos"):
+        torch.ops.trm_fast.decode_attention(qkv, cache, valid, pos.int(), 4)
+    with pytest.raises(ValueError, match="weight"):
+        torch.ops.trm_fast.add_layer_norm_into(x, x, torch.ones(31, device=device), torch.zeros(32, device=device),
+                                               1e-5, out)
