@@ -55,6 +55,7 @@ class Decoder:
         self.threshold = zeros(dtype=torch.float32)
         self.stop_ids = zeros(2, dtype=torch.long)
         self.greedy = zeros(dtype=torch.bool)  # the graph's argmax is the token: stop ids end rows there
+        self.per_sequence = zeros(dtype=torch.bool)  # halting rule (a tensor: a captured graph reads it)
         self.pos_table = zeros(capacity, D)
         self.token = zeros(batch, dtype=torch.long)  # the token to append next (graph input)
         self.pos = zeros(batch, dtype=torch.long)  # its position
@@ -68,7 +69,6 @@ class Decoder:
         self.lengths: List[int] = []
         self.units = 0  # 1 for the prompt + 1 per appended token
         self.done = [0] * steps  # units computed so far at each supervision step
-        self.per_sequence = False
 
     # -- state ---------------------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -88,7 +88,7 @@ class Decoder:
         self.active.fill_(True)
         self.stop_ids.copy_(torch.as_tensor((list(stop_ids) or [-1]) * 2)[:2])
         self.greedy.fill_(greedy)
-        self.per_sequence = per_sequence
+        self.per_sequence.fill_(per_sequence)
         self.lengths = [len(p) for p in prompts]
         P = max(self.lengths)
         ids = torch.full((self.batch, P), cfg.pad_token_id, dtype=torch.long)
@@ -126,10 +126,10 @@ class Decoder:
         if target is self:
             self.batch, self.rows = len(keep), self.rows[: len(keep)]
         else:
-            for name in ("pos_table", "threshold", "stop_ids", "greedy", "out_len"):
+            for name in ("pos_table", "threshold", "stop_ids", "greedy", "per_sequence", "out_len"):
                 getattr(target, name).copy_(getattr(self, name))
         target.lengths = [self.lengths[r] for r in keep]
-        target.units, target.done, target.per_sequence = self.units, list(self.done), self.per_sequence
+        target.units, target.done = self.units, list(self.done)
         return target
 
     # -- the recursion on a chunk of positions ---------------------------------------------------------
@@ -203,9 +203,7 @@ class Decoder:
     def _halted(self, q: torch.Tensor) -> torch.Tensor:
         """Per sequence, or batch-wide over the active rows (the seed's all-or-nothing rule)."""
         over = q > self.threshold
-        if self.per_sequence:
-            return over
-        return (over | ~self.active).all().expand(self.batch)
+        return torch.where(self.per_sequence, over, (over | ~self.active).all())
 
     def _head(self, chosen: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         y = self.y[chosen, self.rows, last]
