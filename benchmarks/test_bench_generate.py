@@ -74,6 +74,8 @@ def test_generate(benchmark, case, impl, mode):
     out = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
     new_tokens = sum(len(seq) - PROMPT for seq in out)
     assert new_tokens == spec["batch"] * NEW, "a sequence stopped early: tokens/s would be miscounted"
+    if not benchmark.enabled:
+        return  # smoke run (--benchmark-disable): no timings to report
     cache = sum(d.nbytes() for d in decoding._DECODERS.get(model, {}).values())
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if CUDA else "cpu", dtype=str(GEN_DTYPE), batch=spec["batch"],
