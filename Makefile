@@ -12,6 +12,7 @@ install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
 	@$(PYTHON) -c "import ninja, numpy, pytest, pytest_benchmark" 2>/dev/null || $(PIP) ninja numpy pytest pytest-benchmark
 	@$(PYTHON) -c "import triton" 2>/dev/null || $(PIP) "triton>=3.9"
+	@$(PYTHON) -c "import sentencepiece" 2>/dev/null || $(PIP) sentencepiece
 	$(PIP) -e . --no-build-isolation --no-deps
 
 test: install

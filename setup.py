@@ -53,6 +53,6 @@ setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildWithFallback.with_options(use_ninja=True)},
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton>=3.6"], "test": ["pytest", "pytest-benchmark"]},
+    extras_require={"triton": ["triton>=3.6"], "spm": ["sentencepiece"], "test": ["pytest", "pytest-benchmark"]},
     entry_points={"console_scripts": ["trm-fast=trm_fast.__main__:main"]},
 )

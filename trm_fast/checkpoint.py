@@ -35,12 +35,14 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", weights_
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", kernels: str = "auto",
-                    weights_only: bool = True) -> TRMModel:
-    """A `TRMModel` with the weights and config of a seed-format checkpoint."""
+                    weights_only: bool = True, use_ema: bool = False) -> TRMModel:
+    """A `TRMModel` with the weights and config of a seed-format checkpoint; `use_ema` takes the EMA
+    weights that `trm-fast train` saves beside the trained ones (where the checkpoint has them)."""
     checkpoint = read_checkpoint(path, map_location, weights_only)
     model = TRMModel(checkpoint["config"], kernels=kernels)
+    weights = checkpoint.get("ema") if use_ema and checkpoint.get("ema") else checkpoint["model"]
     try:
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(weights)
     except RuntimeError as exc:
         raise ValueError(f"checkpoint {path} does not fit its config: {exc}") from None
     return model.to(map_location) if map_location is not None else model

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 
 STDLIB_MODULES = (
     "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "contextlib", "copy", "csv",
@@ -22,17 +23,19 @@ STDLIB_MODULES = (
 def default_corpus(min_words: int = 8) -> str:
     """Docstrings (module, classes, functions) of STDLIB_MODULES, deduplicated, in a fixed order."""
     seen, parts = set(), []
-    for name in STDLIB_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        objects = [module] + [obj for _, obj in sorted(vars(module).items())
-                              if (inspect.isclass(obj) or inspect.isfunction(obj))
-                              and (getattr(obj, "__module__", None) or "").startswith(name)]
-        for obj in objects:
-            doc = inspect.getdoc(obj)
-            if doc and len(doc.split()) >= min_words and doc not in seen:
-                seen.add(doc)
-                parts.append(doc)
+    with warnings.catch_warnings():  # reading deprecated aliases' docs (typing.io) warns
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in STDLIB_MODULES:
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                continue
+            objects = [module] + [obj for _, obj in sorted(vars(module).items())
+                                  if (inspect.isclass(obj) or inspect.isfunction(obj))
+                                  and (getattr(obj, "__module__", None) or "").startswith(name)]
+            for obj in objects:
+                doc = inspect.getdoc(obj)
+                if doc and len(doc.split()) >= min_words and doc not in seen:
+                    seen.add(doc)
+                    parts.append(doc)
     return "\n\n".join(parts)
