@@ -1,5 +1,5 @@
-"""The `trm-fast` command line (also `python -m trm_fast`): train, generate, eval, count-params, train-spm,
-extract-texts, doctor, demo. Bad input ends in one line naming the problem and exit status 2."""
+"""The `trm-fast` command line (also `python -m trm_fast`): train, generate, eval, count-params, diagnose,
+train-spm, extract-texts, doctor, demo. Bad input ends in one line naming the problem and exit status 2."""
 from __future__ import annotations
 
 import argparse
@@ -178,6 +178,28 @@ def cmd_count_params(args) -> None:
           "  ".join(f"{key}: {format_count(value)} ({value:,})" for key, value in counts.items()))
 
 
+def cmd_diagnose(args) -> None:
+    from .corpus import default_corpus
+    from .data import TokenDataset, collate_batch, load_tokenizer, read_texts
+    from .diagnostics import diagnostics_report
+    from .presets import create_model
+    device = _device(args.device)
+    if args.checkpoint:
+        model, tokenizer = _load_model(args, device)
+    else:
+        torch.manual_seed(0)
+        tokenizer = load_tokenizer(args.tokenizer or "byte")
+        model = create_model(args.preset, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
+                             **_overrides(args.set)).to(device)
+    texts = read_texts(args.data) if args.data else default_corpus().split("\n\n")
+    dataset = TokenDataset(texts, tokenizer, args.seq_len or min(model.config.max_seq_len, 256), pack=True)
+    batch = collate_batch([dataset[i] for i in range(min(args.batch_size, len(dataset)))], dataset.pad_id)
+    report = diagnostics_report(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), args.out)
+    for key, values in report["diagnostics"].items():
+        print(f"{key:<12}" + " ".join(f"{v:9.4f}" for v in values))
+    print(f"wrote {Path(args.out) / 'report.json'}, steps.png, norms.png, convergence.png")
+
+
 def cmd_train_spm(args) -> None:
     from .data import train_spm
     path = train_spm(args.input, args.model_prefix, args.vocab_size, args.character_coverage, args.model_type)
@@ -280,6 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--preset", choices=["tiny", "small", "base"])
     count.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     count.add_argument("--json", action="store_true")
+
+    diag = command("diagnose", cmd_diagnose, "recursion diagnostics: JSON report and plots")
+    source = diag.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint")
+    source.add_argument("--preset", choices=["tiny", "small", "base"], help="a freshly initialised model")
+    diag.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    diag.add_argument("--tokenizer", help="'byte' or a SentencePiece .model (default: the checkpoint's, or byte)")
+    diag.add_argument("--raw-weights", action="store_true")
+    diag.add_argument("--data", nargs="+", help="text to diagnose on (default: the built-in corpus)")
+    diag.add_argument("--seq-len", type=int)
+    diag.add_argument("--batch-size", type=int, default=8)
+    diag.add_argument("--out", default="runs/diagnostics")
+    diag.add_argument("--device")
 
     spm = command("train-spm", cmd_train_spm, "train a SentencePiece model (seed defaults)")
     spm.add_argument("--input", required=True, help="a text file, one sentence or document per line")

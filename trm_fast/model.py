@@ -87,7 +87,8 @@ class TRMModel(reference.TRMModel):
         self.tiny_net.kernels = check_kernels_choice(value)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                target_ids: Optional[torch.Tensor] = None, supervision_steps: Optional[int] = None) -> Dict[str, Any]:
+                target_ids: Optional[torch.Tensor] = None, supervision_steps: Optional[int] = None,
+                return_diagnostics: bool = False) -> Dict[str, Any]:
         device = self.token_embed.weight.device
         _check_ids("input_ids", input_ids, self.config.vocab_size, device)
         for name, other in (("attention_mask", attention_mask), ("target_ids", target_ids)):
@@ -97,7 +98,9 @@ class TRMModel(reference.TRMModel):
         if target_ids is not None:
             _check_ids("target_ids", target_ids, self.config.vocab_size, device)
         _check_positive_int("supervision_steps", supervision_steps, allow_none=True)
-        return super().forward(input_ids, attention_mask, target_ids, supervision_steps)
+        if not isinstance(return_diagnostics, bool):
+            raise TypeError(f"return_diagnostics must be a bool, got {type(return_diagnostics).__name__}")
+        return super().forward(input_ids, attention_mask, target_ids, supervision_steps, return_diagnostics)
 
     # -- generation (exact incremental decoding: trm_fast.decoding) ------------------------------------
     @torch.no_grad()

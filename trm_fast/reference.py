@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .diagnostics import model_statistics, recursion_diagnostics
+
 
 @dataclass
 class TRMConfig:
@@ -148,6 +150,7 @@ class TRMModel(nn.Module):
         if config.tie_embeddings:
             self.output_head.weight = self.token_embed.weight
         self.q_head = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, 1))
+        self._trace: Optional[list] = None  # (y_in, y_out, z_out) per latent recursion, while diagnosing
 
     def _make_tiny_net(self, config: TRMConfig) -> TinyNet:
         return TinyNet(config.d_model, config.n_heads, config.dropout)
@@ -178,9 +181,12 @@ class TRMModel(nn.Module):
 
     # -- recursion -------------------------------------------------------------------------------------
     def latent_recursion(self, x, y, z, attention_mask):
+        y_in = y
         for _ in range(self.config.latent_steps):
             z = self.tiny_net.forward_xyz(x, y, z, attention_mask)
             y = self.tiny_net.forward_yz(y, z, attention_mask)
+        if self._trace is not None:
+            self._trace.append((y_in.detach(), y.detach(), z.detach()))
         return y, z
 
     def _deep_recursion_step(self, x, y, z, attention_mask):
@@ -219,10 +225,27 @@ class TRMModel(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         target_ids: Optional[torch.Tensor] = None,
         supervision_steps: Optional[int] = None,
+        return_diagnostics: bool = False,
     ) -> Dict[str, Any]:
-        cfg = self.config
+        """The seed's forward. `return_diagnostics=True` adds "diagnostics" to the output
+        (trm_fast.diagnostics.recursion_diagnostics: per-step q_hat, confidence, entropy, norms, convergence)."""
         if attention_mask is None:
-            attention_mask = (input_ids != cfg.pad_token_id).long()
+            attention_mask = (input_ids != self.config.pad_token_id).long()
+        self._trace = [] if return_diagnostics else None
+        try:
+            out = self._forward(input_ids, attention_mask, target_ids, supervision_steps)
+        finally:
+            trace, self._trace = self._trace, None
+        if return_diagnostics:
+            out["diagnostics"] = recursion_diagnostics(trace, out["all_logits"], out["q_hats"], attention_mask)
+        return out
+
+    def get_statistics(self, seq_len: Optional[int] = None) -> Dict[str, int]:
+        """Parameters, TinyNet calls and forward FLOPs per token (trm_fast.diagnostics.model_statistics)."""
+        return model_statistics(self, seq_len)
+
+    def _forward(self, input_ids, attention_mask, target_ids, supervision_steps) -> Dict[str, Any]:
+        cfg = self.config
         x = self._embed(input_ids)
         y, z = self._init_states(x)
         all_logits: List[torch.Tensor] = []
