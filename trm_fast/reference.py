@@ -151,6 +151,7 @@ class TRMModel(nn.Module):
             self.output_head.weight = self.token_embed.weight
         self.q_head = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, 1))
         self._trace: Optional[list] = None  # (y_in, y_out, z_out) per latent recursion, while diagnosing
+        self._call_hook = None  # h -> h, applied to every TinyNet call's output (trm_fast.task_vectors)
 
     def _make_tiny_net(self, config: TRMConfig) -> TinyNet:
         return TinyNet(config.d_model, config.n_heads, config.dropout)
@@ -182,9 +183,10 @@ class TRMModel(nn.Module):
     # -- recursion -------------------------------------------------------------------------------------
     def latent_recursion(self, x, y, z, attention_mask):
         y_in = y
+        hook = self._call_hook or (lambda h: h)
         for _ in range(self.config.latent_steps):
-            z = self.tiny_net.forward_xyz(x, y, z, attention_mask)
-            y = self.tiny_net.forward_yz(y, z, attention_mask)
+            z = hook(self.tiny_net.forward_xyz(x, y, z, attention_mask))
+            y = hook(self.tiny_net.forward_yz(y, z, attention_mask))
         if self._trace is not None:
             self._trace.append((y_in.detach(), y.detach(), z.detach()))
         return y, z

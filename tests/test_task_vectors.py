@@ -1,0 +1,98 @@
+"""Task vectors: the call hook, extraction, injection at every layer, generation, the task suite."""
+import random
+
+import pytest
+import torch
+
+import trm_fast
+from trm_fast import reference
+from trm_fast.data import ByteTokenizer
+from trm_fast.task_vectors import (TASKS, build_prompt, extract_task_vectors, last_position_states, modulated_forward,
+                                   modulated_generate, num_layers, select_layer, task_item, tinynet_call_hook,
+                                   training_texts)
+
+CONFIG = dict(vocab_size=259, d_model=32, n_heads=2, dropout=0.0, max_seq_len=64)
+TOK = ByteTokenizer()
+
+
+def _model(seed=0, cls=trm_fast.TRMModel):
+    torch.manual_seed(seed)
+    return cls(reference.TRMConfig(**CONFIG)).eval()
+
+
+def _ids(text):
+    return torch.tensor([TOK.encode(text, add_eos=False)])
+
+
+def test_hook_sees_every_call_in_order_on_both_paths():
+    fast, ref = _model(), _model(cls=reference.TRMModel)
+    ref.load_state_dict(fast.state_dict())
+    seen = []
+    with tinynet_call_hook(fast, lambda i, h: seen.append(i) or h):
+        fast(_ids("a>b,c>"))
+    assert seen == list(range(num_layers(fast))) == list(range(16)) and fast._call_hook is None
+    prompts = ["a>b,c>", "x>y,z>", "abc>a,"]
+    torch.testing.assert_close(last_position_states(fast, TOK, prompts), last_position_states(ref, TOK, prompts),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", range(16))
+def test_injection_at_every_layer(layer):
+    model = _model(seed=1)
+    ids = _ids("a>b,c>d,e>")
+    plain = model(ids)["logits"]
+    own = last_position_states(model, TOK, ["a>b,c>d,e>"])[:, layer]
+    torch.testing.assert_close(modulated_forward(model, ids, own, layer), plain, rtol=1e-5, atol=1e-5)
+    other = last_position_states(model, TOK, ["q>r,s>t,u>"])[:, layer]
+    moved = modulated_forward(model, ids, other, layer)
+    torch.testing.assert_close(moved[:, :-1], plain[:, :-1], rtol=1e-5, atol=1e-5)  # causal: earlier positions keep
+    assert (moved[:, -1] - plain[:, -1]).abs().max() > 1e-3
+
+
+def test_extraction_averages_alternative_queries_and_is_deterministic():
+    model = _model(seed=2)
+    demos = [[("a", "b"), ("c", "d")], [("abc", "a")]]
+    queries = [["e", "f", "g"], ["xyz", "pqr"]]
+    vectors = extract_task_vectors(model, TOK, demos, queries, num_test_inputs_to_avg=2)
+    assert vectors.shape == (2, 16, 32)
+    states = last_position_states(model, TOK, ["a>b,c>d,e>", "a>b,c>d,f>"])
+    torch.testing.assert_close(vectors[0], states.mean(dim=0))
+    assert torch.equal(vectors, extract_task_vectors(model, TOK, demos, queries, num_test_inputs_to_avg=2))
+
+
+def test_modulated_generate_takes_the_injected_first_token():
+    model = _model(seed=3)
+    vectors = torch.randn(2, 32)
+    answers = modulated_generate(model, TOK, ["e", "f"], vectors, layer=5, max_new_tokens=1)
+    logits = modulated_forward(model, torch.cat([_ids("e>"), _ids("f>")]), vectors, 5)
+    assert answers == [TOK.decode([int(t)]).split(",")[0] for t in logits[:, -1].argmax(-1)]
+    best, accuracies = select_layer(model, TOK, [task_item("to_upper", random.Random(0)) for _ in range(3)])
+    assert len(accuracies) == 16 and all(0.0 <= a <= 1.0 for a in accuracies)
+    assert accuracies[best] == max(accuracies)
+
+
+def test_errors():
+    model = _model()
+    with pytest.raises(ValueError, match=r"layer must be in \[0, 16\)"):
+        modulated_forward(model, _ids("a>"), torch.zeros(1, 32), 16)
+    with pytest.raises(ValueError, match="vectors must have shape"):
+        modulated_forward(model, _ids("a>"), torch.zeros(2, 32), 0)
+    with pytest.raises(ValueError, match="demos and queries must pair up"):
+        extract_task_vectors(model, TOK, [[("a", "b")]], [], 1)
+    with pytest.raises(ValueError, match="at least num_test_inputs_to_avg=3"):
+        extract_task_vectors(model, TOK, [[("a", "b")]], [["c", "d"]], 3)
+    with pytest.raises(ValueError, match="unknown task 'sort'"):
+        task_item("sort", random.Random(0))
+
+
+def test_task_suite():
+    rng = random.Random(0)
+    for task, fn in TASKS.items():
+        item = task_item(task, rng, num_demos=3, num_alt_queries=2)
+        assert item["answer"] == fn(item["query"]) and len(item["alt_queries"]) == 2
+        assert all(y == fn(x) for x, y in item["demos"])
+    assert TASKS["next_letter"]("z") == "a" and TASKS["last_of_list"]("abc") == "c"
+    assert build_prompt([("a", "b"), ("c", "d")], "e") == "a>b,c>d,e>"
+    lines = training_texts(50, seed=1)
+    assert len(lines) == 50 and all(line.endswith(",") and ">" in line for line in lines)
+    assert lines == training_texts(50, seed=1)
