@@ -5,8 +5,10 @@ import operator
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from . import decoding, reference
+from .early_exit import EarlyExit, compacted_early_exit
 from .dispatch import check_kernels_choice, tinynet_ops
 from .reference import TRMConfig
 
@@ -88,7 +90,10 @@ class TRMModel(reference.TRMModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 target_ids: Optional[torch.Tensor] = None, supervision_steps: Optional[int] = None,
-                return_diagnostics: bool = False) -> Dict[str, Any]:
+                return_diagnostics: bool = False, early_exit: Optional[EarlyExit] = None) -> Dict[str, Any]:
+        """The seed's forward. `early_exit=EarlyExit(threshold, criterion, min_steps)` runs token-level
+        early exit instead (inference; trm_fast.early_exit): logits, exit_step, exit_counts, shallow_ratio,
+        compute_cost, and ce_loss when target_ids are given."""
         device = self.token_embed.weight.device
         _check_ids("input_ids", input_ids, self.config.vocab_size, device)
         for name, other in (("attention_mask", attention_mask), ("target_ids", target_ids)):
@@ -98,6 +103,12 @@ class TRMModel(reference.TRMModel):
         if target_ids is not None:
             _check_ids("target_ids", target_ids, self.config.vocab_size, device)
         _check_positive_int("supervision_steps", supervision_steps, allow_none=True)
+        if early_exit is not None:
+            result = compacted_early_exit(self, input_ids, early_exit, attention_mask, supervision_steps)
+            if target_ids is not None:
+                result["ce_loss"] = F.cross_entropy(result["logits"].flatten(0, 1).float(), target_ids.flatten(),
+                                                    ignore_index=self.config.pad_token_id)
+            return result
         if not isinstance(return_diagnostics, bool):
             raise TypeError(f"return_diagnostics must be a bool, got {type(return_diagnostics).__name__}")
         return super().forward(input_ids, attention_mask, target_ids, supervision_steps, return_diagnostics)

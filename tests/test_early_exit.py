@@ -1,0 +1,127 @@
+"""Token-level early exit: the compacted path equals the masked semantics; calibration; bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import trm_fast
+import trm_fast.training
+from trm_fast.early_exit import EarlyExit, calibrate_threshold, compacted_early_exit, masked_early_exit
+
+
+def _model(steps=3, seed=0):
+    torch.manual_seed(seed)
+    config = trm_fast.TRMConfig(vocab_size=40, d_model=32, n_heads=4, dropout=0.0, supervision_steps=steps)
+    return trm_fast.TRMModel(config).eval()
+
+
+def _ids():
+    ids = torch.randint(1, 40, (3, 11), generator=torch.Generator().manual_seed(1))
+    ids[1, 7:] = 0  # right padding
+    ids[2, :2] = 0  # left padding
+    return ids
+
+
+def _assert_same(a, b):
+    scale = float(a["logits"].abs().max())
+    torch.testing.assert_close(b["logits"], a["logits"], rtol=1e-5, atol=1e-5 * scale)
+    assert torch.equal(a["exit_step"], b["exit_step"])
+    assert a["exit_counts"] == b["exit_counts"]
+    assert a["shallow_ratio"] == b["shallow_ratio"] and a["compute_cost"] == b["compute_cost"]
+
+
+@pytest.mark.parametrize("criterion", ["max_prob", "q_head"])
+@pytest.mark.parametrize("hard_ratio", [0.2, 0.5, 0.8])
+@pytest.mark.parametrize("min_steps", [1, 2])
+def test_compacted_equals_masked(criterion, hard_ratio, min_steps):
+    model, ids = _model(), _ids()
+    threshold = calibrate_threshold(model, [ids], hard_ratio, criterion)
+    config = EarlyExit(threshold, criterion, min_steps)
+    masked = masked_early_exit(model, ids, config)
+    _assert_same(masked, compacted_early_exit(model, ids, config))
+    _assert_same(masked, model(ids, early_exit=config))
+    counts = masked["exit_counts"]
+    assert sum(counts) == int((ids != 0).sum()) and sum(counts[:min_steps - 1]) == 0
+    if min_steps == 1:  # the threshold is calibrated at step 1: some tokens exit there, some go on
+        assert 0 < counts[0] < sum(counts)
+
+
+def test_semantics_by_hand():
+    """Step-1 exits keep step-1 logits, and with no exit at all the logits are the plain forward's."""
+    model, ids = _model(), _ids()
+    valid = ids != 0
+    none = masked_early_exit(model, ids, EarlyExit(1.0))
+    plain = model(ids)
+    torch.testing.assert_close(none["logits"][valid], plain["logits"][valid])
+    assert none["exit_counts"] == [0, 0, int(valid.sum())] and none["compute_cost"] == 1.0
+    assert none["shallow_ratio"] == 0.0 and bool((none["logits"][~valid] == 0).all())
+    everyone = compacted_early_exit(model, ids, EarlyExit(0.0))
+    torch.testing.assert_close(everyone["logits"][valid], plain["all_logits"][0][valid])
+    assert everyone["exit_counts"] == [int(valid.sum()), 0, 0] and everyone["shallow_ratio"] == 1.0
+    assert everyone["compute_cost"] == pytest.approx(1 / 3)
+    # a frozen token stays visible: the masked result differs from running the active tokens alone
+    threshold = calibrate_threshold(model, [ids], 0.5)
+    some = masked_early_exit(model, ids, EarlyExit(threshold))
+    assert 0 < some["exit_counts"][0] < int(valid.sum())
+
+
+def test_calibration_is_torch_quantile():
+    model, ids = _model(), _ids()
+    x = model._embed(ids)
+    y, z = model._init_states(x)
+    with torch.no_grad():
+        _, _, y, _ = model._deep_recursion_step(x, y, z, (ids != 0).long())
+        confidence = F.softmax(model.output_head(y), -1).amax(-1)[ids != 0]
+    for ratio in (0.0, 0.3, 0.5, 1.0):
+        assert calibrate_threshold(model, [ids], ratio) == pytest.approx(float(torch.quantile(confidence, ratio)),
+                                                                         rel=1e-6)
+    big = torch.rand(17_000_000)
+    with pytest.raises(RuntimeError):
+        torch.quantile(big, 0.5)  # the limit calibrate_threshold avoids by sorting
+
+
+def test_ce_loss_with_targets():
+    model, ids = _model(), _ids()
+    out = model(ids, target_ids=ids, early_exit=EarlyExit(1.0))
+    expected = F.cross_entropy(model(ids)["logits"].flatten(0, 1), ids.flatten(), ignore_index=0)
+    torch.testing.assert_close(out["ce_loss"], expected)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(threshold=1.5), ValueError, "threshold must be a number in \\[0, 1\\]"),
+    (dict(threshold=-0.1), ValueError, "threshold must be a number in \\[0, 1\\]"),
+    (dict(threshold="0.5"), ValueError, "threshold must be a number"),
+    (dict(threshold=0.5, criterion="entropy"), ValueError, "unknown early-exit criterion 'entropy'"),
+    (dict(threshold=0.5, min_steps=0), ValueError, "min_steps must be a positive int"),
+])
+def test_bad_config(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        EarlyExit(**kwargs)
+
+
+def test_bad_inputs():
+    model = _model()
+    with pytest.raises(TypeError, match="early_exit must be an EarlyExit"):
+        compacted_early_exit(model, _ids(), 0.5)
+    with pytest.raises(ValueError, match="non-empty"):
+        compacted_early_exit(model, torch.zeros(0, 5, dtype=torch.long), EarlyExit(0.5))
+    with pytest.raises(TypeError, match="integer tensor"):
+        model(torch.rand(2, 3), early_exit=EarlyExit(0.5))
+    with pytest.raises(ValueError, match="hard_ratio must be in \\[0, 1\\]"):
+        calibrate_threshold(model, [_ids()], 1.2)
+    with pytest.raises(ValueError, match="at least one valid token"):
+        calibrate_threshold(model, [], 0.5)
+
+
+def test_evaluate_early_exit_numbers():
+    from trm_fast.data import ByteTokenizer, TokenDataset
+    from trm_fast.early_exit import evaluate_early_exit
+    torch.manual_seed(0)
+    model = trm_fast.TRMModel(trm_fast.TRMConfig(vocab_size=259, d_model=32, n_heads=4, dropout=0.0)).eval()
+    dataset = TokenDataset(["the cat sat", "on the mat today", "x"], ByteTokenizer(), 16)
+    none = evaluate_early_exit(model, dataset, EarlyExit(1.0), batch_size=2)
+    result = trm_fast.training.evaluate(model, dataset, batch_size=2)
+    assert none["ppl"] == pytest.approx(result["ppl"], rel=1e-4)
+    assert none["shallow_ratio"] == 0.0 and none["compute_cost"] == 1.0
+    everyone = evaluate_early_exit(model, dataset, EarlyExit(0.0), batch_size=2)
+    assert everyone["shallow_ratio"] == 1.0 and everyone["compute_cost"] == pytest.approx(0.5)
+    assert 0.0 <= everyone["acc"] <= 1.0
