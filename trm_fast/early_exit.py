@@ -255,7 +255,7 @@ def evaluate_early_exit(model, dataset, config: EarlyExit, batch_size: int = 16)
         correct += int((logits.argmax(-1) == targets[valid]).sum())
         n = int(valid.sum())
         tokens += n
-        shallow += round(out["shallow_ratio"] * n)
+        shallow += sum(out["exit_counts"][:-1])
         work += out["compute_cost"] * n
         full += n
     if tokens == 0:

@@ -36,6 +36,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     bf16: bool = True  # autocast to bf16 on CUDA
+    supervision_steps: Optional[int] = None  # train with this many supervision steps (default: the config's)
 
     def __post_init__(self):
         for name in ("batch_size", "eval_every", "log_every"):
@@ -193,7 +194,7 @@ def train(model: torch.nn.Module, train_set: TokenDataset, val_set: Optional[Tok
         batch = _to(batch, device)
         with autocast(device, config.bf16):
             loss = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                         target_ids=batch["target_ids"])["loss"]
+                         target_ids=batch["target_ids"], supervision_steps=config.supervision_steps)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
