@@ -8,6 +8,7 @@
 #include <torch/all.h>
 
 #include <cmath>
+#include <cstring>
 #include <tuple>
 #include <limits>
 
@@ -87,14 +88,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_tokens_cpu(const at::Tensor
   return {exited, index, counts};
 }
 
+void check_rows_inputs(const char* op, const at::Tensor& table, const at::Tensor& index) {
+  TORCH_CHECK(table.dim() == 2, op, ": the row table must be 2-D [N, D], got ", table.sizes());
+  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong, op, ": index must be a 1-D int64 tensor, got ",
+              index.scalar_type(), " ", index.sizes());
+  TORCH_CHECK(table.device() == index.device(), op, ": the rows and the index are on different devices");
+}
+
+// Copy rows between an [N, D] table and a compact [M, D] block along an index list (-1 entries: padding,
+// as route_tokens writes them). Both directions share this loop; `gather` picks which side is indexed.
+void copy_rows_cpu(const char* op, const at::Tensor& table, const at::Tensor& index, const at::Tensor& block,
+                   bool gather) {
+  const int64_t n = table.size(0), width = table.size(1) * table.element_size();
+  const int64_t* idx = index.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < index.numel(); ++i) {
+    TORCH_CHECK(idx[i] < n, op, ": index ", idx[i], " out of range for ", n, " rows");
+  }
+  char* t = static_cast<char*>(table.data_ptr());
+  char* b = static_cast<char*>(block.data_ptr());
+  at::parallel_for(0, index.numel(), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (idx[i] < 0) {
+        if (gather) std::memset(b + i * width, 0, width);
+        continue;
+      }
+      if (gather) std::memcpy(b + i * width, t + idx[i] * width, width);
+      else std::memcpy(t + idx[i] * width, b + i * width, width);
+    }
+  });
+}
+
+// out[i] = src[index[i]] (a zero row where index[i] < 0).
+at::Tensor gather_rows_cpu(const at::Tensor& src, const at::Tensor& index) {
+  check_rows_inputs("gather_rows", src, index);
+  const at::Tensor table = src.contiguous(), idx = index.contiguous();
+  at::Tensor out = at::empty({idx.size(0), table.size(1)}, table.options());
+  copy_rows_cpu("gather_rows", table, idx, out, true);
+  return out;
+}
+
+// dst[index[i]] = src[i] for index[i] >= 0, in place.
+void scatter_rows_cpu(at::Tensor& dst, const at::Tensor& index, const at::Tensor& src) {
+  check_rows_inputs("scatter_rows", dst, index);
+  TORCH_CHECK(dst.is_contiguous(), "scatter_rows: dst must be contiguous");
+  TORCH_CHECK(src.dim() == 2 && src.size(0) == index.size(0) && src.size(1) == dst.size(1) &&
+              src.scalar_type() == dst.scalar_type(), "scatter_rows: src must be [len(index), D] of dst's dtype, got ",
+              src.scalar_type(), " ", src.sizes());
+  copy_rows_cpu("scatter_rows", dst, index.contiguous(), src.contiguous(), false);
+}
+
 TORCH_LIBRARY(trm_fast, m) {
   m.def("token_confidence(Tensor logits) -> Tensor");
   m.def("route_tokens(Tensor confidence, Tensor active, float threshold) -> (Tensor, Tensor, Tensor)");
+  m.def("gather_rows(Tensor src, Tensor index) -> Tensor");
+  m.def("scatter_rows(Tensor(a!) dst, Tensor index, Tensor src) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(trm_fast, CPU, m) {
   m.impl("token_confidence", &token_confidence_cpu);
   m.impl("route_tokens", &route_tokens_cpu);
+  m.impl("gather_rows", &gather_rows_cpu);
+  m.impl("scatter_rows", &scatter_rows_cpu);
 }
 
 }  // namespace trm_fast

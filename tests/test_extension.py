@@ -135,3 +135,45 @@ def test_fallbacks_match_loop():
     assert (exited.tolist(), index.tolist(), counts.tolist()) == expected_route(confidence, active, 0.6)
     logits = torch.randn(4, 300)
     torch.testing.assert_close(ops.FALLBACKS["token_confidence"](logits), expected_confidence(logits))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("width", [1, 3, 64, 130])
+def test_gather_and_scatter_rows(device, dtype, width):
+    src = torch.randn(9, width, device=device).to(dtype)
+    index = torch.tensor([4, 0, -1, 8, 4, -1], device=device)
+    out = ops.gather_rows(src, index)
+    expected = torch.stack([src[i] if i >= 0 else torch.zeros_like(src[0]) for i in index.tolist()])
+    assert torch.equal(out, expected) and torch.equal(ops._gather_rows_torch(src, index), expected)
+    dst = torch.zeros(9, width, device=device, dtype=dtype)
+    rows = torch.tensor([7, -1, 2], device=device)
+    block = torch.randn(3, width, device=device).to(dtype)
+    ops.scatter_rows(dst, rows, block)
+    assert torch.equal(dst[7], block[0]) and torch.equal(dst[2], block[2])
+    assert int((dst != 0).any(dim=1).sum()) <= 2  # nothing else written
+    reference = torch.zeros_like(dst)
+    ops._scatter_rows_torch(reference, rows, block)
+    assert torch.equal(dst, reference)
+    assert ops.gather_rows(src, index[:0]).shape == (0, width)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_opcheck(device):
+    src, index = torch.randn(6, 5, device=device), torch.tensor([3, -1, 0], device=device)
+    torch.library.opcheck(torch.ops.trm_fast.gather_rows.default, (src, index))
+    torch.library.opcheck(torch.ops.trm_fast.scatter_rows.default, (src.clone(), index, torch.randn(3, 5, device=device)))
+
+
+def test_rows_bad_input():
+    src = torch.randn(4, 3)
+    with pytest.raises(TypeError, match="index must be a 1-D int64 tensor"):
+        ops.gather_rows(src, torch.tensor([1, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="2-D"):
+        ops.gather_rows(torch.randn(4), torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"src must be \[len\(index\), D\]"):
+        ops.scatter_rows(src, torch.tensor([1]), torch.randn(2, 3))
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.scatter_rows(torch.randn(3, 4).t(), torch.tensor([1]), torch.randn(1, 3))
+    with pytest.raises((RuntimeError, IndexError), match="out of (range|bounds)"):  # C++ op / fallback
+        ops.gather_rows(src, torch.tensor([4]))

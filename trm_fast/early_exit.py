@@ -7,8 +7,8 @@ no dropout.
 
 `masked_early_exit` defines the semantics: every token runs every call and frozen states are restored
 after each call. `compacted_early_exit` realizes the saving: projections, attention queries, FFN and
-the output head run on the active rows only, with the keys / values of frozen tokens cached when they
-exit. The two agree (tests, fp32).
+the output head run on the active rows only (`route_tokens` lists them, `gather_rows` / `scatter_rows`
+compact the states and write them back), with the keys / values of frozen tokens cached when they exit. The two agree (tests, fp32).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import collate_batch
-from .ops import route_tokens, token_confidence
+from .ops import gather_rows, route_tokens, scatter_rows, token_confidence
 
 CRITERIA = ("max_prob", "q_head")
 
@@ -127,7 +127,7 @@ class _CompactBlock:
         """Cache the keys / values that the tokens at `rows` (flat indices) show from now on."""
         for kind in self.kv:
             _, k, v = self._qkv(self.project(kind, x, y, z))
-            self.kv[kind][rows] = torch.stack([k, v], dim=1)
+            scatter_rows(self.kv[kind].view(self.B * self.L, -1), rows, torch.cat([k, v], dim=-1))
 
     def route(self, rows: torch.Tensor, key_valid: torch.Tensor):
         """Per-sequence layout of the active rows for attention (one host sync per supervision step)."""
@@ -181,12 +181,13 @@ def compacted_early_exit(model, input_ids: torch.Tensor, config: EarlyExit, atte
         if rows.numel() == 0:
             continue
         call.route(rows, attention_mask.bool())
-        x, y, z = x_all[rows], y_all[rows], z_all[rows]
+        x, y, z = (gather_rows(t, rows) for t in (x_all, y_all, z_all))
         for _ in range(model.config.deep_steps):
             for _ in range(model.config.latent_steps):
                 z = call("xyz", rows, x, y, z)
                 y = call("yz", rows, x, y, z)
-        y_all[rows], z_all[rows] = y, z
+        scatter_rows(y_all, rows, y)
+        scatter_rows(z_all, rows, z)
         step_logits = model._output_logits(y)
         if step == steps:
             logits[rows] = step_logits

@@ -32,7 +32,21 @@ def _route_tokens_torch(confidence: torch.Tensor, active: torch.Tensor,
     return exited, index, torch.stack([exited.sum(), keep.sum()])
 
 
-FALLBACKS = {"token_confidence": _token_confidence_torch, "route_tokens": _route_tokens_torch}
+def _gather_rows_torch(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    out = src.new_zeros(index.numel(), src.size(1))
+    keep = index >= 0
+    out[keep] = src[index[keep]]
+    return out
+
+
+def _scatter_rows_torch(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+    keep = index >= 0
+    dst[index[keep]] = src[keep]
+
+
+FALLBACKS = {"token_confidence": _token_confidence_torch, "route_tokens": _route_tokens_torch,
+             "gather_rows": _gather_rows_torch, "scatter_rows": _scatter_rows_torch}
+MUTATES = {"scatter_rows": ("dst",)}
 
 
 def _has_kernel(name: str, dispatch_key: str) -> bool:
@@ -41,7 +55,7 @@ def _has_kernel(name: str, dispatch_key: str) -> bool:
 
 if EXTENSION_ERROR is not None:
     for _name, _fn in FALLBACKS.items():
-        torch.library.custom_op(f"trm_fast::{_name}", _fn, mutates_args=())
+        torch.library.custom_op(f"trm_fast::{_name}", _fn, mutates_args=MUTATES.get(_name, ()))
     CUDA_FALLBACK = set(FALLBACKS)
 else:
     # An extension built without CUDA still serves CUDA tensors, through PyTorch.
@@ -59,6 +73,47 @@ def _token_confidence_fake(logits):
 def _route_tokens_fake(confidence, active, threshold):
     n = confidence.shape[0]
     return active.new_empty(n), active.new_empty(n, dtype=torch.long), active.new_empty(2, dtype=torch.long)
+
+
+@torch.library.register_fake("trm_fast::gather_rows")
+def _gather_rows_fake(src, index):
+    return src.new_empty(index.shape[0], src.shape[1])
+
+
+@torch.library.register_fake("trm_fast::scatter_rows")
+def _scatter_rows_fake(dst, index, src):
+    return None
+
+
+def _check_rows(op: str, table: torch.Tensor, index: torch.Tensor) -> None:
+    if not isinstance(table, torch.Tensor) or table.dim() != 2:
+        raise ValueError(f"{op}: the row table must be a 2-D [N, D] tensor, got "
+                         f"{tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__}")
+    if not isinstance(index, torch.Tensor) or index.dtype != torch.long or index.dim() != 1:
+        got = f"{index.dtype} {tuple(index.shape)}" if isinstance(index, torch.Tensor) else type(index).__name__
+        raise TypeError(f"{op}: index must be a 1-D int64 tensor, got {got}")
+    if index.device != table.device:
+        raise ValueError(f"{op}: rows on {table.device} but index on {index.device}")
+
+
+def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[len(index), D]: src[index[i]] per row, a zero row where index[i] < 0 (route_tokens' padding).
+    Compaction of token states to the active rows. Indices >= N raise on CPU; on CUDA they are not checked
+    (that would cost a host sync): pass route_tokens' output or indices known to be in range."""
+    _check_rows("gather_rows", src, index)
+    return torch.ops.trm_fast.gather_rows(src, index)
+
+
+def scatter_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+    """In place: dst[index[i]] = src[i] where index[i] >= 0. The write-back of compacted rows."""
+    _check_rows("scatter_rows", dst, index)
+    if not isinstance(src, torch.Tensor) or src.shape != (index.numel(), dst.size(1)) or src.dtype != dst.dtype \
+            or src.device != dst.device:
+        raise ValueError(f"scatter_rows: src must be [len(index), D] = {(index.numel(), dst.size(1))} of dst's "
+                         f"dtype and device, got {tuple(src.shape) if isinstance(src, torch.Tensor) else src}")
+    if not dst.is_contiguous():
+        raise ValueError("scatter_rows: dst must be contiguous")
+    torch.ops.trm_fast.scatter_rows(dst, index, src)
 
 
 def token_confidence(logits: torch.Tensor) -> torch.Tensor:
