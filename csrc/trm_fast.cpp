@@ -137,11 +137,40 @@ void scatter_rows_cpu(at::Tensor& dst, const at::Tensor& index, const at::Tensor
   copy_rows_cpu("scatter_rows", dst, index.contiguous(), src.contiguous(), false);
 }
 
+// Max softmax probability of hidden [N, D] @ weight[V, D]^T per row without the [N, V] logits: the vocab
+// in chunks of `chunk` rows of weight, an online (max, sum of exp) per row, float32 throughout. Written
+// with ATen ops, so one implementation serves every device (cuBLAS for the chunk matmuls on CUDA).
+at::Tensor hidden_confidence(const at::Tensor& hidden, const at::Tensor& weight, int64_t chunk) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "hidden_confidence: hidden must be [N, D] and weight [V, D], got ", hidden.sizes(), " and ",
+              weight.sizes());
+  TORCH_CHECK(at::isFloatingType(hidden.scalar_type()) && at::isFloatingType(weight.scalar_type()),
+              "hidden_confidence: hidden and weight must be floating point");
+  TORCH_CHECK(hidden.device() == weight.device(), "hidden_confidence: hidden and weight are on different devices");
+  TORCH_CHECK(chunk > 0 && weight.size(0) > 0, "hidden_confidence: chunk and vocab must be positive");
+  const at::Tensor h = hidden.to(at::kFloat);
+  const int64_t vocab = weight.size(0);
+  at::Tensor row_max = at::full({hidden.size(0)}, -std::numeric_limits<float>::infinity(), h.options());
+  at::Tensor row_sum = at::zeros({hidden.size(0)}, h.options());
+  for (int64_t start = 0; start < vocab; start += chunk) {
+    const at::Tensor logits = at::matmul(h, weight.narrow(0, start, std::min(chunk, vocab - start)).to(at::kFloat).t());
+    const at::Tensor new_max = at::maximum(row_max, std::get<0>(logits.max(1)));
+    row_sum = row_sum * at::exp(row_max - new_max) + at::exp(logits - new_max.unsqueeze(1)).sum(1);
+    row_max = new_max;
+  }
+  return row_sum.reciprocal();
+}
+
 TORCH_LIBRARY(trm_fast, m) {
   m.def("token_confidence(Tensor logits) -> Tensor");
   m.def("route_tokens(Tensor confidence, Tensor active, float threshold) -> (Tensor, Tensor, Tensor)");
   m.def("gather_rows(Tensor src, Tensor index) -> Tensor");
   m.def("scatter_rows(Tensor(a!) dst, Tensor index, Tensor src) -> ()");
+  m.def("hidden_confidence(Tensor hidden, Tensor weight, int chunk) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(trm_fast, CompositeExplicitAutograd, m) {
+  m.impl("hidden_confidence", &hidden_confidence);
 }
 
 TORCH_LIBRARY_IMPL(trm_fast, CPU, m) {

@@ -19,7 +19,8 @@ def test_doctor_reports_every_op(capsys):
     status = json.loads(capsys.readouterr().out)
     assert set(status["ops"]) == {"tinynet.concat_linear", "tinynet.causal_attention", "tinynet.add_layer_norm",
                                   "tinynet.feed_forward", "decode.decode_attention", "decode.add_layer_norm_into",
-                                  "token_confidence", "route_tokens", "gather_rows", "scatter_rows"}
+                                  "token_confidence", "route_tokens", "gather_rows", "scatter_rows",
+                                  "hidden_confidence"}
     assert status["ops"]["tinynet.causal_attention"] in ("torch", "triton")
     assert status["ops"]["decode.decode_attention"] == ("triton" if status["device"].startswith("cuda") else "torch")
     assert main(["doctor"]) == 0

@@ -177,3 +177,33 @@ def test_rows_bad_input():
         ops.scatter_rows(torch.randn(3, 4).t(), torch.tensor([1]), torch.randn(1, 3))
     with pytest.raises((RuntimeError, IndexError), match="out of (range|bounds)"):  # C++ op / fallback
         ops.gather_rows(src, torch.tensor([4]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk", [1, 37, 4096])
+def test_hidden_confidence_matches_softmax_of_the_head(device, dtype, chunk):
+    hidden = (torch.randn(3, 5, 24, device=device) * 0.7).to(dtype)
+    weight = torch.randn(300, 24, device=device).to(dtype)
+    out = ops.hidden_confidence(hidden, weight, chunk)
+    expected = torch.softmax(hidden.double() @ weight.double().t(), dim=-1).amax(-1).float()
+    assert out.dtype == torch.float32 and out.shape == (3, 5)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    fallback = ops._hidden_confidence_torch(hidden.reshape(-1, 24), weight, chunk).view(3, 5)
+    torch.testing.assert_close(fallback, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, ops.token_confidence(hidden.float() @ weight.float().t()), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hidden_confidence_opcheck(device):
+    torch.library.opcheck(torch.ops.trm_fast.hidden_confidence.default,
+                          (torch.randn(6, 8, device=device), torch.randn(50, 8, device=device), 16))
+
+
+def test_hidden_confidence_bad_input():
+    with pytest.raises(TypeError, match="floating-point"):
+        ops.hidden_confidence(torch.ones(2, 3, dtype=torch.long), torch.randn(5, 3))
+    with pytest.raises(ValueError, match="must agree"):
+        ops.hidden_confidence(torch.randn(2, 3), torch.randn(5, 4))
+    with pytest.raises(ValueError, match="chunk must be a positive int"):
+        ops.hidden_confidence(torch.randn(2, 3), torch.randn(5, 3), 0)

@@ -51,7 +51,7 @@ def mine_hard_tokens(model, dataset: TokenDataset, threshold: float, steps: int,
         y, z = model._init_states(x)
         for _ in range(steps):
             _, _, y, z = model._deep_recursion_step(x, y, z, mask)
-        hard = (_confidence(model, y, model._output_logits(y), criterion) < threshold).cpu()
+        hard = (_confidence(model, y, criterion) < threshold).cpu()
         masks.extend(hard[k, :len(inputs)] for k, (inputs, _) in enumerate(rows))
     return masks
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import collate_batch
-from .ops import gather_rows, route_tokens, scatter_rows, token_confidence
+from .ops import gather_rows, hidden_confidence, route_tokens, scatter_rows
 
 CRITERIA = ("max_prob", "q_head")
 
@@ -40,10 +40,11 @@ class EarlyExit:
             raise ValueError(f"min_steps must be a positive int, got {self.min_steps!r}")
 
 
-def _confidence(model, y: torch.Tensor, logits: torch.Tensor, criterion: str) -> torch.Tensor:
-    """[..., D], [..., V] -> float32 [...]: max softmax probability, or the q head applied per token."""
+def _confidence(model, y: torch.Tensor, criterion: str) -> torch.Tensor:
+    """[..., D] -> float32 [...]: max softmax probability of the output head (without materializing the
+    logits: hidden_confidence), or the q head applied per token."""
     if criterion == "max_prob":
-        return token_confidence(logits)
+        return hidden_confidence(y, model.output_head.weight)
     return torch.sigmoid(model.q_head(y)).squeeze(-1).float()
 
 
@@ -93,7 +94,7 @@ def masked_early_exit(model, input_ids: torch.Tensor, config: EarlyExit, attenti
         if step == steps:
             exits = active.clone()
         elif step >= config.min_steps:
-            exits = active & (_confidence(model, y, step_logits, config.criterion) >= config.threshold)
+            exits = active & (_confidence(model, y, config.criterion) >= config.threshold)
         else:
             exits = torch.zeros_like(active)
         logits[exits] = step_logits[exits]
@@ -188,18 +189,17 @@ def compacted_early_exit(model, input_ids: torch.Tensor, config: EarlyExit, atte
                 y = call("yz", rows, x, y, z)
         scatter_rows(y_all, rows, y)
         scatter_rows(z_all, rows, z)
-        step_logits = model._output_logits(y)
         if step == steps:
-            logits[rows] = step_logits
+            logits[rows] = model._output_logits(y)
             exit_step[rows] = step
             break
         if step < config.min_steps:
             continue
         confidence = torch.zeros(B * L, device=x_all.device)
-        confidence[rows] = _confidence(model, y, step_logits, config.criterion)
+        confidence[rows] = _confidence(model, y, config.criterion)
         exited, index, counts = route_tokens(confidence, active, float(config.threshold))
         exited_rows = exited[rows]
-        logits[rows[exited_rows]] = step_logits[exited_rows]
+        logits[rows[exited_rows]] = model._output_logits(y[exited_rows])  # the head runs on exiting rows only
         exit_step[exited] = step
         active &= ~exited
         call.freeze(rows[exited_rows], x[exited_rows], y[exited_rows], z[exited_rows])
@@ -227,7 +227,7 @@ def calibrate_threshold(model, batches, hard_ratio: float, criterion: str = "max
             y, z = model._init_states(x)
             for _ in range(exit_step):
                 _, _, y, z = model._deep_recursion_step(x, y, z, mask)
-            confidence = _confidence(model, y, model._output_logits(y), criterion)
+            confidence = _confidence(model, y, criterion)
             values.append(confidence[mask.bool()].flatten())
     model.train(was_training)
     ordered = torch.cat(values).sort().values if values else torch.empty(0)

@@ -44,8 +44,22 @@ def _scatter_rows_torch(dst: torch.Tensor, index: torch.Tensor, src: torch.Tenso
     dst[index[keep]] = src[keep]
 
 
+def _hidden_confidence_torch(hidden: torch.Tensor, weight: torch.Tensor, chunk: int) -> torch.Tensor:
+    h = hidden.float()
+    row_max = torch.full((h.size(0),), float("-inf"), device=h.device)
+    row_sum = torch.zeros(h.size(0), device=h.device)
+    for start in range(0, weight.size(0), chunk):
+        logits = h @ weight[start:start + chunk].float().t()
+        new_max = torch.maximum(row_max, logits.amax(dim=1))
+        row_sum = row_sum * torch.exp(row_max - new_max) + torch.exp(logits - new_max.unsqueeze(1)).sum(1)
+        row_max = new_max
+    return row_sum.reciprocal()
+
+
 FALLBACKS = {"token_confidence": _token_confidence_torch, "route_tokens": _route_tokens_torch,
-             "gather_rows": _gather_rows_torch, "scatter_rows": _scatter_rows_torch}
+             "gather_rows": _gather_rows_torch, "scatter_rows": _scatter_rows_torch,
+             "hidden_confidence": _hidden_confidence_torch}
+DEVICE_AGNOSTIC = {"hidden_confidence"}  # one ATen-composite kernel in _C serves every device
 MUTATES = {"scatter_rows": ("dst",)}
 
 
@@ -59,7 +73,7 @@ if EXTENSION_ERROR is not None:
     CUDA_FALLBACK = set(FALLBACKS)
 else:
     # An extension built without CUDA still serves CUDA tensors, through PyTorch.
-    CUDA_FALLBACK = {name for name in FALLBACKS if not _has_kernel(name, "CUDA")}
+    CUDA_FALLBACK = {name for name in FALLBACKS if name not in DEVICE_AGNOSTIC and not _has_kernel(name, "CUDA")}
     for _name in CUDA_FALLBACK:
         torch.library.impl(f"trm_fast::{_name}", "CUDA")(FALLBACKS[_name])
 
@@ -83,6 +97,28 @@ def _gather_rows_fake(src, index):
 @torch.library.register_fake("trm_fast::scatter_rows")
 def _scatter_rows_fake(dst, index, src):
     return None
+
+
+@torch.library.register_fake("trm_fast::hidden_confidence")
+def _hidden_confidence_fake(hidden, weight, chunk):
+    return hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+
+
+def hidden_confidence(hidden: torch.Tensor, weight: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Max softmax probability of `hidden @ weight.T` per row ([..., D] -> float32 [...]) without the full
+    logits: vocab chunks of `chunk` rows with an online softmax, float32 accumulation."""
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"hidden_confidence: {name} must be a floating-point tensor")
+    if weight.dim() != 2 or hidden.dim() < 1 or hidden.size(-1) != weight.size(1) or weight.size(0) == 0:
+        raise ValueError(f"hidden_confidence: hidden [..., D] and weight [V, D] with V > 0 must agree, got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.device != weight.device:
+        raise ValueError(f"hidden_confidence: hidden on {hidden.device}, weight on {weight.device}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"hidden_confidence: chunk must be a positive int, got {chunk!r}")
+    flat = hidden.reshape(-1, hidden.size(-1))
+    return torch.ops.trm_fast.hidden_confidence(flat, weight, chunk).view(hidden.shape[:-1])
 
 
 def _check_rows(op: str, table: torch.Tensor, index: torch.Tensor) -> None:
@@ -158,4 +194,6 @@ def extension_status() -> str:
 def op_backend(name: str, device: torch.device) -> str:
     if EXTENSION_ERROR is not None or (device.type == "cuda" and name in CUDA_FALLBACK):
         return "pytorch fallback"
+    if name in DEVICE_AGNOSTIC:
+        return "trm_fast._C (ATen composite)"
     return "trm_fast._C (CUDA)" if device.type == "cuda" else "trm_fast._C (C++)"
