@@ -11,8 +11,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .data import TokenDataset, collate_batch
-from .early_exit import EarlyExit, _confidence, calibrate_threshold, evaluate_early_exit
+from .data import TokenDataset, dataset_batches
+from .early_exit import EarlyExit, _confidence, calibrate_threshold, evaluate_early_exit, states_after
 from .training import TrainConfig, train
 
 
@@ -43,16 +43,10 @@ def mine_hard_tokens(model, dataset: TokenDataset, threshold: float, steps: int,
     model.eval()
     device = next(model.parameters()).device
     masks: List[torch.Tensor] = []
-    for start in range(0, len(dataset), batch_size):
-        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = collate_batch(rows, dataset.pad_id)
+    for batch in dataset_batches(dataset, batch_size):
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        x = model._embed(ids)
-        y, z = model._init_states(x)
-        for _ in range(steps):
-            _, _, y, z = model._deep_recursion_step(x, y, z, mask)
-        hard = (_confidence(model, y, criterion) < threshold).cpu()
-        masks.extend(hard[k, :len(inputs)] for k, (inputs, _) in enumerate(rows))
+        hard = (_confidence(model, states_after(model, ids, mask, steps), criterion) < threshold).cpu()
+        masks.extend(row[:int(length)] for row, length in zip(hard, batch["attention_mask"].sum(dim=1)))
     return masks
 
 
@@ -67,10 +61,8 @@ def ashem_train(model, train_set: TokenDataset, val_set: TokenDataset, phase1: T
                          f"got {shallow_steps}")
     train(model, train_set, val_set, replace(phase1, supervision_steps=shallow_steps),
           out_dir=f"{out_dir}/phase1" if out_dir else None, log=log)
-    batches = [collate_batch([val_set[i] for i in range(s, min(s + 16, len(val_set)))], val_set.pad_id)
-               for s in range(0, len(val_set), 16)]
     device = next(model.parameters()).device
-    val_batches = [(b["input_ids"].to(device), b["attention_mask"].to(device)) for b in batches]
+    val_batches = [(b["input_ids"].to(device), b["attention_mask"].to(device)) for b in dataset_batches(val_set, 16)]
     threshold = calibrate_threshold(model, val_batches, hard_ratio, criterion, shallow_steps)
     hard = mine_hard_tokens(model, train_set, threshold, shallow_steps, criterion)
     hard_fraction = float(sum(int(h.sum()) for h in hard) / sum(h.numel() for h in hard))

@@ -180,7 +180,7 @@ def cmd_count_params(args) -> None:
 
 def cmd_diagnose(args) -> None:
     from .corpus import default_corpus
-    from .data import TokenDataset, collate_batch, load_tokenizer, read_texts
+    from .data import TokenDataset, dataset_batches, load_tokenizer, read_texts
     from .diagnostics import diagnostics_report
     from .presets import create_model
     device = _device(args.device)
@@ -193,7 +193,7 @@ def cmd_diagnose(args) -> None:
                              **_overrides(args.set)).to(device)
     texts = read_texts(args.data) if args.data else default_corpus().split("\n\n")
     dataset = TokenDataset(texts, tokenizer, args.seq_len or min(model.config.max_seq_len, 256), pack=True)
-    batch = collate_batch([dataset[i] for i in range(min(args.batch_size, len(dataset)))], dataset.pad_id)
+    batch = next(dataset_batches(dataset, args.batch_size))
     report = diagnostics_report(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), args.out)
     for key, values in report["diagnostics"].items():
         print(f"{key:<12}" + " ".join(f"{v:9.4f}" for v in values))

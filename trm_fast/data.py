@@ -208,8 +208,7 @@ def collate_batch(batch: Sequence[Tuple[torch.Tensor, torch.Tensor]], pad_id: in
     return {"input_ids": input_ids, "target_ids": target_ids, "attention_mask": attention_mask}
 
 
-def create_dataloader(dataset: TokenDataset, batch_size: int, shuffle: bool = True, seed: int = 0,
-                      drop_last: bool = False) -> torch.utils.data.DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                                       generator=generator, collate_fn=lambda b: collate_batch(b, dataset.pad_id))
+def dataset_batches(dataset, batch_size: int) -> Iterator[dict]:
+    """The dataset in order, `batch_size` samples at a time, collated (on the CPU)."""
+    for start in range(0, len(dataset), batch_size):
+        yield collate_batch([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], dataset.pad_id)

@@ -8,7 +8,8 @@ no dropout.
 `masked_early_exit` defines the semantics: every token runs every call and frozen states are restored
 after each call. `compacted_early_exit` realizes the saving: projections, attention queries, FFN and
 the output head run on the active rows only (`route_tokens` lists them, `gather_rows` / `scatter_rows`
-compact the states and write them back), with the keys / values of frozen tokens cached when they exit. The two agree (tests, fp32).
+compact the states and write them back), with the keys / values of frozen tokens cached when they exit.
+The two agree (tests, fp32).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from .data import collate_batch
+from .data import dataset_batches
 from .ops import gather_rows, hidden_confidence, route_tokens, scatter_rows
 
 CRITERIA = ("max_prob", "q_head")
@@ -46,6 +47,15 @@ def _confidence(model, y: torch.Tensor, criterion: str) -> torch.Tensor:
     if criterion == "max_prob":
         return hidden_confidence(y, model.output_head.weight)
     return torch.sigmoid(model.q_head(y)).squeeze(-1).float()
+
+
+def states_after(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """y after `steps` supervision steps of the plain recursion (no exit), where confidences are taken."""
+    x = model._embed(input_ids)
+    y, z = model._init_states(x)
+    for _ in range(steps):
+        _, _, y, z = model._deep_recursion_step(x, y, z, attention_mask)
+    return y
 
 
 def _check(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], config: EarlyExit, model):
@@ -223,11 +233,7 @@ def calibrate_threshold(model, batches, hard_ratio: float, criterion: str = "max
         for batch in batches:
             ids, mask = batch if isinstance(batch, (tuple, list)) else (batch, None)
             mask = (ids != model.config.pad_token_id).long() if mask is None else mask
-            x = model._embed(ids)
-            y, z = model._init_states(x)
-            for _ in range(exit_step):
-                _, _, y, z = model._deep_recursion_step(x, y, z, mask)
-            confidence = _confidence(model, y, criterion)
+            confidence = _confidence(model, states_after(model, ids, mask, exit_step), criterion)
             values.append(confidence[mask.bool()].flatten())
     model.train(was_training)
     ordered = torch.cat(values).sort().values if values else torch.empty(0)
@@ -244,10 +250,8 @@ def evaluate_early_exit(model, dataset, config: EarlyExit, batch_size: int = 16)
     """acc, ppl, shallow_ratio and compute_cost of early-exit inference over a TokenDataset (every valid
     target token counts once)."""
     device = next(model.parameters()).device
-    loss_sum, correct, tokens, shallow, work, full = 0.0, 0, 0, 0, 0.0, 0
-    for start in range(0, len(dataset), batch_size):
-        batch = collate_batch([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
-                              dataset.pad_id)
+    loss_sum, correct, tokens, shallow, work = 0.0, 0, 0, 0, 0.0
+    for batch in dataset_batches(dataset, batch_size):
         ids, targets, mask = (batch[k].to(device) for k in ("input_ids", "target_ids", "attention_mask"))
         out = compacted_early_exit(model, ids, config, mask)
         valid = mask.bool()
@@ -258,8 +262,7 @@ def evaluate_early_exit(model, dataset, config: EarlyExit, batch_size: int = 16)
         tokens += n
         shallow += sum(out["exit_counts"][:-1])
         work += out["compute_cost"] * n
-        full += n
     if tokens == 0:
         raise ValueError("evaluate_early_exit needs a dataset with at least one valid token")
     return {"acc": correct / tokens, "ppl": float(torch.tensor(loss_sum / tokens).exp()),
-            "shallow_ratio": shallow / tokens, "compute_cost": work / full}
+            "shallow_ratio": shallow / tokens, "compute_cost": work / tokens}

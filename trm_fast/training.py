@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import sys
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import read_checkpoint, save_checkpoint
-from .data import TokenDataset, collate_batch
+from .data import TokenDataset, collate_batch, dataset_batches
 from .plot import line_plot
 
 
@@ -67,10 +68,8 @@ def evaluate(model: torch.nn.Module, dataset: TokenDataset, batch_size: int = 16
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    starts = range(0, len(dataset), batch_size)
-    for start in list(starts)[:max_batches]:
-        batch = _to(collate_batch([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
-                                  dataset.pad_id), device)
+    for batch in itertools.islice(dataset_batches(dataset, batch_size), max_batches):
+        batch = _to(batch, device)
         with autocast(device, bf16):
             logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])["logits"]
         total += F.cross_entropy(logits.float().flatten(0, 1), batch["target_ids"].flatten(),
@@ -116,9 +115,9 @@ def train(model: torch.nn.Module, train_set: TokenDataset, val_set: Optional[Tok
           config: Optional[TrainConfig] = None, out_dir: Optional[str] = None, resume: Optional[str] = None,
           tokenizer: str = "byte", log: Callable[[str], None] = print) -> dict:
     """Train `model` in place. Writes (when out_dir is set) checkpoint.pt at the end, best.pt at the
-    evaluation with the lowest validation loss, checkpoint-<step>.pt every `save_every` steps, all in the seed's format plus the EMA weights, the train config and the
-    tokenizer; metrics.jsonl; curve.png. Returns the final
-    step, time, losses and the metrics history."""
+    evaluation with the lowest validation loss and checkpoint-<step>.pt every `save_every` steps, all in
+    the seed's format plus the EMA weights, the train config and the tokenizer; also metrics.jsonl and
+    curve.png. Returns the final step, time, losses and the metrics history."""
     config = config or TrainConfig()
     device = next(model.parameters()).device
     torch.manual_seed(config.seed)
