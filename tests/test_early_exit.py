@@ -125,3 +125,19 @@ def test_evaluate_early_exit_numbers():
     everyone = evaluate_early_exit(model, dataset, EarlyExit(0.0), batch_size=2)
     assert everyone["shallow_ratio"] == 1.0 and everyone["compute_cost"] == pytest.approx(0.5)
     assert 0.0 <= everyone["acc"] <= 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("criterion", ["max_prob", "q_head"])
+def test_cuda_equals_cpu(criterion):
+    """The compacted path on CUDA (fp32, TF32 off) gives the CPU's exits, counts and logits."""
+    model, ids = _model(), _ids()
+    config = EarlyExit(calibrate_threshold(model, [ids], 0.5, criterion), criterion)
+    cpu = compacted_early_exit(model, ids, config)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        gpu = compacted_early_exit(model.cuda(), ids.cuda(), config)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    _assert_same(cpu, {k: v.cpu() if torch.is_tensor(v) else v for k, v in gpu.items()})

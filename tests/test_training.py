@@ -106,7 +106,18 @@ def test_time_budget_stops_the_run():
 @pytest.mark.parametrize("bad, match", [(dict(batch_size=0), "batch_size must be >= 1"),
                                         (dict(max_steps=0), "must be positive"),
                                         (dict(minutes=-1.0), "must be positive"),
-                                        (dict(ema_decay=1.0), "ema_decay must be in")])
+                                        (dict(ema_decay=1.0), "ema_decay must be in"),
+                                        (dict(adam_beta2=1.0), "adam_beta2 must be in")])
 def test_train_config_errors(bad, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**bad)
+
+
+def test_adam_beta2_reaches_the_optimizer():
+    train_set, _ = _data()
+    weights = []
+    for beta2 in (0.999, 0.5):
+        model = _model()
+        train(model, train_set, None, TrainConfig(batch_size=4, max_steps=3, adam_beta2=beta2), log=_quiet)
+        weights.append(model.tiny_net.yz_proj.weight.detach().clone())
+    assert not torch.allclose(weights[0], weights[1])

@@ -86,6 +86,7 @@ def cmd_train(args) -> None:
     train_config = TrainConfig(
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
         max_steps=args.max_steps, minutes=args.minutes, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
+        adam_beta2=args.adam_beta2,
         eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
         log_every=args.log_every, seed=args.seed, bf16=not args.no_bf16)
     result = train(model, train_set, val_set, train_config, out_dir=args.out, resume=args.resume,
@@ -261,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--minutes", type=float, help="wall-time budget (the learning rate decays over it)")
     train.add_argument("--grad-clip", type=float, default=1.0)
     train.add_argument("--ema-decay", type=float, default=0.995)
+    train.add_argument("--adam-beta2", type=float, default=0.999)
     train.add_argument("--eval-every", type=int, default=200)
     train.add_argument("--eval-batches", type=int, default=20)
     train.add_argument("--save-every", type=int, default=0)

@@ -121,6 +121,9 @@ def hidden_confidence(hidden: torch.Tensor, weight: torch.Tensor, chunk: int = 4
     return torch.ops.trm_fast.hidden_confidence(flat, weight, chunk).view(hidden.shape[:-1])
 
 
+# Every op's input is validated here, before the C++ op runs: on the H100 machine (torch 2.11+cu130) a
+# failing TORCH_CHECK inside the extension's CPU kernels (route_tokens, gather_rows) crashed the process with
+# a segmentation fault instead of raising; the C++ checks stay as a last line of defence only.
 def _check_rows(op: str, table: torch.Tensor, index: torch.Tensor) -> None:
     if not isinstance(table, torch.Tensor) or table.dim() != 2:
         raise ValueError(f"{op}: the row table must be a 2-D [N, D] tensor, got "
@@ -130,12 +133,14 @@ def _check_rows(op: str, table: torch.Tensor, index: torch.Tensor) -> None:
         raise TypeError(f"{op}: index must be a 1-D int64 tensor, got {got}")
     if index.device != table.device:
         raise ValueError(f"{op}: rows on {table.device} but index on {index.device}")
+    if index.device.type == "cpu" and index.numel() and int(index.max()) >= table.size(0):
+        raise IndexError(f"{op}: index {int(index.max())} out of range for {table.size(0)} rows")
 
 
 def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """[len(index), D]: src[index[i]] per row, a zero row where index[i] < 0 (route_tokens' padding).
-    Compaction of token states to the active rows. Indices >= N raise on CPU; on CUDA they are not checked
-    (that would cost a host sync): pass route_tokens' output or indices known to be in range."""
+    Compaction of token states to the active rows. Indices >= N raise IndexError on CPU; on CUDA they are not
+    checked (that would cost a host sync): pass route_tokens' output or indices known to be in range."""
     _check_rows("gather_rows", src, index)
     return torch.ops.trm_fast.gather_rows(src, index)
 
@@ -169,9 +174,7 @@ def route_tokens(confidence: torch.Tensor, active: torch.Tensor,
 
     Returns `exited` (bool [N]: active and confidence >= threshold), `active_index` (int64 [N]: the
     indices of the tokens still active, ascending, then -1 padding) and `counts` (int64 [2]: exited,
-    still active). Inputs are validated here, before the op: on the H100 machine (torch 2.11+cu130,
-    2026-11-22) a failing TORCH_CHECK inside the C++ route_tokens kernels crashed the process instead of
-    raising, while token_confidence's raised cleanly; the cause is not yet found.
+    still active).
     """
     for name, t, dtype in (("confidence", confidence, torch.float32), ("active", active, torch.bool)):
         if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 1:

@@ -26,6 +26,7 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 3e-4
     weight_decay: float = 0.01
+    adam_beta2: float = 0.999  # AdamW's second-moment decay (0.95 is steadier at high learning rates)
     warmup_steps: int = 100
     max_steps: Optional[int] = None
     minutes: Optional[float] = None
@@ -47,8 +48,9 @@ class TrainConfig:
             self.max_steps = 1000
         if (self.max_steps is not None and self.max_steps < 1) or (self.minutes is not None and self.minutes <= 0):
             raise ValueError(f"max_steps and minutes must be positive, got {self.max_steps} and {self.minutes}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        for name in ("ema_decay", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 def autocast(device: torch.device, bf16: bool):
@@ -121,7 +123,8 @@ def train(model: torch.nn.Module, train_set: TokenDataset, val_set: Optional[Tok
     config = config or TrainConfig()
     device = next(model.parameters()).device
     torch.manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, config.adam_beta2),
+                                  weight_decay=config.weight_decay)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if config.ema_decay > 0 else None
     step, elapsed_before = 0, 0.0
     if resume:

@@ -1,0 +1,142 @@
+"""Issue 4's numbers: token-level early exit at the threshold calibrated to `hard_ratio`, against the same
+model without exit, on held-out text.
+
+Reports the forward time with and without exit (median of CUDA-event timings, B x L from the validation
+split), the ideal speed-up 1 / compute_cost and the share of it realized, validation perplexity with and
+without exit, the routing ops' time (confidence + route_tokens) against one supervision step, and whether
+the CPU gives the CUDA results (ops bit for bit; the whole early-exit forward in fp32).
+
+    python scripts/early_exit_bench.py --checkpoint runs/ee/best.pt --data tinyshakespeare.txt --out ee.json
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from trm_fast.checkpoint import load_checkpoint
+from trm_fast.data import ByteTokenizer, TokenDataset, dataset_batches, read_texts
+from trm_fast.early_exit import (EarlyExit, _confidence, calibrate_threshold, compacted_early_exit,
+                                 evaluate_early_exit, states_after)
+from trm_fast.ops import gather_rows, route_tokens, scatter_rows
+
+
+def median_ms(fn, repeats: int, device: torch.device) -> float:
+    """Median wall time of `fn` in ms (synchronized on CUDA), after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def no_exit_logits(model, ids, mask, steps):
+    return model._output_logits(states_after(model, ids, mask, steps))
+
+
+@torch.no_grad()
+def no_exit_ppl(model, dataset, steps, batch_size, device):
+    loss_sum, tokens = 0.0, 0
+    for batch in dataset_batches(dataset, batch_size):
+        ids, targets, mask = (batch[k].to(device) for k in ("input_ids", "target_ids", "attention_mask"))
+        valid = mask.bool()
+        logits = no_exit_logits(model, ids, mask, steps)[valid].float()
+        loss_sum += float(F.cross_entropy(logits, targets[valid], reduction="sum"))
+        tokens += int(valid.sum())
+    return float(torch.tensor(loss_sum / tokens).exp())
+
+
+def cpu_equals_cuda(checkpoint, ids, mask, config):
+    """The early-exit forward and each routing op on the CPU and on CUDA (fp32, TF32 off)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    cuda_model, cpu_model = (load_checkpoint(checkpoint, map_location=d, use_ema=True).eval() for d in ("cuda", "cpu"))
+    gpu = compacted_early_exit(cuda_model, ids, config, mask)
+    cpu = compacted_early_exit(cpu_model, ids.cpu(), config, mask.cpu())
+    same_step = gpu["exit_step"].cpu() == cpu["exit_step"]
+    both = same_step & mask.cpu().bool()
+    logits_diff = (gpu["logits"].cpu()[both] - cpu["logits"][both]).abs().max().item()
+    generator = torch.Generator().manual_seed(0)
+    confidence = torch.rand(ids.numel(), generator=generator)
+    active = torch.rand(ids.numel(), generator=generator) < 0.7
+    routed = [route_tokens(confidence.to(d), active.to(d), 0.5) for d in ("cpu", "cuda")]
+    rows = routed[0][1][: int(routed[0][2][1])]
+    table = torch.randn(ids.numel(), cpu_model.config.d_model, generator=generator)
+    gathered = [gather_rows(table.to(d), rows.to(d)) for d in ("cpu", "cuda")]
+    scattered = [torch.zeros_like(table, device=d) for d in ("cpu", "cuda")]
+    for out, d in zip(scattered, ("cpu", "cuda")):
+        scatter_rows(out, rows.to(d), gathered[0].to(d))
+    return {"exit_step_equal_fraction": same_step.float().mean().item(),
+            "exit_counts_cpu": cpu["exit_counts"], "exit_counts_cuda": gpu["exit_counts"],
+            "max_abs_logit_diff_same_exit": logits_diff,
+            "route_tokens_equal": all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(*routed)),
+            "gather_rows_equal": torch.equal(gathered[0], gathered[1].cpu()),
+            "scatter_rows_equal": torch.equal(scattered[0], scattered[1].cpu())}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data", required=True, help="the text the model was trained on (its tail is validation)")
+    parser.add_argument("--val-fraction", type=float, default=0.05)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--hard-ratio", type=float, default=0.5)
+    parser.add_argument("--criterion", default="max_prob")
+    parser.add_argument("--min-steps", type=int, default=1)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--out", default="early_exit.json")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    model = load_checkpoint(args.checkpoint, map_location=device, use_ema=True).eval()
+    model.to(getattr(torch, args.dtype))
+    steps = model.config.supervision_steps
+    _, val = TokenDataset(read_texts(args.data), ByteTokenizer(), args.seq_len, pack=True).split(args.val_fraction)
+    batches = [(b["input_ids"].to(device), b["attention_mask"].to(device)) for b in dataset_batches(val, args.batch_size)]
+    threshold = calibrate_threshold(model, batches, args.hard_ratio, args.criterion, exit_step=args.min_steps)
+    config = EarlyExit(threshold, args.criterion, args.min_steps)
+    ids, mask = batches[0]
+
+    exit_out = compacted_early_exit(model, ids, config, mask)
+    t_plain = median_ms(lambda: no_exit_logits(model, ids, mask, steps), args.repeats, device)
+    t_exit = median_ms(lambda: compacted_early_exit(model, ids, config, mask), args.repeats, device)
+    t_forward = median_ms(lambda: model(ids, mask), args.repeats, device)
+    y = states_after(model, ids, mask, args.min_steps).reshape(ids.numel(), -1)
+    active = mask.bool().reshape(-1)
+
+    def routing():
+        return route_tokens(_confidence(model, y, args.criterion), active, threshold)
+    t_routing = median_ms(routing, args.repeats, device)
+    ideal = 1.0 / exit_out["compute_cost"]
+    speedup = t_plain / t_exit
+    ppl_plain = no_exit_ppl(model, val, steps, args.batch_size, device)
+    quality = evaluate_early_exit(model, val, config, args.batch_size)
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "dtype": args.dtype,
+        "checkpoint_config": model.config.to_dict(), "batch": list(ids.shape), "hard_ratio": args.hard_ratio,
+        "criterion": args.criterion, "min_steps": args.min_steps, "threshold": threshold,
+        "exit_counts": exit_out["exit_counts"], "shallow_ratio": exit_out["shallow_ratio"],
+        "compute_cost": exit_out["compute_cost"], "ms_no_exit": t_plain, "ms_early_exit": t_exit,
+        "ms_model_forward_all_step_logits": t_forward, "speedup": speedup, "ideal_speedup": ideal,
+        "realized_fraction_of_ideal": speedup / ideal, "ms_routing": t_routing,
+        "routing_fraction_of_step": t_routing / (t_plain / steps),
+        "val_ppl_no_exit": ppl_plain, "val": quality, "ppl_ratio": quality["ppl"] / ppl_plain,
+        "cpu_vs_cuda": cpu_equals_cuda(args.checkpoint, ids[:4], mask[:4], config) if device.type == "cuda" else None}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps({k: v for k, v in result.items() if k != "checkpoint_config"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
