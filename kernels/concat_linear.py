@@ -1,0 +1,178 @@
+"""`trm_fast::concat_linear`: `cat(inputs, -1) @ weight.T + bias` for two or three [M, K] inputs, without
+materializing the concatenation, forward and backward.
+
+Forward: one kernel; each output tile accumulates (float32) the dot products of every input with its
+column block of `weight` [N, len(inputs) * K]. Backward: grad of input i = grad_out @ weight[:, i*K:(i+1)*K],
+grad of that weight block = grad_out.T @ input i, written in place into the [N, len(inputs) * K] gradient
+(one strided matmul kernel for all of them), grad of bias = grad_out summed over rows.
+"""
+from typing import List, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from trm_fast import torch_ops
+
+BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
+
+
+@triton.jit
+def _accumulate(acc, x_ptr, stride_xm, w_ptr, stride_wn, rows, cols, M, N, K, BLOCK_K: tl.constexpr):
+    """acc += x[rows, :K] @ w[cols, :K].T (w already offset to this input's column block)."""
+    ks = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < K),
+                    other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * stride_wn + k[:, None], mask=(cols[None, :] < N) & (k[:, None] < K),
+                    other=0.0)
+        acc += tl.dot(x, w)
+    return acc
+
+
+@triton.jit
+def _concat_linear_fwd_kernel(x0_ptr, x1_ptr, x2_ptr, stride_x0, stride_x1, stride_x2, w_ptr, stride_wn, b_ptr,
+                              out_ptr, stride_om, M, N, K, NUM_INPUTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _accumulate(acc, x0_ptr, stride_x0, w_ptr, stride_wn, rows, cols, M, N, K, BLOCK_K)
+    acc = _accumulate(acc, x1_ptr, stride_x1, w_ptr + K, stride_wn, rows, cols, M, N, K, BLOCK_K)
+    if NUM_INPUTS == 3:
+        acc = _accumulate(acc, x2_ptr, stride_x2, w_ptr + 2 * K, stride_wn, rows, cols, M, N, K, BLOCK_K)
+    acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """c = a @ b for any strides (transposes and column blocks are views), float32 accumulation."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        a = tl.load(a_ptr + rows[:, None] * stride_am + k[None, :] * stride_ak,
+                    mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + k[:, None] * stride_bk + cols[None, :] * stride_bn,
+                    mask=(k[:, None] < K) & (cols[None, :] < N), other=0.0)
+        acc += tl.dot(a, b)
+    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def _grid(M: int, N: int):
+    return triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N)
+
+
+def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out[:] = a @ b for 2-D tensors of any strides (out may be a column block of a larger tensor)."""
+    (M, K), N = a.shape, b.shape[1]
+    _matmul_kernel[_grid(M, N)](a, b, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                                out.stride(0), out.stride(1), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+
+
+def concat_linear_fwd_triton(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """[M, N] = cat(inputs, -1) @ weight.T + bias for 2-D [M, K] inputs with unit column stride."""
+    M, K = inputs[0].shape
+    N = weight.shape[0]
+    x0, x1, x2 = inputs[0], inputs[1], inputs[-1]
+    out = torch.empty(M, N, device=x0.device, dtype=x0.dtype)
+    _concat_linear_fwd_kernel[_grid(M, N)](x0, x1, x2, x0.stride(0), x1.stride(0), x2.stride(0), weight,
+                                           weight.stride(0), bias, out, out.stride(0), M, N, K,
+                                           NUM_INPUTS=len(inputs), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    return out
+
+
+def concat_linear_bwd_triton(grad_out: torch.Tensor, inputs: Sequence[torch.Tensor],
+                             weight: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(grads of the inputs, grad of weight, grad of bias) for 2-D [M, K] inputs and grad_out [M, N]."""
+    K = inputs[0].shape[1]
+    grad_weight = torch.empty_like(weight)
+    grad_inputs = []
+    for i, x in enumerate(inputs):
+        block = slice(i * K, (i + 1) * K)
+        grad_x = torch.empty_like(x)
+        matmul_into(grad_out, weight[:, block], grad_x)
+        matmul_into(grad_out.t(), x, grad_weight[:, block])
+        grad_inputs.append(grad_x)
+    return grad_inputs, grad_weight, grad_out.float().sum(0).to(weight.dtype)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _check(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor) -> None:
+    if len(inputs) not in (2, 3):
+        raise ValueError(f"concat_linear: expects 2 or 3 inputs, got {len(inputs)}")
+    first = inputs[0]
+    for i, x in enumerate(inputs):
+        if x.shape != first.shape or x.dtype != first.dtype or x.device != first.device:
+            raise ValueError(f"concat_linear: input {i} is {tuple(x.shape)} {x.dtype} on {x.device}; every input "
+                             f"must be {tuple(first.shape)} {first.dtype} on {first.device}")
+    K = first.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != len(inputs) * K or bias.shape != (weight.shape[0],):
+        raise ValueError(f"concat_linear: weight must be [N, {len(inputs)} * {K}] and bias [N], got "
+                         f"{tuple(weight.shape)} and {tuple(bias.shape)}")
+    if weight.dtype != first.dtype or bias.dtype != first.dtype or weight.device != first.device:
+        raise ValueError(f"concat_linear: weight / bias ({weight.dtype}, {bias.dtype}, {weight.device}) must match "
+                         f"the inputs ({first.dtype}, {first.device})")
+
+
+@torch.library.custom_op("trm_fast::concat_linear", mutates_args=())
+def concat_linear_op(inputs: List[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    _check(inputs, weight, bias)
+    if not inputs[0].is_cuda:
+        return torch_ops.concat_linear(inputs, weight, bias)
+    out = concat_linear_fwd_triton([_flat(x).contiguous() for x in inputs], weight.contiguous(), bias.contiguous())
+    return out.view(*inputs[0].shape[:-1], weight.shape[0])
+
+
+@concat_linear_op.register_fake
+def _(inputs, weight, bias):
+    return inputs[0].new_empty(*inputs[0].shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("trm_fast::concat_linear_backward", mutates_args=())
+def concat_linear_backward_op(grad_out: torch.Tensor, inputs: List[torch.Tensor],
+                              weight: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]:
+    flat = [_flat(x).contiguous() for x in inputs]
+    grad_flat = _flat(grad_out).contiguous()
+    if inputs[0].is_cuda:
+        grads, grad_weight, grad_bias = concat_linear_bwd_triton(grad_flat, flat, weight.contiguous())
+    else:
+        K = flat[0].shape[1]
+        grads = [grad_flat @ weight[:, i * K:(i + 1) * K] for i in range(len(flat))]
+        grad_weight = torch.cat([grad_flat.t() @ x for x in flat], dim=1)
+        grad_bias = grad_flat.sum(0)
+    return [g.view(x.shape) for g, x in zip(grads, inputs)], grad_weight, grad_bias
+
+
+@concat_linear_backward_op.register_fake
+def _(grad_out, inputs, weight):
+    return [torch.empty_like(x) for x in inputs], torch.empty_like(weight), weight.new_empty(weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    xs, weight, _ = inputs
+    ctx.save_for_backward(*xs, weight)
+
+
+def _backward(ctx, grad_out):
+    *xs, weight = ctx.saved_tensors
+    grads, grad_weight, grad_bias = concat_linear_backward_op(grad_out, list(xs), weight)
+    return list(grads), grad_weight, grad_bias
+
+
+concat_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def concat_linear(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The TinyNet op: `cat(inputs, -1) @ weight.T + bias` (Triton on CUDA, torch elsewhere)."""
+    return concat_linear_op(list(inputs), weight, bias)

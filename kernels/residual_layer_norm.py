@@ -1,0 +1,191 @@
+"""`trm_fast::add_layer_norm`: `layer_norm(h + dropout(residual))` with its backward, for training.
+
+Forward: one program per row, float32 statistics; the dropout mask is never stored: it is drawn from
+(seed, element index) with `tl.rand` and drawn again in the backward. Saved for the backward: h,
+residual, and per row the mean and 1/std. Backward: a program walks a band of rows, writes the input
+gradients (the residual's through the same mask) and keeps float32 partial sums of the weight and bias
+gradients, reduced over bands afterwards.
+"""
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+ROWS_PER_PROGRAM = 16
+
+
+@triton.jit
+def _dropped(r, seed, offsets, p, HAS_DROPOUT: tl.constexpr):
+    if HAS_DROPOUT:
+        keep = tl.rand(seed, offsets) >= p
+        r = tl.where(keep, r / (1.0 - p), 0.0)
+    return r
+
+
+@triton.jit
+def _residual_layer_norm_fwd_kernel(h_ptr, r_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, N, eps, p, seed,
+                                    HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    offsets = row * N + cols
+    h = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    s = h + _dropped(r, seed, offsets, p, HAS_DROPOUT)
+    mean = tl.sum(s, axis=0) / N
+    centered = tl.where(mask, s - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offsets, (centered * rstd * w + b).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _residual_layer_norm_bwd_kernel(dy_ptr, h_ptr, r_ptr, w_ptr, mean_ptr, rstd_ptr, dh_ptr, dr_ptr, dw_ptr, db_ptr,
+                                    M, N, p, seed, HAS_DROPOUT: tl.constexpr, ROWS: tl.constexpr,
+                                    BLOCK: tl.constexpr):
+    band = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK,), dtype=tl.float32)
+    db = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(ROWS):
+        row = band * ROWS + i
+        if row < M:
+            offsets = row * N + cols
+            dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            h = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            r = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            s = h + _dropped(r, seed, offsets, p, HAS_DROPOUT)
+            xhat = tl.where(mask, (s - tl.load(mean_ptr + row)) * tl.load(rstd_ptr + row), 0.0)
+            wdy = w * dy
+            ds = (wdy - (xhat * (tl.sum(xhat * wdy, axis=0) / N) + tl.sum(wdy, axis=0) / N)) * tl.load(rstd_ptr + row)
+            tl.store(dh_ptr + offsets, ds.to(dh_ptr.dtype.element_ty), mask=mask)
+            tl.store(dr_ptr + offsets, _dropped(ds, seed, offsets, p, HAS_DROPOUT).to(dr_ptr.dtype.element_ty),
+                     mask=mask)
+            dw += dy * xhat
+            db += dy
+    tl.store(dw_ptr + band * N + cols, dw, mask=mask)
+    tl.store(db_ptr + band * N + cols, db, mask=mask)
+
+
+def residual_layer_norm_fwd_triton(h, residual, weight, bias, eps: float, p: float,
+                                   seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, mean, rstd) for contiguous [M, N] h and residual."""
+    M, N = h.shape
+    out = torch.empty_like(h)
+    mean = torch.empty(M, device=h.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    _residual_layer_norm_fwd_kernel[(M,)](h, residual, weight, bias, out, mean, rstd, N, eps, p, seed,
+                                          HAS_DROPOUT=p > 0, BLOCK=triton.next_power_of_2(N))
+    return out, mean, rstd
+
+
+def residual_layer_norm_bwd_triton(grad_out, h, residual, weight, mean, rstd, p: float, seed: int):
+    """(grad h, grad residual, grad weight, grad bias)."""
+    M, N = h.shape
+    bands = triton.cdiv(M, ROWS_PER_PROGRAM)
+    grad_h, grad_residual = torch.empty_like(h), torch.empty_like(residual)
+    partial_w = torch.empty(bands, N, device=h.device, dtype=torch.float32)
+    partial_b = torch.empty_like(partial_w)
+    _residual_layer_norm_bwd_kernel[(bands,)](grad_out, h, residual, weight, mean, rstd, grad_h, grad_residual,
+                                              partial_w, partial_b, M, N, p, seed, HAS_DROPOUT=p > 0,
+                                              ROWS=ROWS_PER_PROGRAM, BLOCK=triton.next_power_of_2(N))
+    return grad_h, grad_residual, partial_w.sum(0).to(weight.dtype), partial_b.sum(0).to(weight.dtype)
+
+
+def _check(h, residual, weight, bias, p):
+    if residual.shape != h.shape or residual.dtype != h.dtype or residual.device != h.device:
+        raise ValueError(f"add_layer_norm: h {tuple(h.shape)} {h.dtype} and residual {tuple(residual.shape)} "
+                         f"{residual.dtype} must match")
+    if weight.shape != (h.shape[-1],) or bias.shape != (h.shape[-1],):
+        raise ValueError(f"add_layer_norm: weight and bias must be [{h.shape[-1]}], got {tuple(weight.shape)} "
+                         f"and {tuple(bias.shape)}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"add_layer_norm: dropout probability must be in [0, 1), got {p}")
+
+
+def _dropped_torch(residual: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """The CPU path's dropout: a mask drawn from a CPU generator seeded with `seed`, so drawn again alike."""
+    if p == 0:
+        return residual
+    keep = torch.rand(residual.shape, generator=torch.Generator().manual_seed(seed)) >= p
+    return residual * keep.to(residual.device) / (1.0 - p)
+
+
+def _normalized_torch(h, residual, eps, p, seed):
+    s = (h + _dropped_torch(residual, p, seed)).float().reshape(-1, h.shape[-1])
+    mean = s.mean(dim=1)
+    rstd = torch.rsqrt(s.var(dim=1, unbiased=False) + eps)
+    return (s - mean[:, None]) * rstd[:, None], mean, rstd
+
+
+@torch.library.custom_op("trm_fast::add_layer_norm", mutates_args=())
+def add_layer_norm_op(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                      p: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, per-row mean, per-row 1/std): Triton on CUDA, the same math in torch elsewhere."""
+    _check(h, residual, weight, bias, p)
+    N = h.shape[-1]
+    if not h.is_cuda:
+        xhat, mean, rstd = _normalized_torch(h, residual, eps, p, seed)
+        return (xhat * weight.float() + bias.float()).to(h.dtype).view(h.shape), mean, rstd
+    out, mean, rstd = residual_layer_norm_fwd_triton(h.reshape(-1, N).contiguous(), residual.reshape(-1, N).contiguous(),
+                                                     weight, bias, eps, p, seed)
+    return out.view(h.shape), mean, rstd
+
+
+@add_layer_norm_op.register_fake
+def _(h, residual, weight, bias, eps, p, seed):
+    rows = h.numel() // h.shape[-1]
+    return torch.empty_like(h), h.new_empty(rows, dtype=torch.float32), h.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("trm_fast::add_layer_norm_backward", mutates_args=())
+def add_layer_norm_backward_op(grad_out: torch.Tensor, h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                               mean: torch.Tensor, rstd: torch.Tensor, p: float,
+                               seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    N = h.shape[-1]
+    if h.is_cuda:
+        grads = residual_layer_norm_bwd_triton(grad_out.reshape(-1, N).contiguous(), h.reshape(-1, N).contiguous(),
+                                               residual.reshape(-1, N).contiguous(), weight, mean, rstd, p, seed)
+        return grads[0].view(h.shape), grads[1].view(h.shape), grads[2], grads[3]
+    s = (h + _dropped_torch(residual, p, seed)).float().reshape(-1, N)
+    xhat = (s - mean[:, None]) * rstd[:, None]
+    dy = grad_out.float().reshape(-1, N)
+    wdy = dy * weight.float()
+    ds = (wdy - xhat * (xhat * wdy).mean(dim=1, keepdim=True) - wdy.mean(dim=1, keepdim=True)) * rstd[:, None]
+    grad_h = ds.to(h.dtype).view(h.shape)
+    grad_residual = _dropped_torch(ds.view(h.shape), p, seed).to(h.dtype, copy=True)  # never an alias of grad_h
+    return grad_h, grad_residual, (dy * xhat).sum(0).to(weight.dtype), dy.sum(0).to(weight.dtype)
+
+
+@add_layer_norm_backward_op.register_fake
+def _(grad_out, h, residual, weight, mean, rstd, p, seed):
+    return torch.empty_like(h), torch.empty_like(residual), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    h, residual, weight, _, _, p, seed = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(h, residual, weight, mean, rstd)
+    ctx.p, ctx.seed = p, seed
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    h, residual, weight, mean, rstd = ctx.saved_tensors
+    grad_h, grad_residual, grad_weight, grad_bias = add_layer_norm_backward_op(grad_out, h, residual, weight, mean,
+                                                                               rstd, ctx.p, ctx.seed)
+    return grad_h, grad_residual, grad_weight, grad_bias, None, None, None
+
+
+add_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def add_layer_norm(h, residual, weight, bias, eps: float, dropout_p: float) -> torch.Tensor:
+    """The TinyNet op: `layer_norm(h + dropout(residual))`, a fresh dropout seed per call."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
+    return add_layer_norm_op(h, residual, weight, bias, eps, dropout_p, seed)[0]
