@@ -2,7 +2,7 @@
 flash-style (online softmax, no L x L matrix in memory), forward and backward.
 
 q, k, v are [B, L, H, Dh] views with unit stride over Dh (e.g. slices of the QKV projection's output),
-Dh a power of two from 16 to 128. Query i attends to keys j <= i with key_valid[b, j]; a query with no
+Dh a power of two from 16 to 128 on CUDA (any size on the CPU path). Query i attends to keys j <= i with key_valid[b, j]; a query with no
 such key outputs zero and gets no gradient (its log-sum-exp is stored as +inf). The dropout mask is drawn
 from (seed, element index) with `tl.rand` and drawn again in the backward, never stored. Backward: the
 FlashAttention-2 split, one kernel for dK / dV (a program per key block) and one for dQ (a program per
@@ -15,7 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
+from trm_fast import torch_ops
+
 BLOCK_M, BLOCK_N = 64, 64
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
 
 
 @triton.jit
@@ -165,8 +168,8 @@ def _check(q, k, v, key_valid, p):
         raise ValueError(f"attention: q, k, v must be the same [B, L, H, Dh], got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     B, L, H, Dh = q.shape
-    if Dh not in (16, 32, 64, 128):
-        raise ValueError(f"attention: head dim must be 16, 32, 64 or 128, got {Dh}")
+    if q.is_cuda and Dh not in TRITON_HEAD_DIMS:
+        raise ValueError(f"attention: head dim must be one of {TRITON_HEAD_DIMS} on CUDA, got {Dh}")
     if any(t.stride(-1) != 1 for t in (q, k, v)) or k.stride() != q.stride() or v.stride() != q.stride():
         raise ValueError("attention: q, k, v must share strides, with unit stride over the head dim")
     if key_valid.shape != (B, L) or key_valid.dtype != torch.bool:
@@ -280,8 +283,12 @@ attention_op.register_autograd(_backward, setup_context=_setup_context)
 def causal_attention(h, key_valid, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, n_heads: int,
                      dropout_p: float) -> torch.Tensor:
     """The TinyNet op (the signature of `torch_ops.causal_attention`): QKV projection, this attention, output
-    projection; a query with no valid key outputs zero before the output projection."""
+    projection; a query with no valid key outputs zero before the output projection. On CUDA, a head dim
+    that the kernels do not take runs `torch_ops.causal_attention` instead."""
     B, L, D = h.shape
+    if h.is_cuda and D // n_heads not in TRITON_HEAD_DIMS:
+        return torch_ops.causal_attention(h, key_valid, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
+                                          n_heads, dropout_p)
     qkv = torch.nn.functional.linear(h, in_proj_weight, in_proj_bias).view(B, L, 3, n_heads, D // n_heads)
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
     o, _ = attention_op(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_valid, dropout_p, seed)

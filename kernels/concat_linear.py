@@ -4,7 +4,7 @@ materializing the concatenation, forward and backward.
 Forward: one kernel; each output tile accumulates (float32) the dot products of every input with its
 column block of `weight` [N, len(inputs) * K]. Backward: grad of input i = grad_out @ weight[:, i*K:(i+1)*K],
 grad of that weight block = grad_out.T @ input i, written in place into the [N, len(inputs) * K] gradient
-(one strided matmul kernel for all of them), grad of bias = grad_out summed over rows.
+(the shared strided matmul, kernels/matmul.py), grad of bias = grad_out summed over rows.
 """
 from typing import List, Sequence, Tuple
 
@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from trm_fast import torch_ops
+from trm_fast.kernels.matmul import matmul_into
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
 
@@ -47,34 +48,8 @@ def _concat_linear_fwd_kernel(x0_ptr, x1_ptr, x2_ptr, stride_x0, stride_x1, stri
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
-@triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """c = a @ b for any strides (transposes and column blocks are views), float32 accumulation."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + ks
-        a = tl.load(a_ptr + rows[:, None] * stride_am + k[None, :] * stride_ak,
-                    mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
-        b = tl.load(b_ptr + k[:, None] * stride_bk + cols[None, :] * stride_bn,
-                    mask=(k[:, None] < K) & (cols[None, :] < N), other=0.0)
-        acc += tl.dot(a, b)
-    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
-             mask=(rows[:, None] < M) & (cols[None, :] < N))
-
-
 def _grid(M: int, N: int):
     return triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N)
-
-
-def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    """out[:] = a @ b for 2-D tensors of any strides (out may be a column block of a larger tensor)."""
-    (M, K), N = a.shape, b.shape[1]
-    _matmul_kernel[_grid(M, N)](a, b, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                                out.stride(0), out.stride(1), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
 
 
 def concat_linear_fwd_triton(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

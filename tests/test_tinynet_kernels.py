@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parity_helpers import DEVICES
+from parity_helpers import DEVICES, make_pair, random_batch
 
 triton = pytest.importorskip("triton")
 from trm_fast import torch_ops  # noqa: E402
 from trm_fast.kernels import attention as attn  # noqa: E402
 from trm_fast.kernels import concat_linear as cl  # noqa: E402
+from trm_fast.kernels import feed_forward as ffn  # noqa: E402
 from trm_fast.kernels import residual_layer_norm as rln  # noqa: E402
 
 KERNEL_DEVICE = "cuda" if "cuda" in DEVICES else "cpu"
@@ -149,14 +150,72 @@ def test_attention_op_matches_torch_path(device):
         torch.library.opcheck(torch.ops.trm_fast.attention.default, (q, k, v, key_valid, p, seed))
 
 
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
+def test_attention_head_dim_outside_the_kernels_is_clear_on_cuda():
+    q = torch.randn(1, 4, 2, 24, device="cuda")
+    with pytest.raises(ValueError, match="head dim must be one of"):
+        attn.attention_op(q, q, q, torch.ones(1, 4, dtype=torch.bool, device="cuda"), 0.0, 0)
+
+
 def test_attention_rejects_bad_input():
     q = torch.randn(1, 4, 2, 32)
     valid = torch.ones(1, 4, dtype=torch.bool)
-    with pytest.raises(ValueError, match="head dim must be"):
-        attn.attention_op(torch.randn(1, 4, 2, 24), torch.randn(1, 4, 2, 24), torch.randn(1, 4, 2, 24), valid, 0.0, 0)
     with pytest.raises(ValueError, match="same \\[B, L, H, Dh\\]"):
         attn.attention_op(q, q[:, :3], q, valid, 0.0, 0)
     with pytest.raises(ValueError, match="key_valid must be a bool"):
         attn.attention_op(q, q, q, valid.long(), 0.0, 0)
     with pytest.raises(ValueError, match="dropout probability"):
         attn.attention_op(q, q, q, valid, 1.0, 0)
+
+
+@pytest.mark.parametrize("M, D, F_", [(37, 24, 96), (1, 16, 64), (70, 32, 40)])
+def test_feed_forward_kernels(M, D, F_):
+    h, w1, b1, w2, b2, grad_out = (_randn(*shape, seed=i) for i, shape in
+                                   enumerate([(M, D), (F_, D), (F_,), (D, F_), (D,), (M, D)]))
+    out, pre = ffn.feed_forward_fwd_triton(h, w1 * 0.3, b1, w2 * 0.3, b2)
+    leaves = _double_leaves(h, w1 * 0.3, b1, w2 * 0.3, b2)
+    expected = torch_ops.feed_forward(*leaves)
+    (expected * grad_out.double()).sum().backward()
+    tol = 1e-4 if KERNEL_DEVICE == "cpu" else 2e-3
+    _close(out, expected.detach(), tol)
+    for got, leaf in zip(ffn.feed_forward_bwd_triton(grad_out, h, pre, w1 * 0.3, w2 * 0.3), leaves):
+        _close(got, leaf.grad, tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_feed_forward_op(device):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 3, 8, generator=g).to(device).requires_grad_()
+    weights = [torch.randn(*shape, generator=g).to(device).requires_grad_() for shape in ((16, 8), (16,), (8, 16), (8,))]
+    torch.library.opcheck(torch.ops.trm_fast.feed_forward.default, (h, *weights))
+    got = ffn.feed_forward(h, *weights)
+    expected = torch_ops.feed_forward(h, *weights)
+    tol = 1e-5 if device == "cpu" else 2e-3
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="expects w1"):
+        ffn.feed_forward(h, weights[0][:, :7], *weights[1:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("d_model, n_heads", [(32, 4), (64, 2)])  # head dims 8 (torch fallback on CUDA) and 32
+def test_model_on_the_triton_op_table_matches_the_reference(device, d_model, n_heads):
+    """TRMModel(kernels="triton"): loss, logits and every parameter gradient equal the seed reference's."""
+    ref, fast = make_pair(kernels="triton", device=device, d_model=d_model, n_heads=n_heads)
+    ids, targets = random_batch(3, 11, 61, lengths=[11, 7, 3], device=device)
+    expected, got = ref(ids, target_ids=targets), fast(ids, target_ids=targets)
+    tol = 1e-4 if device == "cpu" else 2e-3  # 16 recursive calls: fp32 summation order shows at 1e-5
+    valid = ids != 0
+    torch.testing.assert_close(got["logits"][valid], expected["logits"][valid], rtol=tol, atol=tol)
+    torch.testing.assert_close(got["loss"], expected["loss"], rtol=tol, atol=tol)
+    expected["loss"].backward()
+    got["loss"].backward()
+    for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_auto_keeps_the_torch_path_until_verified_on_a_gpu():
+    from trm_fast.dispatch import tinynet_ops, triton_tinynet_ops
+    from trm_fast.kernels import tinynet
+    assert triton_tinynet_ops()[0] is tinynet
+    assert tinynet_ops("triton", torch.device("cpu")) is tinynet
+    assert tinynet_ops("auto", torch.device("cuda")) is (tinynet if tinynet.AUTO_ON_CUDA else torch_ops)

@@ -32,6 +32,9 @@ def triton_tinynet_ops() -> tuple[Optional[ModuleType], str]:
         module = importlib.import_module("trm_fast.kernels.tinynet")
     except ImportError as exc:
         return None, f"no Triton TinyNet kernels in this build ({exc})"
+    if not module.AUTO_ON_CUDA:
+        return module, (f"triton {triton.__version__}; TinyNet kernels only with kernels='triton' "
+                        "(not yet verified on a GPU, so 'auto' keeps the torch path)")
     return module, f"triton {triton.__version__}"
 
 
@@ -57,7 +60,7 @@ def tinynet_ops(kernels: str, device: torch.device) -> ModuleType:
             raise RuntimeError(f"kernels='triton' was requested but is not available: {note}; "
                                "use kernels='auto' or 'torch'")
         return module
-    return module if module is not None and device.type == "cuda" else torch_ops
+    return module if module is not None and device.type == "cuda" and module.AUTO_ON_CUDA else torch_ops
 
 
 def kernel_status(device: Optional[torch.device] = None) -> Dict[str, Any]:

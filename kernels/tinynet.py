@@ -1,0 +1,13 @@
+"""The Triton TinyNet op table, with the interface of `trm_fast.torch_ops`: `TRMModel(config, kernels="triton")`
+runs TinyNet on these ops (each a `torch.library` op with a fake kernel and autograd; Triton on CUDA, the
+same math in PyTorch elsewhere).
+
+`AUTO_ON_CUDA` stays False until the kernels have run and been measured on a GPU (issue 3): until then
+`kernels="auto"` keeps the torch path and only an explicit `kernels="triton"` selects these ops.
+"""
+from trm_fast.kernels.attention import causal_attention  # noqa: F401
+from trm_fast.kernels.concat_linear import concat_linear  # noqa: F401
+from trm_fast.kernels.feed_forward import feed_forward  # noqa: F401
+from trm_fast.kernels.residual_layer_norm import add_layer_norm  # noqa: F401
+
+AUTO_ON_CUDA = False
