@@ -13,7 +13,7 @@ import trm_fast
 from trm_fast import reference
 from bench_cases import CASES, CUDA, DTYPE
 
-IMPLS = ("eager", "compiled", "trm_fast")
+IMPLS = ("eager", "compiled", "trm_fast", "trm_fast-triton")  # the last: kernels="triton" (issue 3)
 MODES = ("forward", "train_step")
 
 
@@ -21,8 +21,8 @@ def build(impl: str, case: dict):
     config = dict(vocab_size=case["vocab_size"], d_model=case["d_model"], n_heads=case["n_heads"],
                   max_seq_len=case["length"])
     torch.manual_seed(0)
-    if impl == "trm_fast":
-        model = trm_fast.TRMModel(trm_fast.TRMConfig(**config))
+    if impl.startswith("trm_fast"):
+        model = trm_fast.TRMModel(trm_fast.TRMConfig(**config), kernels="triton" if impl == "trm_fast-triton" else "auto")
     else:
         model = reference.TRMModel(reference.TRMConfig(**config))
     device = "cuda" if CUDA else "cpu"
@@ -80,5 +80,6 @@ def test_model(benchmark, case, impl, mode):
     tokens = spec["batch"] * spec["length"]
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if CUDA else "cpu", dtype=str(DTYPE or torch.float32),
-        tokens=tokens, kernels=trm_fast.kernel_status()["ops"]["tinynet.causal_attention"] if impl == "trm_fast" else "reference",
+        tokens=tokens, kernels={"trm_fast": trm_fast.kernel_status()["ops"]["tinynet.causal_attention"],
+                 "trm_fast-triton": "triton"}.get(impl, "reference"),
         peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9 if CUDA else None)

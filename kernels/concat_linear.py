@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from trm_fast import torch_ops
-from trm_fast.kernels.matmul import matmul_into
+from trm_fast.kernels.matmul import autocast_cast, matmul_into
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
 
@@ -149,5 +149,7 @@ concat_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def concat_linear(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The TinyNet op: `cat(inputs, -1) @ weight.T + bias` (Triton on CUDA, torch elsewhere)."""
+    """The TinyNet op: `cat(inputs, -1) @ weight.T + bias` (Triton on CUDA, torch elsewhere); under autocast
+    in its dtype, as F.linear."""
+    *inputs, weight, bias = autocast_cast(*inputs, weight, bias)
     return concat_linear_op(list(inputs), weight, bias)

@@ -10,7 +10,7 @@ from typing import Tuple
 import torch
 
 from trm_fast import torch_ops
-from trm_fast.kernels.matmul import BIAS, BIAS_GELU, GELU_GRAD, matmul_into
+from trm_fast.kernels.matmul import BIAS, BIAS_GELU, GELU_GRAD, autocast_cast, matmul_into
 
 
 def feed_forward_fwd_triton(h, w1, b1, w2, b2) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -100,5 +100,5 @@ feed_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def feed_forward(h, w1, b1, w2, b2) -> torch.Tensor:
-    """The TinyNet op (the signature of `torch_ops.feed_forward`)."""
-    return feed_forward_op(h, w1, b1, w2, b2)[0]
+    """The TinyNet op (the signature of `torch_ops.feed_forward`); under autocast in its dtype, as F.linear."""
+    return feed_forward_op(*autocast_cast(h, w1, b1, w2, b2))[0]

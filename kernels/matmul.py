@@ -48,6 +48,15 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, M, N, K, stride_am, s
              mask=in_range)
 
 
+def autocast_cast(*tensors: torch.Tensor):
+    """The tensors in the autocast dtype when autocast is on for their device (what F.linear would run in)."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, epilogue: int = NONE,
                 bias: torch.Tensor = None, aux: torch.Tensor = None) -> None:
     """out[:] = epilogue(a @ b). BIAS: + bias. BIAS_GELU: aux[:] = a @ b + bias, out = gelu(aux).

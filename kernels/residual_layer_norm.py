@@ -186,6 +186,9 @@ add_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def add_layer_norm(h, residual, weight, bias, eps: float, dropout_p: float) -> torch.Tensor:
-    """The TinyNet op: `layer_norm(h + dropout(residual))`, a fresh dropout seed per call."""
+    """The TinyNet op: `layer_norm(h + dropout(residual))`, a fresh dropout seed per call. Under autocast, or
+    when h and residual differ in dtype, in float32 (autocast runs layer_norm in float32)."""
+    if torch.is_autocast_enabled(h.device.type) or h.dtype != residual.dtype:
+        h, residual = h.float(), residual.float()
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
     return add_layer_norm_op(h, residual, weight, bias, eps, dropout_p, seed)[0]

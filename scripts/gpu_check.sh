@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU has to show, in one call of the device tool: build trm_fast._C with CUDA, run the
 # test suite on the GPU, run the benchmarks, and leave logs and the results JSON under $OUT.
-#   device run: bash scripts/gpu_check.sh
+#   device run: DATA=.data bash scripts/gpu_check.sh   (DATA: a folder with tinyshakespeare.txt)
 set -uo pipefail
 OUT=${OUT:-/tmp/trm_fast_gpu}
 mkdir -p "$OUT"
@@ -18,6 +18,11 @@ python3 -m trm_fast doctor | tee "$OUT/doctor.txt"
 echo "== tests"
 python3 -m pytest tests -q -p no:cacheprovider > "$OUT/tests.log" 2>&1 || status=1
 tail -n 25 "$OUT/tests.log"
+
+echo "== Triton training parity (issue 3)"
+# its runs stay out of $OUT (the device tool returns 8 files); the verdict goes to tests.log
+OUT=/tmp/trm_fast_parity DATA=${DATA:-../shared/data} STEPS=${PARITY_STEPS:-1000} timeout 240 \
+  bash scripts/triton_training_parity.sh 2>&1 | tail -n 3 | tee -a "$OUT/tests.log"
 
 echo "== decode profile"
 timeout 240 python3 scripts/decode_profile.py > "$OUT/decode_profile.txt" 2>&1 || status=1

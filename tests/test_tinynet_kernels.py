@@ -219,3 +219,15 @@ def test_auto_keeps_the_torch_path_until_verified_on_a_gpu():
     assert triton_tinynet_ops()[0] is tinynet
     assert tinynet_ops("triton", torch.device("cpu")) is tinynet
     assert tinynet_ops("auto", torch.device("cuda")) is (tinynet if tinynet.AUTO_ON_CUDA else torch_ops)
+
+
+def test_model_on_the_triton_op_table_under_autocast():
+    """bf16 autocast (CPU here, CUDA in the benchmarks): the op table casts as F.linear / layer_norm do."""
+    ref, fast = make_pair(kernels="triton", d_model=64, n_heads=2)
+    ids, targets = random_batch(2, 11, 61, lengths=[11, 6])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = ref(ids, target_ids=targets), fast(ids, target_ids=targets)
+        got["loss"].backward()
+    assert got["logits"].dtype == expected["logits"].dtype
+    torch.testing.assert_close(got["loss"].float(), expected["loss"].float(), rtol=2e-2, atol=2e-2)
+    assert all(torch.isfinite(p.grad).all() for p in fast.parameters() if p.grad is not None)
