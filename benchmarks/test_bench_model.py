@@ -13,7 +13,9 @@ import trm_fast
 from trm_fast import reference
 from bench_cases import CASES, CUDA, DTYPE
 
-IMPLS = ("eager", "compiled", "trm_fast", "trm_fast-triton")  # the last: kernels="triton" (issue 3)
+# trm_fast-triton: kernels="triton" (issue 3); -nologits: also keep_logits=False (loss without [B, L, V] logits)
+IMPLS = ("eager", "compiled", "trm_fast", "trm_fast-triton", "trm_fast-triton-nologits")
+CALL_KWARGS = {"trm_fast-triton-nologits": dict(keep_logits=False)}
 MODES = ("forward", "train_step")
 
 
@@ -22,7 +24,7 @@ def build(impl: str, case: dict):
                   max_seq_len=case["length"])
     torch.manual_seed(0)
     if impl.startswith("trm_fast"):
-        model = trm_fast.TRMModel(trm_fast.TRMConfig(**config), kernels="triton" if impl == "trm_fast-triton" else "auto")
+        model = trm_fast.TRMModel(trm_fast.TRMConfig(**config), kernels="triton" if "triton" in impl else "auto")
     else:
         model = reference.TRMModel(reference.TRMConfig(**config))
     device = "cuda" if CUDA else "cpu"
@@ -54,7 +56,7 @@ def test_model(benchmark, case, impl, mode):
 
         def step():
             with torch.no_grad(), autocast():
-                out = runner(ids, target_ids=targets)
+                out = runner(ids, target_ids=targets, **CALL_KWARGS.get(impl, {}))
             sync()
             return out
     else:
@@ -63,7 +65,7 @@ def test_model(benchmark, case, impl, mode):
 
         def step():
             with autocast():
-                out = runner(ids, target_ids=targets)
+                out = runner(ids, target_ids=targets, **CALL_KWARGS.get(impl, {}))
             out["loss"].backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -81,5 +83,5 @@ def test_model(benchmark, case, impl, mode):
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if CUDA else "cpu", dtype=str(DTYPE or torch.float32),
         tokens=tokens, kernels={"trm_fast": trm_fast.kernel_status()["ops"]["tinynet.causal_attention"],
-                 "trm_fast-triton": "triton"}.get(impl, "reference"),
+                 "trm_fast-triton": "triton", "trm_fast-triton-nologits": "triton"}.get(impl, "reference"),
         peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9 if CUDA else None)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from . import decoding, reference
 from .early_exit import EarlyExit, compacted_early_exit
 from .dispatch import check_kernels_choice, tinynet_ops
+from .linear_cross_entropy import linear_cross_entropy
 from .reference import TRMConfig
 
 
@@ -90,10 +91,13 @@ class TRMModel(reference.TRMModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 target_ids: Optional[torch.Tensor] = None, supervision_steps: Optional[int] = None,
-                return_diagnostics: bool = False, early_exit: Optional[EarlyExit] = None) -> Dict[str, Any]:
+                return_diagnostics: bool = False, early_exit: Optional[EarlyExit] = None,
+                keep_logits: bool = True) -> Dict[str, Any]:
         """The seed's forward. `early_exit=EarlyExit(threshold, criterion, min_steps)` runs token-level
         early exit instead (inference; trm_fast.early_exit): logits, exit_step, exit_counts, shallow_ratio,
-        compute_cost, and ce_loss when target_ids are given."""
+        compute_cost, and ce_loss when target_ids are given. `keep_logits=False` (with target_ids) computes
+        each step's loss with `linear_cross_entropy`, never holding [B, L, vocab] logits: the losses and
+        q_hats as usual, "logits" None and "all_logits" empty."""
         device = self.token_embed.weight.device
         _check_ids("input_ids", input_ids, self.config.vocab_size, device)
         for name, other in (("attention_mask", attention_mask), ("target_ids", target_ids)):
@@ -111,7 +115,32 @@ class TRMModel(reference.TRMModel):
             return result
         if not isinstance(return_diagnostics, bool):
             raise TypeError(f"return_diagnostics must be a bool, got {type(return_diagnostics).__name__}")
+        if not keep_logits:
+            if target_ids is None or return_diagnostics:
+                raise ValueError("keep_logits=False needs target_ids and excludes return_diagnostics (both use logits)")
+            if attention_mask is None:
+                attention_mask = (input_ids != self.config.pad_token_id).long()
+            return self._forward_without_logits(input_ids, attention_mask, target_ids, supervision_steps)
         return super().forward(input_ids, attention_mask, target_ids, supervision_steps, return_diagnostics)
+
+    def _forward_without_logits(self, input_ids, attention_mask, target_ids, supervision_steps) -> Dict[str, Any]:
+        """The seed's training forward with the output head and cross-entropy fused per step."""
+        cfg = self.config
+        x = self._embed(input_ids)
+        y, z = self._init_states(x)
+        ce_losses, act_losses, q_hats = [], [], []
+        for _ in range(supervision_steps or cfg.supervision_steps):
+            y_grad, _, y, z = self._deep_recursion_step(x, y, z, attention_mask)
+            ce, correct = linear_cross_entropy(y_grad.reshape(-1, y_grad.size(-1)), self.output_head.weight,
+                                               target_ids.reshape(-1), cfg.pad_token_id)
+            q_hat = self._q_hat(y_grad, attention_mask)
+            labels = self._act_labels(correct.view_as(target_ids), attention_mask, cfg.act_threshold)
+            ce_losses.append(ce)
+            act_losses.append(reference.halting_bce(q_hat, labels))
+            q_hats.append(q_hat)
+        ce_loss, act_loss = torch.stack(ce_losses).mean(), torch.stack(act_losses).mean()
+        return {"loss": ce_loss + cfg.act_weight * act_loss, "ce_loss": ce_loss, "act_loss": act_loss,
+                "logits": None, "all_logits": [], "q_hats": q_hats}
 
     # -- generation (exact incremental decoding: trm_fast.decoding) ------------------------------------
     @torch.no_grad()

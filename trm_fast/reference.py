@@ -209,7 +209,11 @@ class TRMModel(nn.Module):
 
     @staticmethod
     def _compute_act_labels(logits, target_ids, attention_mask, threshold: float) -> torch.Tensor:
-        correct = logits.argmax(dim=-1) == target_ids
+        return TRMModel._act_labels(logits.argmax(dim=-1) == target_ids, attention_mask, threshold)
+
+    @staticmethod
+    def _act_labels(correct, attention_mask, threshold: float) -> torch.Tensor:
+        """Per sequence: does the share of correctly predicted tokens reach `threshold` (all of them at 1.0)."""
         mask = attention_mask.bool()
         if threshold < 1.0:
             accuracy = (correct & mask).sum(dim=1).float() / mask.sum(dim=1).clamp(min=1).float()
