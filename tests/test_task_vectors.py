@@ -96,3 +96,23 @@ def test_task_suite():
     lines = training_texts(50, seed=1)
     assert len(lines) == 50 and all(line.endswith(",") and ">" in line for line in lines)
     assert lines == training_texts(50, seed=1)
+
+
+@pytest.mark.parametrize("layer", [1, 6, 9])
+def test_every_step_injects_the_same_call_of_each_later_step(layer):
+    model = _model(seed=1)
+    ids = _ids("a>b,c>d,e>")
+    vector = last_position_states(model, TOK, ["q>r,s>t,u>"])[:, layer]
+    per_step = num_layers(model) // model.config.supervision_steps
+    targets = set(range(layer, num_layers(model), per_step))
+
+    def by_hand(index, h):
+        if index in targets:
+            h = h.clone()
+            h[:, -1] = vector
+        return h
+    with tinynet_call_hook(model, by_hand):
+        expected = model(ids)["logits"]
+    torch.testing.assert_close(modulated_forward(model, ids, vector, layer, every_step=True), expected)
+    single = modulated_forward(model, ids, vector, layer)
+    assert (len(targets) > 1) == bool((single[:, -1] - expected[:, -1]).abs().max() > 1e-4)

@@ -81,9 +81,11 @@ def extract_task_vectors(model, tokenizer, demos: Sequence[Sequence[Demo]], quer
 
 
 @torch.no_grad()
-def modulated_forward(model, input_ids: torch.Tensor, vectors: torch.Tensor, layer: int) -> torch.Tensor:
+def modulated_forward(model, input_ids: torch.Tensor, vectors: torch.Tensor, layer: int,
+                      every_step: bool = False) -> torch.Tensor:
     """Final logits [B, L, V] of a forward in which the output of TinyNet call `layer` at the last
-    position is replaced by vectors [B, D]."""
+    position is replaced by vectors [B, D]; with `every_step`, also the same call of every later
+    supervision step (the recursion contracts, so a single early injection fades)."""
     layers = num_layers(model)
     if not 0 <= layer < layers:
         raise ValueError(f"layer must be in [0, {layers}), got {layer}")
@@ -91,8 +93,10 @@ def modulated_forward(model, input_ids: torch.Tensor, vectors: torch.Tensor, lay
         raise ValueError(f"vectors must have shape [batch, d_model] = {(input_ids.size(0), model.config.d_model)}, "
                          f"got {tuple(vectors.shape)}")
 
+    per_step = layers // model.config.supervision_steps
+
     def inject(index: int, h: torch.Tensor) -> torch.Tensor:
-        if index != layer:
+        if index != layer and not (every_step and index > layer and (index - layer) % per_step == 0):
             return h
         h = h.clone()
         h[:, -1] = vectors.to(h.dtype)
@@ -110,14 +114,14 @@ def decode_prediction(tokenizer, ids: Sequence[int]) -> str:
 
 @torch.no_grad()
 def modulated_generate(model, tokenizer, queries: Sequence[str], vectors: torch.Tensor, layer: int,
-                       max_new_tokens: int = 2) -> List[str]:
+                       max_new_tokens: int = 2, every_step: bool = False) -> List[str]:
     """For each bare query `q>`: the first token greedily from the injected pass, the rest by ordinary
     greedy generation; returns the decoded answers."""
     answers: List[str] = [""] * len(queries)
     prompts = [build_prompt([], q) for q in queries]
     for indices in _by_length(tokenizer, prompts).values():
         ids = _encode_batch(model, tokenizer, [prompts[i] for i in indices])
-        first = modulated_forward(model, ids, vectors[indices], layer)[:, -1].argmax(dim=-1)
+        first = modulated_forward(model, ids, vectors[indices], layer, every_step)[:, -1].argmax(dim=-1)
         for row, index in enumerate(indices):
             prompt = ids[row].tolist() + [int(first[row])]
             out = model.generate(prompt, max_new_tokens - 1, top_k=1, q_threshold=None) if max_new_tokens > 1 else prompt
@@ -137,14 +141,16 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     return answers
 
 
-def select_layer(model, tokenizer, dev_set: Sequence[dict], num_test_inputs_to_avg: int = 2) -> Tuple[int, List[float]]:
+def select_layer(model, tokenizer, dev_set: Sequence[dict], num_test_inputs_to_avg: int = 2,
+                 every_step: bool = False) -> Tuple[int, List[float]]:
     """The layer whose task vectors give the best accuracy on dev_set (items with "demos", "alt_queries",
     "query", "answer"); returns it and the accuracy of every layer."""
     vectors = extract_task_vectors(model, tokenizer, [d["demos"] for d in dev_set],
                                    [d["alt_queries"] for d in dev_set], num_test_inputs_to_avg)
     accuracies = []
     for layer in range(num_layers(model)):
-        answers = modulated_generate(model, tokenizer, [d["query"] for d in dev_set], vectors[:, layer], layer)
+        answers = modulated_generate(model, tokenizer, [d["query"] for d in dev_set], vectors[:, layer], layer,
+                                     every_step=every_step)
         accuracies.append(sum(a == d["answer"] for a, d in zip(answers, dev_set)) / len(dev_set))
     return max(range(len(accuracies)), key=accuracies.__getitem__), accuracies
 
