@@ -22,9 +22,14 @@ TRITON_HEAD_DIMS = (16, 32, 64, 128)
 
 
 @triton.jit
-def _scores(q, k_ptrs, key_valid_ptr, rows, cols, L, scale):
+def _load_tile(ptr, idx, dims, stride_l, L):
+    """The [len(idx), HEAD_DIM] tile of sequence positions idx (zeros past L); ptr at this (b, h)."""
+    return tl.load(ptr + idx[:, None] * stride_l + dims[None, :], mask=idx[:, None] < L, other=0.0)
+
+
+@triton.jit
+def _scores(q, k, key_valid_ptr, rows, cols, L, scale):
     """q @ k.T * scale with the causal and key-padding mask applied (-inf where not allowed)."""
-    k = tl.load(k_ptrs, mask=cols[:, None] < L, other=0.0)
     s = tl.dot(q, tl.trans(k)) * scale
     key_ok = tl.load(key_valid_ptr + cols, mask=cols < L, other=0) != 0
     allowed = (cols[None, :] <= rows[:, None]) & key_ok[None, :] & (cols[None, :] < L)
@@ -46,15 +51,14 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, o_ptr, lse_ptr, st
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     base = b * stride_b + h * stride_h
-    q = tl.load(q_ptr + base + rows[:, None] * stride_l + dims[None, :], mask=rows[:, None] < L, other=0.0)
+    q = _load_tile(q_ptr + base, rows, dims, stride_l, L)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     end = tl.minimum(L, (tl.program_id(0) + 1) * BLOCK_M)  # causal: no key beyond the block's last query
     for start in range(0, end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        s = _scores(q, k_ptr + base + cols[:, None] * stride_l + dims[None, :], key_valid_ptr + b * L, rows, cols,
-                    L, scale)
+        s = _scores(q, _load_tile(k_ptr + base, cols, dims, stride_l, L), key_valid_ptr + b * L, rows, cols, L, scale)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no allowed key yet stay at zero
         probs = tl.exp(s - m_safe[:, None])
@@ -62,7 +66,7 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, o_ptr, lse_ptr, st
         l_i = l_i * alpha + tl.sum(probs, axis=1)
         if HAS_DROPOUT:
             probs = tl.where(_keep(seed, bh, rows, cols, L, p), probs / (1.0 - p), 0.0)
-        v = tl.load(v_ptr + base + cols[:, None] * stride_l + dims[None, :], mask=cols[:, None] < L, other=0.0)
+        v = _load_tile(v_ptr + base, cols, dims, stride_l, L)
         acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v)
         m_i = m_new
     has_key = l_i > 0
@@ -75,12 +79,19 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, o_ptr, lse_ptr, st
 
 
 @triton.jit
-def _probs_and_dscores(q, do, lse, delta, k_ptrs, v_ptrs, key_valid_ptr, seed, bh, rows, cols, L, scale, p,
+def _load_query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, rows, dims, stride_l, stride_gl, L):
+    """What the backward needs of query rows: q, dO, log-sum-exp (+inf past L) and delta."""
+    lse = tl.load(lse_ptr + bh * L + rows, mask=rows < L, other=float("inf"))
+    delta = tl.load(delta_ptr + bh * L + rows, mask=rows < L, other=0.0)
+    return (_load_tile(q_ptr, rows, dims, stride_l, L), _load_tile(do_ptr, rows, dims, stride_gl, L), lse, delta)
+
+
+@triton.jit
+def _probs_and_dscores(q, do, lse, delta, k, v, key_valid_ptr, seed, bh, rows, cols, L, scale, p,
                        HAS_DROPOUT: tl.constexpr):
     """For one [rows, cols] tile: the (dropped) probabilities and dS = P * (dP - delta)."""
-    s = _scores(q, k_ptrs, key_valid_ptr, rows, cols, L, scale)
+    s = _scores(q, k, key_valid_ptr, rows, cols, L, scale)
     probs = tl.exp(s - lse[:, None])  # 0 where masked (-inf) and on rows with no key (lse = +inf)
-    v = tl.load(v_ptrs, mask=cols[:, None] < L, other=0.0)
     dp = tl.dot(do, tl.trans(v))
     dropped = probs
     if HAS_DROPOUT:
@@ -100,19 +111,17 @@ def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, do_ptr, lse_p
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     base, g_base = b * stride_b + h * stride_h, b * stride_gb + h * stride_gh
+    k = _load_tile(k_ptr + base, cols, dims, stride_l, L)  # this program's keys / values, loaded once
+    v = _load_tile(v_ptr + base, cols, dims, stride_l, L)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     first = (tl.program_id(0) * BLOCK_N) // BLOCK_M * BLOCK_M  # causal: no query before the block's first key
     for start in range(first, L, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        in_range = rows[:, None] < L
-        q = tl.load(q_ptr + base + rows[:, None] * stride_l + dims[None, :], mask=in_range, other=0.0)
-        do = tl.load(do_ptr + g_base + rows[:, None] * stride_gl + dims[None, :], mask=in_range, other=0.0)
-        lse = tl.load(lse_ptr + bh * L + rows, mask=rows < L, other=float("inf"))
-        delta = tl.load(delta_ptr + bh * L + rows, mask=rows < L, other=0.0)
-        dropped, ds = _probs_and_dscores(q, do, lse, delta, k_ptr + base + cols[:, None] * stride_l + dims[None, :],
-                                         v_ptr + base + cols[:, None] * stride_l + dims[None, :], key_valid_ptr + b * L,
-                                         seed, bh, rows, cols, L, scale, p, HAS_DROPOUT)
+        q, do, lse, delta = _load_query_rows(q_ptr + base, do_ptr + g_base, lse_ptr, delta_ptr, bh, rows, dims,
+                                             stride_l, stride_gl, L)
+        dropped, ds = _probs_and_dscores(q, do, lse, delta, k, v, key_valid_ptr + b * L, seed, bh, rows, cols, L,
+                                         scale, p, HAS_DROPOUT)
         dv += tl.dot(tl.trans(dropped).to(do.dtype), do)
         dk += tl.dot(tl.trans(ds).to(q.dtype), q) * scale
     out = g_base + cols[:, None] * stride_gl + dims[None, :]
@@ -130,21 +139,18 @@ def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, do_ptr, lse_ptr
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     base, g_base = b * stride_b + h * stride_h, b * stride_gb + h * stride_gh
-    in_range = rows[:, None] < L
-    q = tl.load(q_ptr + base + rows[:, None] * stride_l + dims[None, :], mask=in_range, other=0.0)
-    do = tl.load(do_ptr + g_base + rows[:, None] * stride_gl + dims[None, :], mask=in_range, other=0.0)
-    lse = tl.load(lse_ptr + bh * L + rows, mask=rows < L, other=float("inf"))
-    delta = tl.load(delta_ptr + bh * L + rows, mask=rows < L, other=0.0)
+    q, do, lse, delta = _load_query_rows(q_ptr + base, do_ptr + g_base, lse_ptr, delta_ptr, bh, rows, dims,
+                                         stride_l, stride_gl, L)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     end = tl.minimum(L, (tl.program_id(0) + 1) * BLOCK_M)
     for start in range(0, end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k_ptrs = k_ptr + base + cols[:, None] * stride_l + dims[None, :]
-        _, ds = _probs_and_dscores(q, do, lse, delta, k_ptrs, v_ptr + base + cols[:, None] * stride_l + dims[None, :],
+        k = _load_tile(k_ptr + base, cols, dims, stride_l, L)
+        _, ds = _probs_and_dscores(q, do, lse, delta, k, _load_tile(v_ptr + base, cols, dims, stride_l, L),
                                    key_valid_ptr + b * L, seed, bh, rows, cols, L, scale, p, HAS_DROPOUT)
-        k = tl.load(k_ptrs, mask=cols[:, None] < L, other=0.0)
         dq += tl.dot(ds.to(k.dtype), k) * scale
-    tl.store(dq_ptr + g_base + rows[:, None] * stride_gl + dims[None, :], dq.to(dq_ptr.dtype.element_ty), mask=in_range)
+    tl.store(dq_ptr + g_base + rows[:, None] * stride_gl + dims[None, :], dq.to(dq_ptr.dtype.element_ty),
+             mask=rows[:, None] < L)
 
 
 @triton.jit
