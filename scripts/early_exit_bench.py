@@ -14,13 +14,13 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from trm_fast.checkpoint import load_checkpoint
 from trm_fast.data import ByteTokenizer, TokenDataset, dataset_batches, read_texts
 from trm_fast.early_exit import (EarlyExit, _confidence, calibrate_threshold, compacted_early_exit,
                                  evaluate_early_exit, states_after)
 from trm_fast.ops import gather_rows, route_tokens, scatter_rows
+from trm_fast.training import evaluate
 
 
 def median_ms(fn, repeats: int, device: torch.device) -> float:
@@ -42,18 +42,6 @@ def median_ms(fn, repeats: int, device: torch.device) -> float:
 @torch.no_grad()
 def no_exit_logits(model, ids, mask, steps):
     return model._output_logits(states_after(model, ids, mask, steps))
-
-
-@torch.no_grad()
-def no_exit_ppl(model, dataset, steps, batch_size, device):
-    loss_sum, tokens = 0.0, 0
-    for batch in dataset_batches(dataset, batch_size):
-        ids, targets, mask = (batch[k].to(device) for k in ("input_ids", "target_ids", "attention_mask"))
-        valid = mask.bool()
-        logits = no_exit_logits(model, ids, mask, steps)[valid].float()
-        loss_sum += float(F.cross_entropy(logits, targets[valid], reduction="sum"))
-        tokens += int(valid.sum())
-    return float(torch.tensor(loss_sum / tokens).exp())
 
 
 def cpu_equals_cuda(checkpoint, ids, mask, config):
@@ -120,7 +108,7 @@ def main():
     t_routing = median_ms(routing, args.repeats, device)
     ideal = 1.0 / exit_out["compute_cost"]
     speedup = t_plain / t_exit
-    ppl_plain = no_exit_ppl(model, val, steps, args.batch_size, device)
+    ppl_plain = evaluate(model, val, args.batch_size)["ppl"]  # the final step's logits, no exit
     quality = evaluate_early_exit(model, val, config, args.batch_size)
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "dtype": args.dtype,
