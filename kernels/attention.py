@@ -2,11 +2,13 @@
 flash-style (online softmax, no L x L matrix in memory), forward and backward.
 
 q, k, v are [B, L, H, Dh] views with unit stride over Dh (e.g. slices of the QKV projection's output),
-Dh a power of two from 16 to 128 on CUDA (any size on the CPU path). Query i attends to keys j <= i with key_valid[b, j]; a query with no
-such key outputs zero and gets no gradient (its log-sum-exp is stored as +inf). The dropout mask is drawn
+Dh 16, 32 or 64 on CUDA (other head dims take the torch path; any size on the CPU path). Query i attends to keys j <= i with
+key_valid[b, j]; a query with no such key outputs zero and gets no gradient (its log-sum-exp is stored as
++inf). The dropout mask is drawn
 from (seed, element index) with `tl.rand` and drawn again in the backward, never stored. Backward: the
 FlashAttention-2 split, one kernel for dK / dV (a program per key block) and one for dQ (a program per
-query block), with delta = rowsum(dO * O) computed first.
+query block), with delta = rowsum(dO * O) computed first. Scores are kept in log2 units (exp2); only the
+tiles on the diagonal apply the causal test. Tile sizes are autotuned on CUDA.
 """
 import math
 from typing import Tuple
@@ -16,9 +18,19 @@ import triton
 import triton.language as tl
 
 from trm_fast import torch_ops
+from trm_fast.kernels.matmul import dot_config, tile_configs
 
-BLOCK_M, BLOCK_N = 64, 64
-TRITON_HEAD_DIMS = (16, 32, 64, 128)
+TRITON_HEAD_DIMS = (16, 32, 64)  # on CUDA; 128 passes the interpreter but its GPU run did not finish (NOTES.md)
+LOG2E = 1.4426950408889634
+
+
+# forward and dQ: BLOCK_M queries per program, key tiles of BLOCK_N (BLOCK_M a multiple of BLOCK_N);
+# dK/dV: BLOCK_N keys per program, query tiles of BLOCK_M (BLOCK_N a multiple of BLOCK_M)
+_BLOCKS = ("BLOCK_M", "BLOCK_N")
+# the first of each list (the only one with TRM_FAST_AUTOTUNE=0) fits every head dim up to 128
+_FWD_TILES = tile_configs(_BLOCKS, [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3)], (32, 16, 4, 1))
+_DQ_TILES = tile_configs(_BLOCKS, [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)], (32, 16, 4, 1))
+_DKDV_TILES = tile_configs(_BLOCKS, [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2)], (16, 32, 4, 1))
 
 
 @triton.jit
@@ -28,11 +40,13 @@ def _load_tile(ptr, idx, dims, stride_l, L):
 
 
 @triton.jit
-def _scores(q, k, key_valid_ptr, rows, cols, L, scale):
-    """q @ k.T * scale with the causal and key-padding mask applied (-inf where not allowed)."""
-    s = tl.dot(q, tl.trans(k)) * scale
-    key_ok = tl.load(key_valid_ptr + cols, mask=cols < L, other=0) != 0
-    allowed = (cols[None, :] <= rows[:, None]) & key_ok[None, :] & (cols[None, :] < L)
+def _scores(q, k, key_ok, rows, cols, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """q @ k.T in log2 units (qk_scale = log2(e) / sqrt(Dh)), -inf where a key is padding or past L (key_ok)
+    and, on the diagonal tiles (CAUSAL), where it lies after the query."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    allowed = key_ok[None, :]
+    if CAUSAL:
+        allowed = allowed & (cols[None, :] <= rows[:, None])
     return tl.where(allowed, s, float("-inf"))
 
 
@@ -43,39 +57,69 @@ def _keep(seed, bh, rows, cols, L, p):
 
 
 @triton.jit
+def _attend(acc, m_i, l_i, q, k_ptr, v_ptr, key_valid_ptr, rows, dims, start, end, stride_l, L, qk_scale, p, seed,
+            bh, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The online-softmax update of one query tile over the key tiles start..end."""
+    for kstart in range(start, end, BLOCK_N):
+        cols = kstart + tl.arange(0, BLOCK_N)
+        key_ok = tl.load(key_valid_ptr + cols, mask=cols < L, other=0) != 0
+        s = _scores(q, _load_tile(k_ptr, cols, dims, stride_l, L), key_ok, rows, cols, qk_scale, CAUSAL,
+                    PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no allowed key yet stay at zero
+        probs = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(probs, axis=1)
+        if HAS_DROPOUT:
+            probs = tl.where(_keep(seed, bh, rows, cols, L, p), probs / (1.0 - p), 0.0)
+        v = _load_tile(v_ptr, cols, dims, stride_l, L)
+        acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.autotune(configs=_FWD_TILES, key=["L", "HEAD_DIM", "HAS_DROPOUT"])
+@triton.jit
 def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, o_ptr, lse_ptr, stride_b, stride_l, stride_h,
-                          stride_ob, stride_ol, stride_oh, H, L, scale, p, seed, HAS_DROPOUT: tl.constexpr,
-                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          stride_ob, stride_ol, stride_oh, H, L, qk_scale, p, seed, HAS_DROPOUT: tl.constexpr,
+                          PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    first_row = tl.program_id(0) * BLOCK_M
+    rows = first_row + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     base = b * stride_b + h * stride_h
     q = _load_tile(q_ptr + base, rows, dims, stride_l, L)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    end = tl.minimum(L, (tl.program_id(0) + 1) * BLOCK_M)  # causal: no key beyond the block's last query
-    for start in range(0, end, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        s = _scores(q, _load_tile(k_ptr + base, cols, dims, stride_l, L), key_valid_ptr + b * L, rows, cols, L, scale)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no allowed key yet stay at zero
-        probs = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(probs, axis=1)
-        if HAS_DROPOUT:
-            probs = tl.where(_keep(seed, bh, rows, cols, L, p), probs / (1.0 - p), 0.0)
-        v = _load_tile(v_ptr + base, cols, dims, stride_l, L)
-        acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v)
-        m_i = m_new
+    # keys before the tile's first query need no causal test; the diagonal tiles do
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_ptr + base, v_ptr + base, key_valid_ptr + b * L, rows, dims, 0,
+                            first_row, stride_l, L, qk_scale, p, seed, bh, False, HAS_DROPOUT, PRECISION, BLOCK_N)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_ptr + base, v_ptr + base, key_valid_ptr + b * L, rows, dims,
+                            first_row, tl.minimum(L, first_row + BLOCK_M), stride_l, L, qk_scale, p, seed, bh, True,
+                            HAS_DROPOUT, PRECISION, BLOCK_N)
     has_key = l_i > 0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     o_base = b * stride_ob + h * stride_oh
     tl.store(o_ptr + o_base + rows[:, None] * stride_ol + dims[None, :], out.to(o_ptr.dtype.element_ty),
              mask=rows[:, None] < L)
-    tl.store(lse_ptr + bh * L + rows, tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), float("inf")),
-             mask=rows < L)
+    lse = m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))  # log2 units
+    tl.store(lse_ptr + bh * L + rows, tl.where(has_key, lse, float("inf")), mask=rows < L)
+
+
+@triton.jit
+def _attention_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, stride_b, stride_l, stride_h, H, L, HEAD_DIM: tl.constexpr,
+                                BLOCK: tl.constexpr):
+    """delta[b, h, l] = sum over the head dim of dO * O (float32)."""
+    bh = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    base = (bh // H) * stride_b + (bh % H) * stride_h
+    dims = tl.arange(0, HEAD_DIM)
+    o = _load_tile(o_ptr + base, rows, dims, stride_l, L).to(tl.float32)
+    do = _load_tile(do_ptr + base, rows, dims, stride_l, L).to(tl.float32)
+    tl.store(delta_ptr + bh * L + rows, tl.sum(o * do, axis=1), mask=rows < L)
 
 
 @triton.jit
@@ -87,12 +131,12 @@ def _load_query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, rows, dims, stride_l
 
 
 @triton.jit
-def _probs_and_dscores(q, do, lse, delta, k, v, key_valid_ptr, seed, bh, rows, cols, L, scale, p,
-                       HAS_DROPOUT: tl.constexpr):
+def _probs_and_dscores(q, do, lse, delta, k, v, key_ok, seed, bh, rows, cols, L, qk_scale, p,
+                       CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
     """For one [rows, cols] tile: the (dropped) probabilities and dS = P * (dP - delta)."""
-    s = _scores(q, k, key_valid_ptr, rows, cols, L, scale)
-    probs = tl.exp(s - lse[:, None])  # 0 where masked (-inf) and on rows with no key (lse = +inf)
-    dp = tl.dot(do, tl.trans(v))
+    s = _scores(q, k, key_ok, rows, cols, qk_scale, CAUSAL, PRECISION)
+    probs = tl.math.exp2(s - lse[:, None])  # 0 where masked (-inf) and on rows with no key (lse = +inf)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     dropped = probs
     if HAS_DROPOUT:
         keep = _keep(seed, bh, rows, cols, L, p)
@@ -102,54 +146,84 @@ def _probs_and_dscores(q, do, lse, delta, k, v, key_valid_ptr, seed, bh, rows, c
 
 
 @triton.jit
+def _dkdv_step(dk, dv, k, v, key_ok, q_ptr, do_ptr, lse_ptr, delta_ptr, bh, cols, dims, start, end, stride_l,
+               stride_gl, L, qk_scale, p, seed, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    for qstart in range(start, end, BLOCK_M):
+        rows = qstart + tl.arange(0, BLOCK_M)
+        q, do, lse, delta = _load_query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, rows, dims, stride_l, stride_gl, L)
+        dropped, ds = _probs_and_dscores(q, do, lse, delta, k, v, key_ok, seed, bh, rows, cols, L, qk_scale, p,
+                                         CAUSAL, HAS_DROPOUT, PRECISION)
+        dv += tl.dot(tl.trans(dropped).to(do.dtype), do, input_precision=PRECISION)
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_DKDV_TILES, key=["L", "HEAD_DIM", "HAS_DROPOUT"])
+@triton.jit
 def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-                               stride_b, stride_l, stride_h, stride_gb, stride_gl, stride_gh, H, L, scale, p, seed,
-                               HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK_N: tl.constexpr):
+                               stride_b, stride_l, stride_h, stride_gb, stride_gl, stride_gh, H, L, qk_scale, scale, p,
+                               seed, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    first_col = tl.program_id(0) * BLOCK_N
+    cols = first_col + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     base, g_base = b * stride_b + h * stride_h, b * stride_gb + h * stride_gh
     k = _load_tile(k_ptr + base, cols, dims, stride_l, L)  # this program's keys / values, loaded once
     v = _load_tile(v_ptr + base, cols, dims, stride_l, L)
+    key_ok = tl.load(key_valid_ptr + b * L + cols, mask=cols < L, other=0) != 0
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
-    first = (tl.program_id(0) * BLOCK_N) // BLOCK_M * BLOCK_M  # causal: no query before the block's first key
-    for start in range(first, L, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        q, do, lse, delta = _load_query_rows(q_ptr + base, do_ptr + g_base, lse_ptr, delta_ptr, bh, rows, dims,
-                                             stride_l, stride_gl, L)
-        dropped, ds = _probs_and_dscores(q, do, lse, delta, k, v, key_valid_ptr + b * L, seed, bh, rows, cols, L,
-                                         scale, p, HAS_DROPOUT)
-        dv += tl.dot(tl.trans(dropped).to(do.dtype), do)
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q) * scale
+    # queries before the block's first key see none of it; the diagonal tiles need the causal test, later ones not
+    diagonal_end = tl.minimum(L, first_col + BLOCK_N)
+    dk, dv = _dkdv_step(dk, dv, k, v, key_ok, q_ptr + base, do_ptr + g_base, lse_ptr, delta_ptr, bh, cols, dims,
+                        first_col, diagonal_end, stride_l, stride_gl, L, qk_scale, p, seed, True, HAS_DROPOUT,
+                        PRECISION, BLOCK_M)
+    dk, dv = _dkdv_step(dk, dv, k, v, key_ok, q_ptr + base, do_ptr + g_base, lse_ptr, delta_ptr, bh, cols, dims,
+                        diagonal_end, L, stride_l, stride_gl, L, qk_scale, p, seed, False, HAS_DROPOUT,
+                        PRECISION, BLOCK_M)
     out = g_base + cols[:, None] * stride_gl + dims[None, :]
-    tl.store(dk_ptr + out, dk.to(dk_ptr.dtype.element_ty), mask=cols[:, None] < L)
+    tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=cols[:, None] < L)
     tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=cols[:, None] < L)
 
 
 @triton.jit
+def _dq_step(dq, q, do, lse, delta, k_ptr, v_ptr, key_valid_ptr, bh, rows, dims, start, end, stride_l, L, qk_scale,
+             p, seed, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    for kstart in range(start, end, BLOCK_N):
+        cols = kstart + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_ptr, cols, dims, stride_l, L)
+        key_ok = tl.load(key_valid_ptr + cols, mask=cols < L, other=0) != 0
+        _, ds = _probs_and_dscores(q, do, lse, delta, k, _load_tile(v_ptr, cols, dims, stride_l, L), key_ok, seed,
+                                   bh, rows, cols, L, qk_scale, p, CAUSAL, HAS_DROPOUT, PRECISION)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.autotune(configs=_DQ_TILES, key=["L", "HEAD_DIM", "HAS_DROPOUT"])
+@triton.jit
 def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-                             stride_b, stride_l, stride_h, stride_gb, stride_gl, stride_gh, H, L, scale, p, seed,
-                             HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr):
+                             stride_b, stride_l, stride_h, stride_gb, stride_gl, stride_gh, H, L, qk_scale, scale, p,
+                             seed, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    first_row = tl.program_id(0) * BLOCK_M
+    rows = first_row + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     base, g_base = b * stride_b + h * stride_h, b * stride_gb + h * stride_gh
     q, do, lse, delta = _load_query_rows(q_ptr + base, do_ptr + g_base, lse_ptr, delta_ptr, bh, rows, dims,
                                          stride_l, stride_gl, L)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    end = tl.minimum(L, (tl.program_id(0) + 1) * BLOCK_M)
-    for start in range(0, end, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_ptr + base, cols, dims, stride_l, L)
-        _, ds = _probs_and_dscores(q, do, lse, delta, k, _load_tile(v_ptr + base, cols, dims, stride_l, L),
-                                   key_valid_ptr + b * L, seed, bh, rows, cols, L, scale, p, HAS_DROPOUT)
-        dq += tl.dot(ds.to(k.dtype), k) * scale
-    tl.store(dq_ptr + g_base + rows[:, None] * stride_gl + dims[None, :], dq.to(dq_ptr.dtype.element_ty),
+    dq = _dq_step(dq, q, do, lse, delta, k_ptr + base, v_ptr + base, key_valid_ptr + b * L, bh, rows, dims, 0,
+                  first_row, stride_l, L, qk_scale, p, seed, False, HAS_DROPOUT, PRECISION, BLOCK_N)
+    dq = _dq_step(dq, q, do, lse, delta, k_ptr + base, v_ptr + base, key_valid_ptr + b * L, bh, rows, dims, first_row,
+                  tl.minimum(L, first_row + BLOCK_M), stride_l, L, qk_scale, p, seed, True, HAS_DROPOUT, PRECISION,
+                  BLOCK_N)
+    tl.store(dq_ptr + g_base + rows[:, None] * stride_gl + dims[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
              mask=rows[:, None] < L)
 
 
@@ -165,7 +239,7 @@ def _keep_mask_kernel(out_ptr, L, p, seed, BLOCK_N: tl.constexpr):
 def dropout_keep_mask(B: int, H: int, L: int, p: float, seed: int, device) -> torch.Tensor:
     """The bool [B, H, L, L] keep-mask that the attention kernels draw for (p, seed): for tests."""
     out = torch.empty(B, H, L, L, device=device, dtype=torch.int8)
-    _keep_mask_kernel[(L, B * H)](out, L, p, seed, BLOCK_N=BLOCK_N)
+    _keep_mask_kernel[(L, B * H)](out, L, p, seed, BLOCK_N=64)
     return out.bool()
 
 
@@ -188,28 +262,31 @@ def _check(q, k, v, key_valid, p):
 
 
 def attention_fwd_triton(q, k, v, key_valid, p: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(o [B, L, H, Dh] contiguous, lse [B, H, L] float32)."""
+    """(o [B, L, H, Dh] contiguous, lse [B, H, L] float32 in log2 units, +inf for a query without keys)."""
     B, L, H, Dh = q.shape
     o = torch.empty(B, L, H, Dh, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(L, BLOCK_M), B * H)
+    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
     _attention_fwd_kernel[grid](q, k, v, key_valid, o, lse, q.stride(0), q.stride(1), q.stride(2),
-                                o.stride(0), o.stride(1), o.stride(2), H, L, 1.0 / math.sqrt(Dh), p, seed,
-                                HAS_DROPOUT=p > 0, HEAD_DIM=Dh, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+                                o.stride(0), o.stride(1), o.stride(2), H, L, LOG2E / math.sqrt(Dh), p, seed,
+                                HAS_DROPOUT=p > 0, HEAD_DIM=Dh, PRECISION=dot_config(q.dtype)[1])
     return o, lse
 
 
 def attention_bwd_triton(do, q, k, v, o, lse, key_valid, p: float, seed: int):
     """(dq, dk, dv), each [B, L, H, Dh] contiguous; `do` and `o` contiguous [B, L, H, Dh]."""
     B, L, H, Dh = q.shape
-    delta = (do.float() * o.float()).sum(-1).permute(0, 2, 1).contiguous()  # [B, H, L]
+    delta = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
+    _attention_bwd_delta_kernel[(triton.cdiv(L, 64), B * H)](o, do, delta, o.stride(0), o.stride(1), o.stride(2), H, L,
+                                                             HEAD_DIM=Dh, BLOCK=64)
     dq, dk, dv = (torch.empty(B, L, H, Dh, device=q.device, dtype=q.dtype) for _ in range(3))
     common = (q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2), H, L,
-              1.0 / math.sqrt(Dh), p, seed)
-    meta = dict(HAS_DROPOUT=p > 0, HEAD_DIM=Dh, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
-    _attention_bwd_dkdv_kernel[(triton.cdiv(L, BLOCK_N), B * H)](q, k, v, key_valid, do, lse, delta, dk, dv,
-                                                                 *common, **meta)
-    _attention_bwd_dq_kernel[(triton.cdiv(L, BLOCK_M), B * H)](q, k, v, key_valid, do, lse, delta, dq, *common, **meta)
+              LOG2E / math.sqrt(Dh), 1.0 / math.sqrt(Dh), p, seed)
+    meta = dict(HAS_DROPOUT=p > 0, HEAD_DIM=Dh, PRECISION=dot_config(q.dtype)[1])
+    _attention_bwd_dkdv_kernel[lambda m: (triton.cdiv(L, m["BLOCK_N"]), B * H)](
+        q, k, v, key_valid, do, lse, delta, dk, dv, *common, **meta)
+    _attention_bwd_dq_kernel[lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H)](
+        q, k, v, key_valid, do, lse, delta, dq, *common, **meta)
     return dq, dk, dv
 
 
@@ -226,10 +303,8 @@ def _probs_torch(q, k, key_valid, p: float, seed: int):
     return probs, keep.to(probs.device) / (1.0 - p)
 
 
-@torch.library.custom_op("trm_fast::attention", mutates_args=())
-def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor, p: float,
-                 seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(o [B, L, H, Dh], lse [B, H, L]; lse is empty off CUDA)."""
+def attention_forward(q, k, v, key_valid, p: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(o [B, L, H, Dh], lse [B, H, L]; lse is empty off CUDA): Triton on CUDA, torch elsewhere."""
     _check(q, k, v, key_valid, p)
     if q.is_cuda:
         return attention_fwd_triton(q, k, v, key_valid, p, seed)
@@ -239,17 +314,7 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: t
     return o, q.new_empty(0, dtype=torch.float32)
 
 
-@attention_op.register_fake
-def _(q, k, v, key_valid, p, seed):
-    B, L, H, Dh = q.shape
-    lse_shape = (B, H, L) if q.is_cuda else (0,)
-    return q.new_empty(B, L, H, Dh), q.new_empty(lse_shape, dtype=torch.float32)
-
-
-@torch.library.custom_op("trm_fast::attention_backward", mutates_args=())
-def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                          lse: torch.Tensor, key_valid: torch.Tensor, p: float,
-                          seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_backward(do, q, k, v, o, lse, key_valid, p: float, seed: int):
     if q.is_cuda:
         return attention_bwd_triton(do.contiguous(), q, k, v, o.contiguous(), lse, key_valid, p, seed)
     probs, keep_scale = _probs_torch(q, k, key_valid, p, seed)
@@ -263,6 +328,27 @@ def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     dq = torch.einsum("bhlm,bmhd->blhd", dscores, k.float())
     dk = torch.einsum("bhlm,blhd->bmhd", dscores, q.float())
     return tuple(g.to(q.dtype).contiguous() for g in (dq, dk, dv))
+
+
+@torch.library.custom_op("trm_fast::attention", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor, p: float,
+                 seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(o [B, L, H, Dh], lse [B, H, L]; lse is empty off CUDA)."""
+    return attention_forward(q, k, v, key_valid, p, seed)
+
+
+@attention_op.register_fake
+def _(q, k, v, key_valid, p, seed):
+    B, L, H, Dh = q.shape
+    lse_shape = (B, H, L) if q.is_cuda else (0,)
+    return q.new_empty(B, L, H, Dh), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("trm_fast::attention_backward", mutates_args=())
+def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                          lse: torch.Tensor, key_valid: torch.Tensor, p: float,
+                          seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(do, q, k, v, o, lse, key_valid, p, seed)
 
 
 @attention_backward_op.register_fake
@@ -286,16 +372,40 @@ def _backward(ctx, do, _grad_lse):
 attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _Attention(torch.autograd.Function):
+    """The eager path (see kernels/concat_linear.py)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_valid, p, seed):
+        o, lse = attention_forward(q, k, v, key_valid, p, seed)
+        ctx.save_for_backward(q, k, v, o, lse, key_valid)
+        ctx.p, ctx.seed = p, seed
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, key_valid = ctx.saved_tensors
+        return (*attention_backward(do, q, k, v, o, lse, key_valid, ctx.p, ctx.seed), None, None, None)
+
+
+def attention(q, k, v, key_valid, p: float, seed: int) -> torch.Tensor:
+    """o [B, L, H, Dh] of the attention op, differentiable in q, k, v."""
+    if torch.compiler.is_compiling():
+        return attention_op(q, k, v, key_valid, p, seed)[0]
+    return _Attention.apply(q, k, v, key_valid, p, seed)
+
+
 def causal_attention(h, key_valid, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, n_heads: int,
                      dropout_p: float) -> torch.Tensor:
     """The TinyNet op (the signature of `torch_ops.causal_attention`): QKV projection, this attention, output
-    projection; a query with no valid key outputs zero before the output projection. On CUDA, a head dim
-    that the kernels do not take runs `torch_ops.causal_attention` instead."""
+    projection (both cuBLAS through F.linear, so autocast applies as in the seed); a query with no valid key
+    outputs zero before the output projection. On CUDA, a head dim that the kernels do not take runs
+    `torch_ops.causal_attention` instead."""
     B, L, D = h.shape
     if h.is_cuda and D // n_heads not in TRITON_HEAD_DIMS:
         return torch_ops.causal_attention(h, key_valid, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
                                           n_heads, dropout_p)
     qkv = torch.nn.functional.linear(h, in_proj_weight, in_proj_bias).view(B, L, 3, n_heads, D // n_heads)
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
-    o, _ = attention_op(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_valid, dropout_p, seed)
+    o = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_valid, dropout_p, seed)
     return torch.nn.functional.linear(o.reshape(B, L, D), out_proj_weight, out_proj_bias)

@@ -3,8 +3,12 @@ materializing the concatenation, forward and backward.
 
 Forward: one kernel; each output tile accumulates (float32) the dot products of every input with its
 column block of `weight` [N, len(inputs) * K]. Backward: grad of input i = grad_out @ weight[:, i*K:(i+1)*K],
-grad of that weight block = grad_out.T @ input i, written in place into the [N, len(inputs) * K] gradient
-(the shared strided matmul, kernels/matmul.py), grad of bias = grad_out summed over rows.
+(the shared strided matmul, kernels/matmul.py), grad of weight = grad_out.T @ cat(inputs) (cuBLAS: a
+long-K matmul), grad of bias = grad_out summed over rows.
+
+Every op of kernels/ comes in two forms over the same forward and backward functions: a `torch.library`
+custom op (fake kernel, autograd), which `torch.compile` and `opcheck` use, and a `torch.autograd.Function`
+that eager calls take, which skips the custom-op dispatch (about 15 us a call, paid 100+ times a step).
 """
 from typing import List, Sequence, Tuple
 
@@ -13,14 +17,13 @@ import triton
 import triton.language as tl
 
 from trm_fast import torch_ops
-from trm_fast.kernels.matmul import autocast_cast, matmul_into
-
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
-
+from trm_fast.kernels.matmul import autocast_cast, dot_as, dot_config, matmul_into, tile_configs
 
 @triton.jit
-def _accumulate(acc, x_ptr, stride_xm, w_ptr, stride_wn, rows, cols, M, N, K, BLOCK_K: tl.constexpr):
-    """acc += x[rows, :K] @ w[cols, :K].T (w already offset to this input's column block)."""
+def _accumulate(acc, x_ptr, stride_xm, w_ptr, stride_wn, rows, cols, M, N, K, DOT_DTYPE: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += x[rows, :K] @ w[cols, :K].T (w already offset to this input's column block), x cast to the dot
+    dtype as it is loaded."""
     ks = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + ks
@@ -28,55 +31,59 @@ def _accumulate(acc, x_ptr, stride_xm, w_ptr, stride_wn, rows, cols, M, N, K, BL
                     other=0.0)
         w = tl.load(w_ptr + cols[None, :] * stride_wn + k[:, None], mask=(cols[None, :] < N) & (k[:, None] < K),
                     other=0.0)
-        acc += tl.dot(x, w)
+        acc = dot_as(x, w, acc, DOT_DTYPE, PRECISION)
     return acc
 
 
+@triton.autotune(configs=tile_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), [
+    (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)], (32, 32, 32, 4, 1)),
+    key=["M", "N", "K", "NUM_INPUTS"])
 @triton.jit
 def _concat_linear_fwd_kernel(x0_ptr, x1_ptr, x2_ptr, stride_x0, stride_x1, stride_x2, w_ptr, stride_wn, b_ptr,
-                              out_ptr, stride_om, M, N, K, NUM_INPUTS: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                              out_ptr, stride_om, M, N, K, NUM_INPUTS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _accumulate(acc, x0_ptr, stride_x0, w_ptr, stride_wn, rows, cols, M, N, K, BLOCK_K)
-    acc = _accumulate(acc, x1_ptr, stride_x1, w_ptr + K, stride_wn, rows, cols, M, N, K, BLOCK_K)
+    acc = _accumulate(acc, x0_ptr, stride_x0, w_ptr, stride_wn, rows, cols, M, N, K, DOT_DTYPE, PRECISION, BLOCK_K)
+    acc = _accumulate(acc, x1_ptr, stride_x1, w_ptr + K, stride_wn, rows, cols, M, N, K, DOT_DTYPE, PRECISION,
+                      BLOCK_K)
     if NUM_INPUTS == 3:
-        acc = _accumulate(acc, x2_ptr, stride_x2, w_ptr + 2 * K, stride_wn, rows, cols, M, N, K, BLOCK_K)
+        acc = _accumulate(acc, x2_ptr, stride_x2, w_ptr + 2 * K, stride_wn, rows, cols, M, N, K, DOT_DTYPE,
+                          PRECISION, BLOCK_K)
     acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
-def _grid(M: int, N: int):
-    return triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N)
-
-
 def concat_linear_fwd_triton(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """[M, N] = cat(inputs, -1) @ weight.T + bias for 2-D [M, K] inputs with unit column stride."""
+    """[M, N] = cat(inputs, -1) @ weight.T + bias for 2-D [M, K] inputs with unit column stride, computed and
+    returned in weight's dtype (the inputs may be wider: they are cast as they are loaded)."""
     M, K = inputs[0].shape
     N = weight.shape[0]
     x0, x1, x2 = inputs[0], inputs[1], inputs[-1]
-    out = torch.empty(M, N, device=x0.device, dtype=x0.dtype)
-    _concat_linear_fwd_kernel[_grid(M, N)](x0, x1, x2, x0.stride(0), x1.stride(0), x2.stride(0), weight,
-                                           weight.stride(0), bias, out, out.stride(0), M, N, K,
-                                           NUM_INPUTS=len(inputs), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    out = torch.empty(M, N, device=x0.device, dtype=weight.dtype)
+    dtype, precision = dot_config(weight.dtype)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    _concat_linear_fwd_kernel[grid](x0, x1, x2, x0.stride(0), x1.stride(0), x2.stride(0), weight, weight.stride(0),
+                                    bias, out, out.stride(0), M, N, K, NUM_INPUTS=len(inputs), DOT_DTYPE=dtype,
+                                    PRECISION=precision)
     return out
 
 
 def concat_linear_bwd_triton(grad_out: torch.Tensor, inputs: Sequence[torch.Tensor],
                              weight: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """(grads of the inputs, grad of weight, grad of bias) for 2-D [M, K] inputs and grad_out [M, N]."""
+    """(grads of the inputs, each in its input's dtype; grad of weight; grad of bias) for 2-D [M, K] inputs and
+    grad_out [M, N]: input gradients by the Triton matmul, the weight gradient by one cuBLAS matmul (split-K)."""
     K = inputs[0].shape[1]
-    grad_weight = torch.empty_like(weight)
     grad_inputs = []
     for i, x in enumerate(inputs):
-        block = slice(i * K, (i + 1) * K)
         grad_x = torch.empty_like(x)
-        matmul_into(grad_out, weight[:, block], grad_x)
-        matmul_into(grad_out.t(), x, grad_weight[:, block])
+        matmul_into(grad_out, weight[:, i * K:(i + 1) * K], grad_x, weight.dtype)
         grad_inputs.append(grad_x)
-    return grad_inputs, grad_weight, grad_out.float().sum(0).to(weight.dtype)
+    grad_weight = grad_out.t() @ torch.cat(inputs, dim=1).to(weight.dtype)
+    return grad_inputs, grad_weight, grad_out.sum(0, dtype=torch.float32).to(weight.dtype)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -95,38 +102,48 @@ def _check(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Ten
     if weight.dim() != 2 or weight.shape[1] != len(inputs) * K or bias.shape != (weight.shape[0],):
         raise ValueError(f"concat_linear: weight must be [N, {len(inputs)} * {K}] and bias [N], got "
                          f"{tuple(weight.shape)} and {tuple(bias.shape)}")
-    if weight.dtype != first.dtype or bias.dtype != first.dtype or weight.device != first.device:
-        raise ValueError(f"concat_linear: weight / bias ({weight.dtype}, {bias.dtype}, {weight.device}) must match "
-                         f"the inputs ({first.dtype}, {first.device})")
+    if not first.is_floating_point() or bias.dtype != weight.dtype or weight.device != first.device:
+        raise ValueError(f"concat_linear: weight / bias ({weight.dtype}, {bias.dtype}, {weight.device}) must share "
+                         f"a dtype and the inputs' device ({first.dtype}, {first.device})")
 
 
-@torch.library.custom_op("trm_fast::concat_linear", mutates_args=())
-def concat_linear_op(inputs: List[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def concat_linear_forward(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The op's forward, in weight's dtype: Triton on CUDA, torch elsewhere."""
     _check(inputs, weight, bias)
     if not inputs[0].is_cuda:
-        return torch_ops.concat_linear(inputs, weight, bias)
+        return torch_ops.concat_linear([x.to(weight.dtype) for x in inputs], weight, bias)
     out = concat_linear_fwd_triton([_flat(x).contiguous() for x in inputs], weight.contiguous(), bias.contiguous())
     return out.view(*inputs[0].shape[:-1], weight.shape[0])
 
 
-@concat_linear_op.register_fake
-def _(inputs, weight, bias):
-    return inputs[0].new_empty(*inputs[0].shape[:-1], weight.shape[0])
-
-
-@torch.library.custom_op("trm_fast::concat_linear_backward", mutates_args=())
-def concat_linear_backward_op(grad_out: torch.Tensor, inputs: List[torch.Tensor],
-                              weight: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]:
+def concat_linear_backward(grad_out: torch.Tensor, inputs: Sequence[torch.Tensor],
+                           weight: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]:
     flat = [_flat(x).contiguous() for x in inputs]
     grad_flat = _flat(grad_out).contiguous()
     if inputs[0].is_cuda:
         grads, grad_weight, grad_bias = concat_linear_bwd_triton(grad_flat, flat, weight.contiguous())
     else:
         K = flat[0].shape[1]
-        grads = [grad_flat @ weight[:, i * K:(i + 1) * K] for i in range(len(flat))]
-        grad_weight = torch.cat([grad_flat.t() @ x for x in flat], dim=1)
+        grads = [(grad_flat @ weight[:, i * K:(i + 1) * K]).to(x.dtype) for i, x in enumerate(flat)]
+        grad_weight = torch.cat([grad_flat.t() @ x.to(weight.dtype) for x in flat], dim=1)
         grad_bias = grad_flat.sum(0)
     return [g.view(x.shape) for g, x in zip(grads, inputs)], grad_weight, grad_bias
+
+
+@torch.library.custom_op("trm_fast::concat_linear", mutates_args=())
+def concat_linear_op(inputs: List[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return concat_linear_forward(inputs, weight, bias)
+
+
+@concat_linear_op.register_fake
+def _(inputs, weight, bias):
+    return inputs[0].new_empty(*inputs[0].shape[:-1], weight.shape[0], dtype=weight.dtype)
+
+
+@torch.library.custom_op("trm_fast::concat_linear_backward", mutates_args=())
+def concat_linear_backward_op(grad_out: torch.Tensor, inputs: List[torch.Tensor],
+                              weight: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]:
+    return concat_linear_backward(grad_out, inputs, weight)
 
 
 @concat_linear_backward_op.register_fake
@@ -148,8 +165,25 @@ def _backward(ctx, grad_out):
 concat_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _ConcatLinear(torch.autograd.Function):
+    """The eager path: the same forward and backward without the custom-op dispatch."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, *inputs):
+        ctx.save_for_backward(*inputs, weight)
+        return concat_linear_forward(inputs, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        *xs, weight = ctx.saved_tensors
+        grads, grad_weight, grad_bias = concat_linear_backward(grad_out, xs, weight)
+        return (grad_weight, grad_bias, *grads)
+
+
 def concat_linear(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The TinyNet op: `cat(inputs, -1) @ weight.T + bias` (Triton on CUDA, torch elsewhere); under autocast
-    in its dtype, as F.linear."""
-    *inputs, weight, bias = autocast_cast(*inputs, weight, bias)
-    return concat_linear_op(list(inputs), weight, bias)
+    """The TinyNet op: `cat(inputs, -1) @ weight.T + bias` (Triton on CUDA, torch elsewhere), computed in the
+    weight's dtype, or under autocast in the autocast dtype (the inputs are cast as the kernel loads them)."""
+    weight, bias = autocast_cast(weight, bias)
+    if torch.compiler.is_compiling():
+        return concat_linear_op(list(inputs), weight, bias)
+    return _ConcatLinear.apply(weight, bias, *inputs)

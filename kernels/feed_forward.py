@@ -2,38 +2,39 @@
 
 Forward: the first matmul adds the bias and applies GELU in its epilogue, keeping the pre-activation for
 the backward; the second adds its bias (the residual add and dropout belong to `add_layer_norm`).
-Backward: dGELU is fused into the epilogue of grad_out @ w2, then the weight gradients and grad h are
-strided matmuls of the same kernel (kernels/matmul.py); bias gradients are row sums.
+Backward: dGELU is fused into the epilogue of grad_out @ w2 and grad h is the same kernel
+(kernels/matmul.py); the weight gradients are cuBLAS matmuls (long K), bias gradients row sums.
 """
 from typing import Tuple
 
 import torch
 
-from trm_fast import torch_ops
 from trm_fast.kernels.matmul import BIAS, BIAS_GELU, GELU_GRAD, autocast_cast, matmul_into
 
 
-def feed_forward_fwd_triton(h, w1, b1, w2, b2) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out [M, D], pre-activation [M, F]) for a contiguous [M, D] h."""
+def feed_forward_fwd_triton(h, w1, b1, w2, b2, keep_pre: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out [M, D], pre-activation [M, F] or None) for a contiguous [M, D] h, computed in w1's dtype."""
     M, F = h.shape[0], w1.shape[0]
-    pre, act = (torch.empty(M, F, device=h.device, dtype=h.dtype) for _ in range(2))
-    matmul_into(h, w1.t(), act, BIAS_GELU, bias=b1, aux=pre)
-    out = torch.empty(M, w2.shape[0], device=h.device, dtype=h.dtype)
-    matmul_into(act, w2.t(), out, BIAS, bias=b2)
+    act = torch.empty(M, F, device=h.device, dtype=w1.dtype)
+    pre = torch.empty_like(act) if keep_pre else None
+    matmul_into(h, w1.t(), act, w1.dtype, BIAS_GELU, bias=b1, aux=pre)
+    out = torch.empty(M, w2.shape[0], device=h.device, dtype=w1.dtype)
+    matmul_into(act, w2.t(), out, w1.dtype, BIAS, bias=b2)
     return out, pre
 
 
 def feed_forward_bwd_triton(grad_out, h, pre, w1, w2):
-    """(grad h, grad w1, grad b1, grad w2, grad b2)."""
-    act = torch.nn.functional.gelu(pre)  # recomputed: one elementwise pass instead of storing it
+    """(grad h in h's dtype, grad w1, grad b1, grad w2, grad b2): dGELU fused into grad_out @ w2 and grad h by
+    the Triton matmul; the weight gradients (long-K) by cuBLAS."""
+    dtype = w1.dtype
     grad_pre = torch.empty_like(pre)
-    matmul_into(grad_out, w2, grad_pre, GELU_GRAD, aux=pre)
-    grad_w2, grad_w1, grad_h = torch.empty_like(w2), torch.empty_like(w1), torch.empty_like(h)
-    matmul_into(grad_out.t(), act, grad_w2)
-    matmul_into(grad_pre.t(), h, grad_w1)
-    matmul_into(grad_pre, w1, grad_h)
-    return (grad_h, grad_w1, grad_pre.float().sum(0).to(w1.dtype), grad_w2,
-            grad_out.float().sum(0).to(w2.dtype))
+    matmul_into(grad_out, w2, grad_pre, dtype, GELU_GRAD, aux=pre)
+    grad_h = torch.empty_like(h)
+    matmul_into(grad_pre, w1, grad_h, dtype)
+    grad_w2 = grad_out.t() @ torch.nn.functional.gelu(pre)
+    grad_w1 = grad_pre.t() @ h.to(dtype)
+    return (grad_h, grad_w1, grad_pre.sum(0, dtype=torch.float32).to(dtype), grad_w2,
+            grad_out.sum(0, dtype=torch.float32).to(dtype))
 
 
 def _check(h, w1, b1, w2, b2):
@@ -42,33 +43,23 @@ def _check(h, w1, b1, w2, b2):
     if w1.shape != (F, D) or b1.shape != (F,) or w2.shape != (D, F) or b2.shape != (D,):
         raise ValueError(f"feed_forward: for h [..., {D}] expects w1 [F, {D}], b1 [F], w2 [{D}, F], b2 [{D}]; got "
                          f"{tuple(w1.shape)}, {tuple(b1.shape)}, {tuple(w2.shape)}, {tuple(b2.shape)}")
-    if any(t.dtype != h.dtype or t.device != h.device for t in (w1, b1, w2, b2)):
-        raise ValueError(f"feed_forward: weights must have h's dtype {h.dtype} and device {h.device}")
+    if any(t.dtype != w1.dtype or t.device != h.device for t in (b1, w2, b2)) or w1.device != h.device:
+        raise ValueError(f"feed_forward: weights must share w1's dtype {w1.dtype} and h's device {h.device}")
 
 
-@torch.library.custom_op("trm_fast::feed_forward", mutates_args=())
-def feed_forward_op(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                    b2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out, pre-activation [rows, F]): Triton on CUDA, torch elsewhere."""
+def feed_forward_forward(h, w1, b1, w2, b2, keep_pre: bool = True):
+    """(out in w1's dtype, pre-activation [rows, F] or None): Triton on CUDA, torch elsewhere."""
     _check(h, w1, b1, w2, b2)
     flat = h.reshape(-1, h.shape[-1]).contiguous()
     if h.is_cuda:
-        out, pre = feed_forward_fwd_triton(flat, w1, b1, w2, b2)
+        out, pre = feed_forward_fwd_triton(flat, w1, b1, w2, b2, keep_pre)
     else:
-        pre = torch.nn.functional.linear(flat, w1, b1)
+        pre = torch.nn.functional.linear(flat.to(w1.dtype), w1, b1)
         out = torch.nn.functional.linear(torch.nn.functional.gelu(pre), w2, b2)
-    return out.view(h.shape), pre
+    return out.view(*h.shape[:-1], w2.shape[0]), pre
 
 
-@feed_forward_op.register_fake
-def _(h, w1, b1, w2, b2):
-    return torch.empty_like(h), h.new_empty(h.numel() // h.shape[-1], w1.shape[0])
-
-
-@torch.library.custom_op("trm_fast::feed_forward_backward", mutates_args=())
-def feed_forward_backward_op(grad_out: torch.Tensor, h: torch.Tensor, pre: torch.Tensor, w1: torch.Tensor,
-                             w2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                        torch.Tensor]:
+def feed_forward_backward(grad_out, h, pre, w1, w2):
     D = h.shape[-1]
     grad_flat, flat = grad_out.reshape(-1, D).contiguous(), h.reshape(-1, D).contiguous()
     if h.is_cuda:
@@ -76,8 +67,28 @@ def feed_forward_backward_op(grad_out: torch.Tensor, h: torch.Tensor, pre: torch
     else:
         act = torch.nn.functional.gelu(pre)
         grad_pre = (grad_flat @ w2) * torch.ops.aten.gelu_backward(torch.ones_like(pre), pre)
-        grads = (grad_pre @ w1, grad_pre.t() @ flat, grad_pre.sum(0), grad_flat.t() @ act, grad_flat.sum(0))
+        grads = ((grad_pre @ w1).to(h.dtype), grad_pre.t() @ flat.to(w1.dtype), grad_pre.sum(0),
+                 grad_flat.t() @ act, grad_flat.sum(0))
     return (grads[0].view(h.shape),) + tuple(grads[1:])
+
+
+@torch.library.custom_op("trm_fast::feed_forward", mutates_args=())
+def feed_forward_op(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                    b2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, pre-activation [rows, F]): Triton on CUDA, torch elsewhere."""
+    return feed_forward_forward(h, w1, b1, w2, b2)
+
+
+@feed_forward_op.register_fake
+def _(h, w1, b1, w2, b2):
+    return h.new_empty(h.shape, dtype=w1.dtype), h.new_empty(h.numel() // h.shape[-1], w1.shape[0], dtype=w1.dtype)
+
+
+@torch.library.custom_op("trm_fast::feed_forward_backward", mutates_args=())
+def feed_forward_backward_op(grad_out: torch.Tensor, h: torch.Tensor, pre: torch.Tensor, w1: torch.Tensor,
+                             w2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                        torch.Tensor]:
+    return feed_forward_backward(grad_out, h, pre, w1, w2)
 
 
 @feed_forward_backward_op.register_fake
@@ -99,6 +110,24 @@ def _backward(ctx, grad_out, _grad_pre):
 feed_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _FeedForward(torch.autograd.Function):
+    """The eager path (see kernels/concat_linear.py); without gradients the pre-activation is not kept."""
+
+    @staticmethod
+    def forward(ctx, h, w1, b1, w2, b2):
+        out, pre = feed_forward_forward(h, w1, b1, w2, b2, keep_pre=any(ctx.needs_input_grad))
+        ctx.save_for_backward(h, pre, w1, w2)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return feed_forward_backward(grad_out, *ctx.saved_tensors)
+
+
 def feed_forward(h, w1, b1, w2, b2) -> torch.Tensor:
-    """The TinyNet op (the signature of `torch_ops.feed_forward`); under autocast in its dtype, as F.linear."""
-    return feed_forward_op(*autocast_cast(h, w1, b1, w2, b2))[0]
+    """The TinyNet op (the signature of `torch_ops.feed_forward`), in w1's dtype or the autocast dtype; h may be
+    wider (cast as it is loaded)."""
+    w1, b1, w2, b2 = autocast_cast(w1, b1, w2, b2)
+    if torch.compiler.is_compiling():
+        return feed_forward_op(h, w1, b1, w2, b2)[0]
+    return _FeedForward.apply(h, w1, b1, w2, b2)

@@ -1,15 +1,56 @@
-"""One strided Triton matmul with fused epilogues, shared by the TinyNet kernels' forward and backward.
+"""One strided Triton matmul with fused epilogues, shared by the TinyNet kernels' forward and backward, and
+the dtype rules they share.
 
-`matmul_into(a, b, out, ...)`: out = epilogue(a @ b) for 2-D tensors of any strides (transposes and column
-blocks are views), float32 accumulation. Epilogues: add a bias; add a bias then exact (erf) GELU, keeping
-the pre-activation; multiply by GELU'(pre-activation) (the FFN backward).
+`matmul_into(a, b, out, ...)`: out = epilogue(a @ b) for 2-D tensors of any strides and dtypes (transposes
+and column blocks are views; a and b are cast to the dot dtype as they are loaded, so an fp32 state meets a
+bf16 weight without a copy), float32 accumulation. Epilogues: add a bias; add a bias then exact (erf) GELU,
+keeping the pre-activation; multiply by GELU'(pre-activation) (the FFN backward).
+
+The kernels use it where the output has many rows (8192 tokens): forward projections and input gradients.
+Weight gradients (a [N, K] output summed over all tokens: few output tiles, long K) go to cuBLAS, which
+splits K; a tiled kernel without split-K left most of the GPU idle there (measured, benchmarks/NOTES.md).
+
+Dots follow PyTorch's float32 matmul precision: with fp32 operands they are IEEE float32 unless
+`torch.set_float32_matmul_precision("high")` allows TF32, as cuBLAS would.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
-NONE, BIAS, BIAS_GELU, GELU_GRAD = 0, 1, 2, 3
+NONE, BIAS, BIAS_GELU, GELU_GRAD = 0, 1, 2, 3  # BIAS_GELU keeps the pre-activation in `aux` when one is given
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+AUTOTUNE = os.environ.get("TRM_FAST_AUTOTUNE", "1") != "0"
+TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def tile_configs(names, tiles, interpreted):
+    """Autotuning configs from tuples (*block sizes named by `names`, num_warps, num_stages): all of `tiles`, the
+    first alone with TRM_FAST_AUTOTUNE=0, `interpreted` alone under Triton's interpreter (which would time
+    every config on the CPU)."""
+    chosen = [interpreted] if INTERPRET else tiles if AUTOTUNE else tiles[:1]
+    return [triton.Config(dict(zip(names, t)), num_warps=t[-2], num_stages=t[-1]) for t in chosen]
+
+
+def dot_config(dtype: torch.dtype):
+    """(Triton dot dtype, input precision) for operands computed in `dtype`."""
+    if dtype == torch.float32:
+        return tl.float32, "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return TRITON_DTYPES[dtype], "tf32"  # Triton's default; it only matters for fp32 operands
+
+
+_INTERPRETED = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def dot_as(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b with both operands rounded to DOT_DTYPE. (Triton's interpreter multiplies bf16 operands
+    wrongly, so there the rounded values are multiplied in float32, which gives the same products.)"""
+    a, b = a.to(DOT_DTYPE), b.to(DOT_DTYPE)
+    if _INTERPRETED:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -19,10 +60,14 @@ def _gelu_parts(x):
     return x * cdf, cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
 
 
+@triton.autotune(configs=tile_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), [
+    (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 64, 32, 4, 4)],
+    (32, 32, 32, 4, 1)), key=["M", "N", "K", "EPILOGUE"])
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                   stride_cm, stride_cn, EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, M, N, K, stride_am, stride_ak, stride_bk,
+                   stride_bn, stride_cm, stride_cn, EPILOGUE: tl.constexpr, HAS_AUX: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
@@ -33,13 +78,14 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, M, N, K, stride_am, s
                     mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
         b = tl.load(b_ptr + k[:, None] * stride_bk + cols[None, :] * stride_bn,
                     mask=(k[:, None] < K) & (cols[None, :] < N), other=0.0)
-        acc += tl.dot(a, b)
+        acc = dot_as(a, b, acc, DOT_DTYPE, PRECISION)
     in_range = (rows[:, None] < M) & (cols[None, :] < N)
     aux_offsets = rows[:, None] * N + cols[None, :]  # aux: a contiguous [M, N] tensor
     if EPILOGUE == 1 or EPILOGUE == 2:
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    if EPILOGUE == 2:
+    if EPILOGUE == 2 and HAS_AUX:
         tl.store(aux_ptr + aux_offsets, acc.to(aux_ptr.dtype.element_ty), mask=in_range)
+    if EPILOGUE == 2:
         acc, _ = _gelu_parts(acc)
     if EPILOGUE == 3:
         _, slope = _gelu_parts(tl.load(aux_ptr + aux_offsets, mask=in_range, other=0.0).to(tl.float32))
@@ -54,15 +100,18 @@ def autocast_cast(*tensors: torch.Tensor):
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) for t in tensors)
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
-def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, epilogue: int = NONE,
+def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, dot_dtype: torch.dtype, epilogue: int = NONE,
                 bias: torch.Tensor = None, aux: torch.Tensor = None) -> None:
-    """out[:] = epilogue(a @ b). BIAS: + bias. BIAS_GELU: aux[:] = a @ b + bias, out = gelu(aux).
-    GELU_GRAD: out = (a @ b) * gelu'(aux). `aux` is a contiguous [M, N] tensor."""
+    """out[:] = epilogue(a @ b), the dot in `dot_dtype`. BIAS: + bias. BIAS_GELU: out = gelu(a @ b + bias),
+    and aux[:] = a @ b + bias when `aux` is given. GELU_GRAD: out = (a @ b) * gelu'(aux). `aux` is a contiguous
+    [M, N] tensor."""
     (M, K), N = a.shape, b.shape[1]
-    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
-    _matmul_kernel[grid](a, b, out, bias if bias is not None else out, aux if aux is not None else out, M, N, K,
-                         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-                         EPILOGUE=epilogue, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    dtype, precision = dot_config(dot_dtype)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    _matmul_kernel[grid](a, b, out, bias if bias is not None else out, aux if aux is not None else out,
+                         M, N, K, a.stride(0), a.stride(1), b.stride(0),
+                         b.stride(1), out.stride(0), out.stride(1), EPILOGUE=epilogue, HAS_AUX=aux is not None,
+                         DOT_DTYPE=dtype, PRECISION=precision)

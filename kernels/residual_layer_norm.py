@@ -75,9 +75,9 @@ def _residual_layer_norm_bwd_kernel(dy_ptr, h_ptr, r_ptr, w_ptr, mean_ptr, rstd_
 
 def residual_layer_norm_fwd_triton(h, residual, weight, bias, eps: float, p: float,
                                    seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, mean, rstd) for contiguous [M, N] h and residual."""
+    """(out in weight's dtype, mean, rstd) for contiguous [M, N] h and residual (of any float dtypes)."""
     M, N = h.shape
-    out = torch.empty_like(h)
+    out = torch.empty(M, N, device=h.device, dtype=weight.dtype)
     mean = torch.empty(M, device=h.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     _residual_layer_norm_fwd_kernel[(M,)](h, residual, weight, bias, out, mean, rstd, N, eps, p, seed,
@@ -99,9 +99,10 @@ def residual_layer_norm_bwd_triton(grad_out, h, residual, weight, mean, rstd, p:
 
 
 def _check(h, residual, weight, bias, p):
-    if residual.shape != h.shape or residual.dtype != h.dtype or residual.device != h.device:
+    if residual.shape != h.shape or residual.device != h.device or not (h.is_floating_point()
+                                                                        and residual.is_floating_point()):
         raise ValueError(f"add_layer_norm: h {tuple(h.shape)} {h.dtype} and residual {tuple(residual.shape)} "
-                         f"{residual.dtype} must match")
+                         f"{residual.dtype} must be float tensors of one shape and device")
     if weight.shape != (h.shape[-1],) or bias.shape != (h.shape[-1],):
         raise ValueError(f"add_layer_norm: weight and bias must be [{h.shape[-1]}], got {tuple(weight.shape)} "
                          f"and {tuple(bias.shape)}")
@@ -118,49 +119,61 @@ def _dropped_torch(residual: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 
 
 def _normalized_torch(h, residual, eps, p, seed):
-    s = (h + _dropped_torch(residual, p, seed)).float().reshape(-1, h.shape[-1])
+    s = (h.float() + _dropped_torch(residual.float(), p, seed)).reshape(-1, h.shape[-1])
     mean = s.mean(dim=1)
     rstd = torch.rsqrt(s.var(dim=1, unbiased=False) + eps)
     return (s - mean[:, None]) * rstd[:, None], mean, rstd
+
+
+def add_layer_norm_forward(h, residual, weight, bias, eps: float, p: float, seed: int):
+    """(out in weight's dtype, per-row mean, per-row 1/std): Triton on CUDA, the same math in torch elsewhere;
+    float32 statistics and sum whatever the dtypes of h and residual."""
+    _check(h, residual, weight, bias, p)
+    N = h.shape[-1]
+    if not h.is_cuda:
+        xhat, mean, rstd = _normalized_torch(h, residual, eps, p, seed)
+        return (xhat * weight.float() + bias.float()).to(weight.dtype).view(h.shape), mean, rstd
+    out, mean, rstd = residual_layer_norm_fwd_triton(h.reshape(-1, N).contiguous(),
+                                                     residual.reshape(-1, N).contiguous(), weight, bias, eps, p, seed)
+    return out.view(h.shape), mean, rstd
+
+
+def add_layer_norm_backward(grad_out, h, residual, weight, mean, rstd, p: float, seed: int):
+    """(grad h, grad residual, grad weight, grad bias), each in its input's dtype."""
+    N = h.shape[-1]
+    if h.is_cuda:
+        grads = residual_layer_norm_bwd_triton(grad_out.reshape(-1, N).contiguous(), h.reshape(-1, N).contiguous(),
+                                               residual.reshape(-1, N).contiguous(), weight, mean, rstd, p, seed)
+        return grads[0].view(h.shape), grads[1].view(h.shape), grads[2], grads[3]
+    s = (h.float() + _dropped_torch(residual.float(), p, seed)).reshape(-1, N)
+    xhat = (s - mean[:, None]) * rstd[:, None]
+    dy = grad_out.float().reshape(-1, N)
+    wdy = dy * weight.float()
+    ds = (wdy - xhat * (xhat * wdy).mean(dim=1, keepdim=True) - wdy.mean(dim=1, keepdim=True)) * rstd[:, None]
+    grad_h = ds.to(h.dtype).view(h.shape)
+    grad_residual = _dropped_torch(ds.view(h.shape), p, seed).to(residual.dtype, copy=True)  # never grad_h's alias
+    return grad_h, grad_residual, (dy * xhat).sum(0).to(weight.dtype), dy.sum(0).to(weight.dtype)
 
 
 @torch.library.custom_op("trm_fast::add_layer_norm", mutates_args=())
 def add_layer_norm_op(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                       p: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, per-row mean, per-row 1/std): Triton on CUDA, the same math in torch elsewhere."""
-    _check(h, residual, weight, bias, p)
-    N = h.shape[-1]
-    if not h.is_cuda:
-        xhat, mean, rstd = _normalized_torch(h, residual, eps, p, seed)
-        return (xhat * weight.float() + bias.float()).to(h.dtype).view(h.shape), mean, rstd
-    out, mean, rstd = residual_layer_norm_fwd_triton(h.reshape(-1, N).contiguous(), residual.reshape(-1, N).contiguous(),
-                                                     weight, bias, eps, p, seed)
-    return out.view(h.shape), mean, rstd
+    return add_layer_norm_forward(h, residual, weight, bias, eps, p, seed)
 
 
 @add_layer_norm_op.register_fake
 def _(h, residual, weight, bias, eps, p, seed):
     rows = h.numel() // h.shape[-1]
-    return torch.empty_like(h), h.new_empty(rows, dtype=torch.float32), h.new_empty(rows, dtype=torch.float32)
+    return (h.new_empty(h.shape, dtype=weight.dtype), h.new_empty(rows, dtype=torch.float32),
+            h.new_empty(rows, dtype=torch.float32))
 
 
 @torch.library.custom_op("trm_fast::add_layer_norm_backward", mutates_args=())
 def add_layer_norm_backward_op(grad_out: torch.Tensor, h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                mean: torch.Tensor, rstd: torch.Tensor, p: float,
                                seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    N = h.shape[-1]
-    if h.is_cuda:
-        grads = residual_layer_norm_bwd_triton(grad_out.reshape(-1, N).contiguous(), h.reshape(-1, N).contiguous(),
-                                               residual.reshape(-1, N).contiguous(), weight, mean, rstd, p, seed)
-        return grads[0].view(h.shape), grads[1].view(h.shape), grads[2], grads[3]
-    s = (h + _dropped_torch(residual, p, seed)).float().reshape(-1, N)
-    xhat = (s - mean[:, None]) * rstd[:, None]
-    dy = grad_out.float().reshape(-1, N)
-    wdy = dy * weight.float()
-    ds = (wdy - xhat * (xhat * wdy).mean(dim=1, keepdim=True) - wdy.mean(dim=1, keepdim=True)) * rstd[:, None]
-    grad_h = ds.to(h.dtype).view(h.shape)
-    grad_residual = _dropped_torch(ds.view(h.shape), p, seed).to(h.dtype, copy=True)  # never an alias of grad_h
-    return grad_h, grad_residual, (dy * xhat).sum(0).to(weight.dtype), dy.sum(0).to(weight.dtype)
+    return add_layer_norm_backward(grad_out, h, residual, weight, mean, rstd, p, seed)
 
 
 @add_layer_norm_backward_op.register_fake
@@ -185,10 +198,26 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
 add_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _AddLayerNorm(torch.autograd.Function):
+    """The eager path (see kernels/concat_linear.py)."""
+
+    @staticmethod
+    def forward(ctx, h, residual, weight, bias, eps, p, seed):
+        out, mean, rstd = add_layer_norm_forward(h, residual, weight, bias, eps, p, seed)
+        ctx.save_for_backward(h, residual, weight, mean, rstd)
+        ctx.p, ctx.seed = p, seed
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return (*add_layer_norm_backward(grad_out, *ctx.saved_tensors, ctx.p, ctx.seed), None, None, None)
+
+
 def add_layer_norm(h, residual, weight, bias, eps: float, dropout_p: float) -> torch.Tensor:
-    """The TinyNet op: `layer_norm(h + dropout(residual))`, a fresh dropout seed per call. Under autocast, or
-    when h and residual differ in dtype, in float32 (autocast runs layer_norm in float32)."""
-    if torch.is_autocast_enabled(h.device.type) or h.dtype != residual.dtype:
-        h, residual = h.float(), residual.float()
+    """The TinyNet op: `layer_norm(h + dropout(residual))`, a fresh dropout seed per call; h and residual may
+    differ in dtype (summed in float32); the output has the LayerNorm weight's dtype (float32 under autocast,
+    as autocast runs layer_norm)."""
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
-    return add_layer_norm_op(h, residual, weight, bias, eps, dropout_p, seed)[0]
+    if torch.compiler.is_compiling():
+        return add_layer_norm_op(h, residual, weight, bias, eps, dropout_p, seed)[0]
+    return _AddLayerNorm.apply(h, residual, weight, bias, eps, dropout_p, seed)

@@ -2,8 +2,9 @@
 runs TinyNet on these ops (each a `torch.library` op with a fake kernel and autograd; Triton on CUDA, the
 same math in PyTorch elsewhere).
 
-`AUTO_ON_CUDA` stays False until the kernels have run and been measured on a GPU (issue 3): until then
-`kernels="auto"` keeps the torch path and only an explicit `kernels="triton"` selects these ops.
+`AUTO_ON_CUDA` is False: on the H100 the kernels are verified (tests, training parity) but a step is still
+host-bound and slower than the torch path (benchmarks/NOTES.md, issue 3), so `kernels="auto"` keeps the
+torch path and only an explicit `kernels="triton"` selects these ops.
 """
 from trm_fast.kernels.attention import causal_attention  # noqa: F401
 from trm_fast.kernels.concat_linear import concat_linear  # noqa: F401

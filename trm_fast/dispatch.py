@@ -34,7 +34,7 @@ def triton_tinynet_ops() -> tuple[Optional[ModuleType], str]:
         return None, f"no Triton TinyNet kernels in this build ({exc})"
     if not module.AUTO_ON_CUDA:
         return module, (f"triton {triton.__version__}; TinyNet kernels only with kernels='triton' "
-                        "(not yet verified on a GPU, so 'auto' keeps the torch path)")
+                        "(correct on the H100 but not yet faster there, so 'auto' keeps the torch path)")
     return module, f"triton {triton.__version__}"
 
 

@@ -3,7 +3,8 @@
 `linear_cross_entropy(hidden, weight, targets, ignore_index)` equals
 `F.cross_entropy(hidden @ weight.T, targets, ignore_index=ignore_index)` (mean over the counted tokens)
 and also returns whether each token's argmax is its target (the seed's ACT labels need it). Rows go in
-chunks: each chunk's logits are formed in float32, reduced to its loss, and turned at once into its share
+chunks: each chunk's logits are formed (under autocast from its dtype's matmul, as the seed's head's are)
+and taken to float32, reduced to its loss, and turned at once into its share
 of the gradients (softmax - one-hot), so the forward keeps grad_hidden [N, D] and grad_weight [V, D] and
 never more than [chunk, V] of logits; the backward scales them by the incoming gradient.
 """
@@ -16,20 +17,20 @@ import torch
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index: int, chunk: int, with_grad: bool):
+    def forward(ctx, hidden, weight, targets, ignore_index: int, chunk: int, with_grad: bool, dtype: torch.dtype):
         counted = targets != ignore_index
         count = counted.sum()
         scale = 1.0 / count.clamp(min=1).float()
         needs_grad = with_grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        w = weight.float()
+        w = weight.to(dtype)
         loss = hidden.new_zeros((), dtype=torch.float32)
         correct = torch.zeros_like(counted)
         grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if needs_grad else None
-        grad_weight = torch.zeros_like(w) if needs_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
-            h, t, keep = hidden[rows].float(), targets[rows], counted[rows]
-            logits = h @ w.t()
+            h, t, keep = hidden[rows].to(dtype), targets[rows], counted[rows]
+            logits = (h @ w.t()).float()
             safe_t = torch.where(keep, t, 0)
             lse = torch.logsumexp(logits, dim=-1)
             loss += ((lse - logits.gather(1, safe_t[:, None]).squeeze(1)) * keep).sum()
@@ -38,6 +39,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_logits = torch.softmax(logits, dim=-1)
                 grad_logits[torch.arange(len(t), device=t.device), safe_t] -= 1.0
                 grad_logits *= keep[:, None] * scale
+                grad_logits = grad_logits.to(dtype)
                 grad_hidden[rows] = grad_logits @ w
                 grad_weight += grad_logits.t() @ h
         loss = torch.where(count > 0, loss * scale, torch.full_like(loss, float("nan")))  # F.cross_entropy's 0/0
@@ -51,7 +53,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
         return ((grad_hidden * grad_loss).to(hidden_dtype) if ctx.needs_input_grad[0] else None,
-                (grad_weight * grad_loss).to(weight_dtype) if ctx.needs_input_grad[1] else None, None, None, None, None)
+                (grad_weight * grad_loss).to(weight_dtype) if ctx.needs_input_grad[1] else None, None, None, None, None,
+                None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -66,5 +69,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          f"{tuple(targets.shape)}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"linear_cross_entropy: chunk must be a positive int, got {chunk!r}")
-    # under no_grad the forward computes the loss only (needs_input_grad does not see grad mode)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk, torch.is_grad_enabled())
+    # under no_grad the forward computes the loss only (needs_input_grad does not see grad mode); under autocast
+    # the logits are computed in its dtype, as the seed's output head's are
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk, torch.is_grad_enabled(), dtype)

@@ -1,6 +1,7 @@
 """`TRMModel`: the drop-in for the seed model, running TinyNet through the dispatch layer."""
 from __future__ import annotations
 
+import contextlib
 import operator
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
@@ -20,28 +21,59 @@ class DispatchTinyNet(reference.TinyNet):
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.1, kernels: str = "auto"):
         super().__init__(d_model, n_heads, dropout)
         self.kernels = check_kernels_choice(kernels)
+        self._memo: Optional[dict] = None
+
+    @contextlib.contextmanager
+    def memoized(self):
+        """Within, the TinyNet calls of one forward share the autocast copies of the linear weights (cast once,
+        as autocast's own cache does for F.linear) and the key mask, instead of making them per call."""
+        outer = self._memo
+        self._memo = {} if outer is None else outer
+        try:
+            yield
+        finally:
+            self._memo = outer
+
+    def _memo_get(self, key, make):
+        if self._memo is None:
+            return make()
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    def _linear(self, *params: torch.Tensor):
+        """The linear-layer parameters in the autocast dtype when autocast is on (else as they are)."""
+        device_type = params[0].device.type
+        if not torch.is_autocast_enabled(device_type):
+            return params
+        dtype, grad = torch.get_autocast_dtype(device_type), torch.is_grad_enabled()
+        return tuple(self._memo_get((p, dtype, grad), lambda p=p: p.to(dtype)) for p in params)
 
     def _block(self, ops, h: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
         block, attn = self.block, self.block.attn
-        key_valid = (attn_mask != 0) if attn_mask is not None else torch.ones(
-            h.shape[:2], dtype=torch.bool, device=h.device)
+        key_valid = self._memo_get(("key_valid", attn_mask), lambda: (attn_mask != 0) if attn_mask is not None else
+                                   torch.ones(h.shape[:2], dtype=torch.bool, device=h.device))
 
         def p(rate: float) -> float:  # dropout rates apply in training only
             return rate if self.training else 0.0
 
-        a = ops.causal_attention(h, key_valid, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight,
-                                 attn.out_proj.bias, attn.num_heads, p(attn.dropout))
+        a = ops.causal_attention(h, key_valid, *self._linear(attn.in_proj_weight, attn.in_proj_bias,
+                                                             attn.out_proj.weight, attn.out_proj.bias),
+                                 attn.num_heads, p(attn.dropout))
         h = ops.add_layer_norm(h, a, block.ln1.weight, block.ln1.bias, block.ln1.eps, p(block.dropout.p))
-        f = ops.feed_forward(h, block.ffn[0].weight, block.ffn[0].bias, block.ffn[2].weight, block.ffn[2].bias)
+        f = ops.feed_forward(h, *self._linear(block.ffn[0].weight, block.ffn[0].bias, block.ffn[2].weight,
+                                              block.ffn[2].bias))
         return ops.add_layer_norm(h, f, block.ln2.weight, block.ln2.bias, block.ln2.eps, p(block.ffn[3].p))
 
     def forward_xyz(self, x, y, z, attn_mask):
         ops = tinynet_ops(self.kernels, x.device)
-        return self._block(ops, ops.concat_linear((x, y, z), self.xyz_proj.weight, self.xyz_proj.bias), attn_mask)
+        return self._block(ops, ops.concat_linear((x, y, z), *self._linear(self.xyz_proj.weight, self.xyz_proj.bias)),
+                           attn_mask)
 
     def forward_yz(self, y, z, attn_mask):
         ops = tinynet_ops(self.kernels, y.device)
-        return self._block(ops, ops.concat_linear((y, z), self.yz_proj.weight, self.yz_proj.bias), attn_mask)
+        return self._block(ops, ops.concat_linear((y, z), *self._linear(self.yz_proj.weight, self.yz_proj.bias)),
+                           attn_mask)
 
 
 def _check_positive_int(name: str, value: Any, allow_none: bool = False, allow_zero: bool = False) -> None:
@@ -120,8 +152,10 @@ class TRMModel(reference.TRMModel):
                 raise ValueError("keep_logits=False needs target_ids and excludes return_diagnostics (both use logits)")
             if attention_mask is None:
                 attention_mask = (input_ids != self.config.pad_token_id).long()
-            return self._forward_without_logits(input_ids, attention_mask, target_ids, supervision_steps)
-        return super().forward(input_ids, attention_mask, target_ids, supervision_steps, return_diagnostics)
+            with self.tiny_net.memoized():
+                return self._forward_without_logits(input_ids, attention_mask, target_ids, supervision_steps)
+        with self.tiny_net.memoized():
+            return super().forward(input_ids, attention_mask, target_ids, supervision_steps, return_diagnostics)
 
     def _forward_without_logits(self, input_ids, attention_mask, target_ids, supervision_steps) -> Dict[str, Any]:
         """The seed's training forward with the output head and cross-entropy fused per step."""

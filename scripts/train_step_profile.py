@@ -1,0 +1,128 @@
+"""Where a train step's GPU time goes (issue 3): median step time and peak memory of each implementation,
+then the heaviest kernels of one step of the ones named in --profile.
+
+    python3 scripts/train_step_profile.py [--case B16-L512-d512] [--profile triton compiled]
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+from bench_cases import CASES  # noqa: E402
+from test_bench_model import autocast, build  # noqa: E402
+
+IMPLS = {"eager": "eager", "compiled": "compiled", "torch": "trm_fast", "triton": "trm_fast-triton",
+         "triton-nologits": "trm_fast-triton-nologits"}
+
+
+def make_step(impl: str, case: dict, train: bool):
+    model, runner, ids, targets = build(IMPLS[impl], case)
+    kwargs = dict(keep_logits=False) if impl.endswith("nologits") else {}
+    if not train:
+        model.eval()
+
+        def step():
+            with torch.no_grad(), autocast():
+                return runner(ids, target_ids=targets, **kwargs)
+        return step
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
+
+    def step():
+        with autocast():
+            out = runner(ids, target_ids=targets, **kwargs)
+        out["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return out
+    return step
+
+
+def time_step(step, rounds: int = 20):
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3, torch.cuda.max_memory_allocated() / 1e9
+
+
+def top_kernels(step, count: int = 25):
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name, calls = Counter(), Counter()
+    for e in kernels:
+        by_name[e.name[:90]] += e.device_time
+        calls[e.name[:90]] += 1
+    print(f"  {len(kernels)} kernels, {sum(by_name.values()) / 1e3:.2f} ms busy")
+    for name, t in by_name.most_common(count):
+        print(f"  {t / 1e3:7.3f} ms {calls[name]:4d}x  {name}")
+
+
+def host_costs(calls: int = 2000):
+    """Microseconds per call of tiny ops, where the host alone sets the time: a torch add, F.linear, the
+    Triton matmul through its autotuner (warm) and straight to its JIT function with a fixed tiling, and the
+    delta kernel of the attention backward (plain JIT, 9 arguments)."""
+    import triton
+    from trm_fast.kernels import attention, matmul
+    a = torch.randn(16, 16, device="cuda")
+    out = torch.empty_like(a)
+    o = torch.randn(1, 16, 1, 16, device="cuda")
+    delta = torch.empty(1, 1, 16, device="cuda")
+    dtype, precision = matmul.dot_config(a.dtype)
+
+    def plain_matmul():
+        matmul._matmul_kernel.fn[(1, 1)](a, a, out, out, out, 16, 16, 16, 16, 1, 16, 1, 16, 1, EPILOGUE=0,
+                                         HAS_AUX=False, DOT_DTYPE=dtype, PRECISION=precision, BLOCK_M=16,
+                                         BLOCK_N=16, BLOCK_K=16)
+
+    def delta_kernel():
+        attention._attention_bwd_delta_kernel[(1, 1)](o, o, delta, 256, 16, 16, 1, 16, HEAD_DIM=16, BLOCK=16)
+
+    for name, fn in (("torch add", lambda: torch.add(a, a)), ("F.linear", lambda: torch.nn.functional.linear(a, a)),
+                     ("Triton matmul, autotuned", lambda: matmul.matmul_into(a, a, out, a.dtype)),
+                     ("Triton matmul, plain JIT", plain_matmul), ("Triton delta kernel", delta_kernel),
+                     ("triton.cdiv x10", lambda: [triton.cdiv(100, 7) for _ in range(10)])):
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        print(f"host cost {name}: {(time.perf_counter() - start) / calls * 1e6:.1f} us/call")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--case", default="B16-L512-d512", choices=list(CASES))
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
+    parser.add_argument("--profile", nargs="*", default=["triton"], choices=list(IMPLS))
+    args = parser.parse_args()
+    case = CASES[args.case]
+    print(f"{torch.cuda.get_device_name()} {args.case}, bf16 autocast")
+    host_costs()
+    for train in (True, False):
+        for impl in args.impls:
+            step = make_step(impl, case, train)
+            ms, peak = time_step(step)
+            print(f"{'train step' if train else 'forward'} {impl:16s} {ms:7.2f} ms  peak {peak:5.2f} GB", flush=True)
+            if impl in args.profile:
+                top_kernels(step)
+            del step
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
