@@ -40,6 +40,12 @@ def _load_tile(ptr, idx, dims, stride_l, L):
 
 
 @triton.jit
+def _key_ok(key_valid_ptr, cols, L):
+    """Whether each key of `cols` may be attended: a valid (non-padding) position before L."""
+    return tl.load(key_valid_ptr + cols, mask=cols < L, other=0) != 0
+
+
+@triton.jit
 def _scores(q, k, key_ok, rows, cols, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """q @ k.T in log2 units (qk_scale = log2(e) / sqrt(Dh)), -inf where a key is padding or past L (key_ok)
     and, on the diagonal tiles (CAUSAL), where it lies after the query."""
@@ -62,7 +68,7 @@ def _attend(acc, m_i, l_i, q, k_ptr, v_ptr, key_valid_ptr, rows, dims, start, en
     """The online-softmax update of one query tile over the key tiles start..end."""
     for kstart in range(start, end, BLOCK_N):
         cols = kstart + tl.arange(0, BLOCK_N)
-        key_ok = tl.load(key_valid_ptr + cols, mask=cols < L, other=0) != 0
+        key_ok = _key_ok(key_valid_ptr, cols, L)
         s = _scores(q, _load_tile(k_ptr, cols, dims, stride_l, L), key_ok, rows, cols, qk_scale, CAUSAL,
                     PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -173,7 +179,7 @@ def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, do_ptr, lse_p
     base, g_base = b * stride_b + h * stride_h, b * stride_gb + h * stride_gh
     k = _load_tile(k_ptr + base, cols, dims, stride_l, L)  # this program's keys / values, loaded once
     v = _load_tile(v_ptr + base, cols, dims, stride_l, L)
-    key_ok = tl.load(key_valid_ptr + b * L + cols, mask=cols < L, other=0) != 0
+    key_ok = _key_ok(key_valid_ptr + b * L, cols, L)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     # queries before the block's first key see none of it; the diagonal tiles need the causal test, later ones not
@@ -196,7 +202,7 @@ def _dq_step(dq, q, do, lse, delta, k_ptr, v_ptr, key_valid_ptr, bh, rows, dims,
     for kstart in range(start, end, BLOCK_N):
         cols = kstart + tl.arange(0, BLOCK_N)
         k = _load_tile(k_ptr, cols, dims, stride_l, L)
-        key_ok = tl.load(key_valid_ptr + cols, mask=cols < L, other=0) != 0
+        key_ok = _key_ok(key_valid_ptr, cols, L)
         _, ds = _probs_and_dscores(q, do, lse, delta, k, _load_tile(v_ptr, cols, dims, stride_l, L), key_ok, seed,
                                    bh, rows, cols, L, qk_scale, p, CAUSAL, HAS_DROPOUT, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
