@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from trm_fast import torch_ops
-from trm_fast.kernels.matmul import autocast_cast, dot_as, dot_config, matmul_into, tile_configs
+from trm_fast.kernels.matmul import autocast_cast, dot_as, dot_config, matmul_into, tile_configs, tile_grid
+
 
 @triton.jit
 def _accumulate(acc, x_ptr, stride_xm, w_ptr, stride_wn, rows, cols, M, N, K, DOT_DTYPE: tl.constexpr,
@@ -65,10 +66,9 @@ def concat_linear_fwd_triton(inputs: Sequence[torch.Tensor], weight: torch.Tenso
     x0, x1, x2 = inputs[0], inputs[1], inputs[-1]
     out = torch.empty(M, N, device=x0.device, dtype=weight.dtype)
     dtype, precision = dot_config(weight.dtype)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-    _concat_linear_fwd_kernel[grid](x0, x1, x2, x0.stride(0), x1.stride(0), x2.stride(0), weight, weight.stride(0),
-                                    bias, out, out.stride(0), M, N, K, NUM_INPUTS=len(inputs), DOT_DTYPE=dtype,
-                                    PRECISION=precision)
+    _concat_linear_fwd_kernel[tile_grid(M, N)](x0, x1, x2, x0.stride(0), x1.stride(0), x2.stride(0), weight,
+                                               weight.stride(0), bias, out, out.stride(0), M, N, K,
+                                               NUM_INPUTS=len(inputs), DOT_DTYPE=dtype, PRECISION=precision)
     return out
 
 

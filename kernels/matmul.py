@@ -33,6 +33,11 @@ def tile_configs(names, tiles, interpreted):
     return [triton.Config(dict(zip(names, t)), num_warps=t[-2], num_stages=t[-1]) for t in chosen]
 
 
+def tile_grid(M: int, N: int):
+    """The launch grid of an [M, N] output in the autotuned config's BLOCK_M x BLOCK_N tiles."""
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
+
+
 def dot_config(dtype: torch.dtype):
     """(Triton dot dtype, input precision) for operands computed in `dtype`."""
     if dtype == torch.float32:
@@ -110,8 +115,7 @@ def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, dot_dtype: 
     [M, N] tensor."""
     (M, K), N = a.shape, b.shape[1]
     dtype, precision = dot_config(dot_dtype)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-    _matmul_kernel[grid](a, b, out, bias if bias is not None else out, aux if aux is not None else out,
-                         M, N, K, a.stride(0), a.stride(1), b.stride(0),
-                         b.stride(1), out.stride(0), out.stride(1), EPILOGUE=epilogue, HAS_AUX=aux is not None,
-                         DOT_DTYPE=dtype, PRECISION=precision)
+    _matmul_kernel[tile_grid(M, N)](a, b, out, bias if bias is not None else out, aux if aux is not None else out,
+                                    M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
+                                    out.stride(1), EPILOGUE=epilogue, HAS_AUX=aux is not None, DOT_DTYPE=dtype,
+                                    PRECISION=precision)
