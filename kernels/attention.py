@@ -1,14 +1,13 @@
 """`trm_fast::attention`: causal self-attention with a key-padding mask and attention-probability dropout,
 flash-style (online softmax, no L x L matrix in memory), forward and backward.
 
-q, k, v are [B, L, H, Dh] views with unit stride over Dh (e.g. slices of the QKV projection's output),
-Dh 16, 32 or 64 on CUDA (other head dims take the torch path; any size on the CPU path). Query i attends to keys j <= i with
-key_valid[b, j]; a query with no such key outputs zero and gets no gradient (its log-sum-exp is stored as
-+inf). The dropout mask is drawn
-from (seed, element index) with `tl.rand` and drawn again in the backward, never stored. Backward: the
-FlashAttention-2 split, one kernel for dK / dV (a program per key block) and one for dQ (a program per
-query block), with delta = rowsum(dO * O) computed first. Scores are kept in log2 units (exp2); only the
-tiles on the diagonal apply the causal test. Tile sizes are autotuned on CUDA.
+q, k, v are [B, L, H, Dh] views with unit stride over Dh (e.g. slices of the QKV projection's output), Dh 16,
+32 or 64 on CUDA (other head dims take the torch path; any size on the CPU path). Query i attends to keys j <=
+i with key_valid[b, j]; a query with no such key outputs zero and gets no gradient (its log-sum-exp is stored
+as +inf). The dropout mask is drawn from (seed, element index) with `tl.rand` and drawn again in the backward,
+never stored. Backward: the FlashAttention-2 split, one kernel for dK / dV (a program per key block) and one
+for dQ (a program per query block), with delta = rowsum(dO * O) computed first. Scores are kept in log2 units
+(exp2); only the tiles on the diagonal apply the causal test. Tile sizes are autotuned on CUDA.
 """
 import math
 from typing import Tuple
