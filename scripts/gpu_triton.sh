@@ -20,5 +20,5 @@ timeout 300 python3 scripts/train_step_profile.py ${PROFILE_ARGS:-} 2>&1 | tee "
 [ -n "${SECOND_CASE_ARGS:-}" ] && timeout 240 python3 scripts/train_step_profile.py $SECOND_CASE_ARGS 2>&1 | tee "$OUT/profile2.txt"
 if [ "${SKIP_PARITY:-0}" != 1 ]; then
   echo "== training parity"
-  OUT=/tmp/trm_fast_parity DATA=$DATA STEPS=${PARITY_STEPS:-1000} timeout 300 bash scripts/triton_training_parity.sh 2>&1 | tail -n 3
+  OUT=/tmp/trm_fast_parity DATA=$DATA STEPS=${PARITY_STEPS:-1000} timeout 300 bash scripts/triton_training_parity.sh 2>&1 | tail -n 3 | tee "$OUT/parity.txt"
 fi
