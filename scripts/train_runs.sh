@@ -3,7 +3,8 @@
 # SentencePiece model trained here by `train-spm`), each under a wall-time budget.
 # usage: scripts/train_runs.sh OUT_DIR [DATA_DIR]   (DATA_DIR defaults to ../shared/data)
 # env: MINUTES (10), SEQ_LEN (256), BATCH (64), LR (1e-3), SPM_VOCAB (4000), DROPOUT (0.1),
-# WEIGHT_DECAY (0.01), EMA_DECAY (0.995), ADAM_BETA2 (0.999), WARMUP (200), RUNS ("shakespeare neko"), PARALLEL (0: one after the other; 1: both at once, sharing the device).
+# WEIGHT_DECAY (0.01), EMA_DECAY (0.995), ADAM_BETA2 (0.999), WARMUP (200), RANDOM_WINDOWS (0; 1: --random-windows),
+# RUNS ("shakespeare neko"), PARALLEL (0: one after the other; 1: both at once, sharing the device).
 set -euo pipefail
 OUT=${1:?usage: scripts/train_runs.sh OUT_DIR [DATA_DIR]}
 DATA=${2:-../shared/data}
@@ -17,6 +18,7 @@ run() {  # name data tokenizer
   python -m trm_fast train --data "$2" --tokenizer "$3" --pack --preset small --seq-len "$SEQ_LEN" \
     --batch-size "$BATCH" --lr "$LR" --weight-decay "${WEIGHT_DECAY:-0.01}" --ema-decay "${EMA_DECAY:-0.995}" \
     --adam-beta2 "${ADAM_BETA2:-0.999}" --warmup-steps "${WARMUP:-200}" \
+    $([ "${RANDOM_WINDOWS:-0}" = 1 ] && echo --random-windows) \
     --minutes "$MINUTES" --eval-every 250 --eval-batches 40 --log-every 50 --set "dropout=${DROPOUT:-0.1}" \
     --out "$OUT/$1" --summary "$OUT/$1.json" > "$OUT/$1.log" 2>&1
 }

@@ -128,6 +128,7 @@ def test_error_paths(trained, tmp_path, capsys):
     _error(capsys, ["train", "--set", "d_model"], "--set expects key=value")
     _error(capsys, ["train", "--set", "colour=1", "--max-steps", "1"], "colour")
     _error(capsys, ["train", "--resume", ckpt, "--preset", "small"], "its model config differs in")
+    _error(capsys, ["train", "--random-windows", "--max-steps", "1"], "--random-windows needs --pack")
     _error(capsys, ["generate", "--checkpoint", str(tmp_path / "none.pt"), "--prompt", "x"], "checkpoint not found")
     _error(capsys, ["generate", "--checkpoint", ckpt, "--prompt", ""], "a prompt is empty")
     _error(capsys, ["generate", "--checkpoint", ckpt, "--prompt", "x", "--top-p", "2"], "top_p")

@@ -109,6 +109,27 @@ def test_packing_makes_every_token_a_target_once():
         ds.split(1.5)
 
 
+def test_random_windows_cut_the_training_stream_at_any_offset():
+    tok = ByteTokenizer()
+    texts = ["hello world", "second doc", "third one here"]
+    train, val = TokenDataset(texts, tok, max_seq_len=5, pack=True).split(0.25)
+    stream = train.stream.tolist()
+    assert stream == [i for t in texts for i in tok.encode(t)][:len(train) * 5 + 1]
+    batch = train.random_windows(64, torch.Generator().manual_seed(0))
+    assert batch["input_ids"].shape == batch["target_ids"].shape == batch["attention_mask"].shape == (64, 5)
+    assert bool(batch["attention_mask"].all())
+    starts = set()
+    for inputs, targets in zip(batch["input_ids"].tolist(), batch["target_ids"].tolist()):
+        start = next(k for k in range(len(stream) - 5) if stream[k:k + 5] == inputs)
+        assert targets == stream[start + 1:start + 6]  # inside the training part: no validation token as a target
+        starts.add(start)
+    assert len(starts) > 3  # not only the fixed cuts' offsets
+    again = train.random_windows(64, torch.Generator().manual_seed(0))
+    assert torch.equal(again["input_ids"], batch["input_ids"])
+    with pytest.raises(ValueError, match="packed"):
+        TokenDataset(texts, tok, max_seq_len=5).random_windows(2, torch.Generator())
+
+
 def test_dataset_errors():
     with pytest.raises(ValueError, match="no training sample"):
         TokenDataset(["", ""], ByteTokenizer(), 8)

@@ -53,9 +53,11 @@ def test_loss_falls_and_outputs_are_written(tmp_path):
     assert evaluate(ema, val_set)["loss"] == pytest.approx(vals[-1], rel=1e-5)
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("random_windows", [False, True])
+def test_resume_continues_exactly(tmp_path, random_windows):
     train_set, _ = _data()
-    config = TrainConfig(batch_size=4, lr=1e-3, warmup_steps=2, max_steps=6, eval_every=100, save_every=3)
+    config = TrainConfig(batch_size=4, lr=1e-3, warmup_steps=2, max_steps=6, eval_every=100, save_every=3,
+                         random_windows=random_windows)
     train(_model(), train_set, None, config, out_dir=str(tmp_path / "a"), log=_quiet)
     result = train(_model(seed=5), train_set, None, config, out_dir=str(tmp_path / "b"),
                    resume=str(tmp_path / "a" / "checkpoint-000003.pt"), log=_quiet)
@@ -121,3 +123,9 @@ def test_adam_beta2_reaches_the_optimizer():
         train(model, train_set, None, TrainConfig(batch_size=4, max_steps=3, adam_beta2=beta2), log=_quiet)
         weights.append(model.tiny_net.yz_proj.weight.detach().clone())
     assert not torch.allclose(weights[0], weights[1])
+
+
+def test_curve_axis_labels_use_only_drawable_glyphs():
+    from trm_fast.plot import GLYPHS, _label
+    assert [_label(v) for v in (2790, 11000, 1.28, -0.5)] == ["2.8k", "11k", "1.28", "-0.5"]
+    assert all(set(_label(v)) <= set(GLYPHS) for v in (0, 0.01, 43.8, 999, 1000, 5580, 250000, -12000))

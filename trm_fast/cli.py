@@ -78,6 +78,8 @@ def cmd_train(args) -> None:
                      **_overrides(args.set)}
         config = preset_config(args.preset or "tiny", **overrides)
     _check_vocab(tokenizer, config)
+    if args.random_windows and not args.pack:
+        raise ValueError("--random-windows needs --pack (the windows are cut from the packed text)")
     train_set, val_set = _datasets(args, tokenizer, args.seq_len or config.max_seq_len)
     model = TRMModel(config, kernels=args.kernels).to(device)
     print(f"trm-fast train: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}, "
@@ -88,7 +90,7 @@ def cmd_train(args) -> None:
         max_steps=args.max_steps, minutes=args.minutes, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
         adam_beta2=args.adam_beta2,
         eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
-        log_every=args.log_every, seed=args.seed, bf16=not args.no_bf16)
+        log_every=args.log_every, seed=args.seed, bf16=not args.no_bf16, random_windows=args.random_windows)
     result = train(model, train_set, val_set, train_config, out_dir=args.out, resume=args.resume,
                    tokenizer=tokenizer.name)
     print(f"checkpoint: {result['checkpoint']}\nmetrics: {Path(args.out) / 'metrics.jsonl'}\n"
@@ -254,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", choices=["tiny", "small", "base"], help="model size (default tiny)")
     train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config fields, e.g. dropout=0.0")
     train.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"])
+    train.add_argument("--random-windows", action="store_true",
+                       help="with --pack: each step takes windows at random offsets of the text, not the fixed cuts")
     train.add_argument("--batch-size", type=int, default=16)
     train.add_argument("--lr", type=float, default=3e-4)
     train.add_argument("--weight-decay", type=float, default=0.01)

@@ -154,7 +154,8 @@ class TokenDataset(torch.utils.data.Dataset):
 
     Per document (the seed's way): each text is tokenized with eos, truncated to max_seq_len + 1 and
     shifted. Packed (`pack=True`): all documents are concatenated and cut into windows of max_seq_len + 1
-    tokens, consecutive windows overlapping by one token so every token is a target once.
+    tokens, consecutive windows overlapping by one token so every token is a target once; the token stream
+    stays as `stream`, for `random_windows`.
     """
 
     def __init__(self, texts: Iterable[str], tokenizer: Tokenizer, max_seq_len: int, pack: bool = False,
@@ -163,15 +164,19 @@ class TokenDataset(torch.utils.data.Dataset):
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.max_seq_len, self.pad_id = max_seq_len, tokenizer.pad_id
         span = max_seq_len + 1
+        self.stream: Optional[torch.Tensor] = None
         if pack:
             stream = torch.tensor([i for text in texts for i in tokenizer.encode(text)], dtype=torch.long)
             count = max(0, (len(stream) - 1) // max_seq_len)
             self.samples = [stream[k * max_seq_len: k * max_seq_len + span] for k in range(count)]
+            self.stream = stream[:count * max_seq_len + 1]
         else:
             rows = (tokenizer.encode(text)[:span] for text in texts)
             self.samples = [torch.tensor(ids, dtype=torch.long) for ids in rows if len(ids) >= 2]
         if max_samples is not None:
             self.samples = self.samples[:max_samples]
+            if self.stream is not None:
+                self.stream = self.stream[:len(self.samples) * max_seq_len + 1]
         if not self.samples:
             raise ValueError("the data gave no training sample (every text is shorter than 2 tokens?)")
 
@@ -181,6 +186,17 @@ class TokenDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         row = self.samples[index]
         return row[:-1], row[1:]
+
+    def random_windows(self, count: int, generator: torch.Generator) -> dict:
+        """A batch (as `collate_batch` makes) of `count` windows of a packed dataset, each starting at a
+        random offset of its token stream (nanoGPT's sampling): unlike the fixed cuts, a token is seen at
+        every position of the context over training. The windows cover the same tokens as the samples."""
+        if self.stream is None:
+            raise ValueError("random windows need a packed dataset (pack=True)")
+        starts = torch.randint(0, len(self.stream) - self.max_seq_len, (count, 1), generator=generator)
+        rows = self.stream[starts + torch.arange(self.max_seq_len + 1)]
+        return {"input_ids": rows[:, :-1], "target_ids": rows[:, 1:],
+                "attention_mask": torch.ones(count, self.max_seq_len, dtype=torch.long)}
 
     def split(self, val_fraction: float) -> Tuple["TokenDataset", "TokenDataset"]:
         """The first (1 - val_fraction) of the samples and the rest, in order (the tail of a text is validation)."""
@@ -192,6 +208,8 @@ class TokenDataset(torch.utils.data.Dataset):
         train, val = (object.__new__(TokenDataset) for _ in range(2))
         for part, samples in ((train, self.samples[:cut]), (val, self.samples[cut:])):
             part.max_seq_len, part.pad_id, part.samples = self.max_seq_len, self.pad_id, samples
+        train.stream, val.stream = ((None, None) if self.stream is None else
+                                    (self.stream[:cut * self.max_seq_len + 1], self.stream[cut * self.max_seq_len:]))
         return train, val
 
 

@@ -20,7 +20,10 @@ def _png(pixels: List[bytearray], width: int, height: int) -> bytes:
 
 
 def _label(value: float) -> str:
-    return f"{value / 1000:.0f}k" if abs(value) >= 10000 else f"{value:.3g}"
+    """An axis label in the glyphs there are (no exponent: 2790 -> 2.8k, 11000 -> 11k)."""
+    if abs(value) >= 10000:
+        return f"{value / 1000:.0f}k"
+    return f"{value / 1000:.2g}k" if abs(value) >= 1000 else f"{value:.3g}"
 
 
 def line_plot(path: str, series: Dict[str, Sequence[Tuple[float, float]]], width: int = 640,

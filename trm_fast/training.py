@@ -39,6 +39,7 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = True  # autocast to bf16 on CUDA
     supervision_steps: Optional[int] = None  # train with this many supervision steps (default: the config's)
+    random_windows: bool = False  # packed data: each step draws windows at random offsets, not the fixed cuts
 
     def __post_init__(self):
         for name in ("batch_size", "eval_every", "log_every"):
@@ -89,6 +90,14 @@ def batch_indices(size: int, batch_size: int, step: int, seed: int) -> torch.Ten
     epoch, k = divmod(step, per_epoch)
     order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return order[k * batch_size:(k + 1) * batch_size]
+
+
+def step_batch(train_set: TokenDataset, config: TrainConfig, step: int) -> dict:
+    """The collated batch of a step, determined by (seed, step) so that a resumed run sees the same data."""
+    if config.random_windows:
+        return train_set.random_windows(config.batch_size, torch.Generator().manual_seed(config.seed * 1_000_003 + step))
+    indices = batch_indices(len(train_set), config.batch_size, step, config.seed)
+    return collate_batch([train_set[i] for i in indices.tolist()], train_set.pad_id)
 
 
 class Progress:
@@ -190,8 +199,7 @@ def train(model: torch.nn.Module, train_set: TokenDataset, val_set: Optional[Tok
         lr = config.lr * min(1.0, (step + 1) / max(config.warmup_steps, 1)) * (1.0 - progress())
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = collate_batch([train_set[i] for i in batch_indices(len(train_set), config.batch_size, step,
-                                                                   config.seed).tolist()], train_set.pad_id)
+        batch = step_batch(train_set, config, step)
         tokens += int(batch["attention_mask"].sum())
         batch = _to(batch, device)
         with autocast(device, config.bf16):
