@@ -60,6 +60,37 @@ def test_extraction_averages_alternative_queries_and_is_deterministic():
     assert torch.equal(vectors, extract_task_vectors(model, TOK, demos, queries, num_test_inputs_to_avg=2))
 
 
+def test_relative_vectors_subtract_the_bare_query_states():
+    model = _model(seed=2)
+    vectors = extract_task_vectors(model, TOK, [[("a", "b")]], [["e", "fg"]], num_test_inputs_to_avg=2, relative=True)
+    with_demos = last_position_states(model, TOK, ["a>b,e>", "a>b,fg>"])
+    bare = last_position_states(model, TOK, ["e>", "fg>"])
+    torch.testing.assert_close(vectors[0], (with_demos - bare).mean(dim=0))
+
+
+@pytest.mark.parametrize("layer", [3, 14])
+def test_add_mode_adds_the_scaled_vector_to_the_call_output(layer):
+    model = _model(seed=1)
+    ids = _ids("a>b,c>d,e>")
+    plain = model(ids)["logits"]
+    torch.testing.assert_close(modulated_forward(model, ids, torch.zeros(1, 32), layer, mode="add"), plain)
+    vector = torch.randn(1, 32)
+
+    def by_hand(index, h):
+        if index == layer:
+            h = h.clone()
+            h[:, -1] += 1.5 * vector
+        return h
+    with tinynet_call_hook(model, by_hand):
+        expected = model(ids)["logits"]
+    added = modulated_forward(model, ids, vector, layer, mode="add", scale=1.5)
+    torch.testing.assert_close(added, expected)
+    assert (added[:, -1] - plain[:, -1]).abs().max() > 1e-3
+    answers = modulated_generate(model, TOK, ["e"], vector, layer, max_new_tokens=1, mode="add", scale=1.5)
+    assert answers == [TOK.decode([int(modulated_forward(model, _ids("e>"), vector, layer, mode="add",
+                                                         scale=1.5)[0, -1].argmax())]).split(",")[0]]
+
+
 def test_modulated_generate_takes_the_injected_first_token():
     model = _model(seed=3)
     vectors = torch.randn(2, 32)
@@ -77,6 +108,8 @@ def test_errors():
         modulated_forward(model, _ids("a>"), torch.zeros(1, 32), 16)
     with pytest.raises(ValueError, match="vectors must have shape"):
         modulated_forward(model, _ids("a>"), torch.zeros(2, 32), 0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        modulated_forward(model, _ids("a>"), torch.zeros(1, 32), 0, mode="mix")
     with pytest.raises(ValueError, match="demos and queries must pair up"):
         extract_task_vectors(model, TOK, [[("a", "b")]], [], 1)
     with pytest.raises(ValueError, match="at least num_test_inputs_to_avg=3"):

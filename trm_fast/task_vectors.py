@@ -3,6 +3,11 @@ of them). The state a call outputs at the last position of a few-shot prompt, av
 queries, is the task vector; injecting it at that call into a pass over the bare query should recover
 the in-context behaviour.
 
+Two ways to inject: `mode="replace"` (Hendel et al.) overwrites the call's output at the last position;
+`mode="add"` adds `scale` times a relative vector (`extract_task_vectors(..., relative=True)`: the state
+with demonstrations minus the state of the same query without them) to it, so the query's own state,
+which the replacement throws away, is kept.
+
 Prompts use the format `a>b,c>d,e>`: demonstrations `input>output` joined by `,`, then the query and `>`.
 """
 from __future__ import annotations
@@ -68,27 +73,36 @@ def last_position_states(model, tokenizer, prompts: Sequence[str]) -> torch.Tens
 
 
 def extract_task_vectors(model, tokenizer, demos: Sequence[Sequence[Demo]], queries: Sequence[Sequence[str]],
-                         num_test_inputs_to_avg: int = 2) -> torch.Tensor:
+                         num_test_inputs_to_avg: int = 2, relative: bool = False) -> torch.Tensor:
     """[len(demos), layers, D]: for each demonstration set, the last-position states of its prompt with
-    each of `num_test_inputs_to_avg` alternative queries (queries[k][:n]), averaged."""
+    each of `num_test_inputs_to_avg` alternative queries (queries[k][:n]), averaged. With `relative`, the
+    states of the bare queries (`q>`) are subtracted first: what the demonstrations add (for mode="add")."""
     if len(demos) != len(queries):
         raise ValueError(f"demos and queries must pair up: {len(demos)} demo sets, {len(queries)} query lists")
     if num_test_inputs_to_avg < 1 or any(len(q) < num_test_inputs_to_avg for q in queries):
         raise ValueError(f"every query list needs at least num_test_inputs_to_avg={num_test_inputs_to_avg} queries")
-    prompts = [build_prompt(d, q) for d, qs in zip(demos, queries) for q in qs[:num_test_inputs_to_avg]]
-    states = last_position_states(model, tokenizer, prompts)
+    pairs = [(d, q) for d, qs in zip(demos, queries) for q in qs[:num_test_inputs_to_avg]]
+    states = last_position_states(model, tokenizer, [build_prompt(d, q) for d, q in pairs])
+    if relative:
+        states -= last_position_states(model, tokenizer, [build_prompt([], q) for _, q in pairs])
     return states.view(len(demos), num_test_inputs_to_avg, *states.shape[1:]).mean(dim=1)
+
+
+INJECTION_MODES = ("replace", "add")
 
 
 @torch.no_grad()
 def modulated_forward(model, input_ids: torch.Tensor, vectors: torch.Tensor, layer: int,
-                      every_step: bool = False) -> torch.Tensor:
+                      every_step: bool = False, mode: str = "replace", scale: float = 1.0) -> torch.Tensor:
     """Final logits [B, L, V] of a forward in which the output of TinyNet call `layer` at the last
-    position is replaced by vectors [B, D]; with `every_step`, also the same call of every later
-    supervision step (the recursion contracts, so a single early injection fades)."""
+    position is replaced by `scale` * vectors [B, D] (mode "replace") or has it added (mode "add"); with
+    `every_step`, also the same call of every later supervision step (the recursion contracts, so a
+    single early injection fades)."""
     layers = num_layers(model)
     if not 0 <= layer < layers:
         raise ValueError(f"layer must be in [0, {layers}), got {layer}")
+    if mode not in INJECTION_MODES:
+        raise ValueError(f"mode must be one of {INJECTION_MODES}, got {mode!r}")
     if vectors.shape != (input_ids.size(0), model.config.d_model):
         raise ValueError(f"vectors must have shape [batch, d_model] = {(input_ids.size(0), model.config.d_model)}, "
                          f"got {tuple(vectors.shape)}")
@@ -99,7 +113,8 @@ def modulated_forward(model, input_ids: torch.Tensor, vectors: torch.Tensor, lay
         if index != layer and not (every_step and index > layer and (index - layer) % per_step == 0):
             return h
         h = h.clone()
-        h[:, -1] = vectors.to(h.dtype)
+        vector = scale * vectors.to(h.dtype)
+        h[:, -1] = h[:, -1] + vector if mode == "add" else vector
         return h
 
     model.eval()
@@ -114,14 +129,15 @@ def decode_prediction(tokenizer, ids: Sequence[int]) -> str:
 
 @torch.no_grad()
 def modulated_generate(model, tokenizer, queries: Sequence[str], vectors: torch.Tensor, layer: int,
-                       max_new_tokens: int = 2, every_step: bool = False) -> List[str]:
-    """For each bare query `q>`: the first token greedily from the injected pass, the rest by ordinary
-    greedy generation; returns the decoded answers."""
+                       max_new_tokens: int = 2, every_step: bool = False, mode: str = "replace",
+                       scale: float = 1.0) -> List[str]:
+    """For each bare query `q>`: the first token greedily from the injected pass (`modulated_forward`),
+    the rest by ordinary greedy generation; returns the decoded answers."""
     answers: List[str] = [""] * len(queries)
     prompts = [build_prompt([], q) for q in queries]
     for indices in _by_length(tokenizer, prompts).values():
         ids = _encode_batch(model, tokenizer, [prompts[i] for i in indices])
-        first = modulated_forward(model, ids, vectors[indices], layer, every_step)[:, -1].argmax(dim=-1)
+        first = modulated_forward(model, ids, vectors[indices], layer, every_step, mode, scale)[:, -1].argmax(dim=-1)
         for row, index in enumerate(indices):
             prompt = ids[row].tolist() + [int(first[row])]
             out = model.generate(prompt, max_new_tokens - 1, top_k=1, q_threshold=None) if max_new_tokens > 1 else prompt
@@ -142,15 +158,15 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
 
 
 def select_layer(model, tokenizer, dev_set: Sequence[dict], num_test_inputs_to_avg: int = 2,
-                 every_step: bool = False) -> Tuple[int, List[float]]:
+                 every_step: bool = False, mode: str = "replace", scale: float = 1.0) -> Tuple[int, List[float]]:
     """The layer whose task vectors give the best accuracy on dev_set (items with "demos", "alt_queries",
-    "query", "answer"); returns it and the accuracy of every layer."""
+    "query", "answer"); returns it and the accuracy of every layer. Mode "add" uses relative vectors."""
     vectors = extract_task_vectors(model, tokenizer, [d["demos"] for d in dev_set],
-                                   [d["alt_queries"] for d in dev_set], num_test_inputs_to_avg)
+                                   [d["alt_queries"] for d in dev_set], num_test_inputs_to_avg, relative=mode == "add")
     accuracies = []
     for layer in range(num_layers(model)):
         answers = modulated_generate(model, tokenizer, [d["query"] for d in dev_set], vectors[:, layer], layer,
-                                     every_step=every_step)
+                                     every_step=every_step, mode=mode, scale=scale)
         accuracies.append(sum(a == d["answer"] for a, d in zip(answers, dev_set)) / len(dev_set))
     return max(range(len(accuracies)), key=accuracies.__getitem__), accuracies
 
