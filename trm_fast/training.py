@@ -95,7 +95,8 @@ def batch_indices(size: int, batch_size: int, step: int, seed: int) -> torch.Ten
 def step_batch(train_set: TokenDataset, config: TrainConfig, step: int) -> dict:
     """The collated batch of a step, determined by (seed, step) so that a resumed run sees the same data."""
     if config.random_windows:
-        return train_set.random_windows(config.batch_size, torch.Generator().manual_seed(config.seed * 1_000_003 + step))
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        return train_set.random_windows(config.batch_size, generator)
     indices = batch_indices(len(train_set), config.batch_size, step, config.seed)
     return collate_batch([train_set[i] for i in indices.tolist()], train_set.pad_id)
 
