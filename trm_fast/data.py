@@ -164,19 +164,18 @@ class TokenDataset(torch.utils.data.Dataset):
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.max_seq_len, self.pad_id = max_seq_len, tokenizer.pad_id
         span = max_seq_len + 1
-        self.stream: Optional[torch.Tensor] = None
+        stream = None
         if pack:
             stream = torch.tensor([i for text in texts for i in tokenizer.encode(text)], dtype=torch.long)
             count = max(0, (len(stream) - 1) // max_seq_len)
             self.samples = [stream[k * max_seq_len: k * max_seq_len + span] for k in range(count)]
-            self.stream = stream[:count * max_seq_len + 1]
         else:
             rows = (tokenizer.encode(text)[:span] for text in texts)
             self.samples = [torch.tensor(ids, dtype=torch.long) for ids in rows if len(ids) >= 2]
         if max_samples is not None:
             self.samples = self.samples[:max_samples]
-            if self.stream is not None:
-                self.stream = self.stream[:len(self.samples) * max_seq_len + 1]
+        # the tokens the samples cover (windows overlap by one token)
+        self.stream = None if stream is None else stream[:len(self.samples) * max_seq_len + 1]
         if not self.samples:
             raise ValueError("the data gave no training sample (every text is shorter than 2 tokens?)")
 
