@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from trm_fast.torch_ops import autocast_dtype
+
 NONE, BIAS, BIAS_GELU, GELU_GRAD = 0, 1, 2, 3  # BIAS_GELU keeps the pre-activation in `aux` when one is given
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("TRM_FAST_AUTOTUNE", "1") != "0"
@@ -101,10 +103,9 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, M, N, K, stride_am, s
 
 def autocast_cast(*tensors: torch.Tensor):
     """The tensors in the autocast dtype when autocast is on for their device (what F.linear would run in)."""
-    device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
+    dtype = autocast_dtype(tensors[0].device.type)
+    if dtype is None:
         return tensors
-    dtype = torch.get_autocast_dtype(device_type)
     return tuple(t if t.dtype == dtype else t.to(dtype) for t in tensors)
 
 

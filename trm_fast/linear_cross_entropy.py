@@ -14,6 +14,8 @@ from typing import Tuple
 
 import torch
 
+from .torch_ops import autocast_dtype
+
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
@@ -71,6 +73,5 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"linear_cross_entropy: chunk must be a positive int, got {chunk!r}")
     # under no_grad the forward computes the loss only (needs_input_grad does not see grad mode); under autocast
     # the logits are computed in its dtype, as the seed's output head's are
-    device_type = hidden.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    dtype = autocast_dtype(hidden.device.type) or hidden.dtype
     return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk, torch.is_grad_enabled(), dtype)

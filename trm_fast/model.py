@@ -13,6 +13,7 @@ from .early_exit import EarlyExit, compacted_early_exit
 from .dispatch import check_kernels_choice, tinynet_ops
 from .linear_cross_entropy import linear_cross_entropy
 from .reference import TRMConfig
+from .torch_ops import autocast_dtype
 
 
 class DispatchTinyNet(reference.TinyNet):
@@ -43,10 +44,10 @@ class DispatchTinyNet(reference.TinyNet):
 
     def _linear(self, *params: torch.Tensor):
         """The linear-layer parameters in the autocast dtype when autocast is on (else as they are)."""
-        device_type = params[0].device.type
-        if not torch.is_autocast_enabled(device_type):
+        dtype = autocast_dtype(params[0].device.type)
+        if dtype is None:
             return params
-        dtype, grad = torch.get_autocast_dtype(device_type), torch.is_grad_enabled()
+        grad = torch.is_grad_enabled()
         return tuple(self._memo_get((p, dtype, grad), lambda p=p: p.to(dtype)) for p in params)
 
     def _block(self, ops, h: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
