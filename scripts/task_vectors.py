@@ -1,7 +1,7 @@
 """Train a TRM on the synthetic in-context task suite, then report per task: zero-shot, in-context and
-task-vector accuracy (layer chosen per task on a dev set; the vector injected once, at the same call of
-every later supervision step, and added as a relative vector with its scale chosen on the dev set too),
-and the share of in-context accuracy that the task vectors recover.
+task-vector accuracy (the vector injected once, at the same call of every later supervision step, and
+added as a relative vector; call and scale chosen per task by first-token accuracy on a dev set), and
+the share of in-context accuracy that the task vectors recover (test answers generated in full).
 
     python scripts/task_vectors.py --minutes 10 --out runs/task_vectors   # cuda when present, else cpu
 """
@@ -30,14 +30,14 @@ def main():
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--train-lines", type=int, default=200_000)
-    parser.add_argument("--dev", type=int, default=48, help="dev items per task (layer and scale selection)")
+    parser.add_argument("--dev", type=int, default=200, help="dev items per task (layer and scale selection)")
     parser.add_argument("--test", type=int, default=100, help="test items per task")
     parser.add_argument("--demos", type=int, default=4)
     parser.add_argument("--alt-queries", type=int, default=4, help="alternative queries a task vector averages over")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", default="runs/task_vectors")
     parser.add_argument("--checkpoint", help="evaluate this trained model (its EMA weights) instead of training one")
-    parser.add_argument("--add-scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0],
+    parser.add_argument("--add-scales", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0, 3.0, 4.0],
                         help="scales tried (on the dev set) for the added relative vectors")
     parser.add_argument("--train-only", action="store_true",
                         help="stop after training (evaluate the checkpoint later with --checkpoint)")
@@ -70,7 +70,10 @@ def main():
         n = args.alt_queries
         layer, layer_accuracies = select_layer(model, tokenizer, dev, n)
         every_layer, every_accuracies = select_layer(model, tokenizer, dev, n, every_step=True)
-        added = {scale: select_layer(model, tokenizer, dev, n, mode="add", scale=scale) for scale in args.add_scales}
+        dev_relative = extract_task_vectors(model, tokenizer, [d["demos"] for d in dev], [d["alt_queries"] for d in dev],
+                                            n, relative=True)
+        added = {scale: select_layer(model, tokenizer, dev, mode="add", scale=scale, vectors=dev_relative)
+                 for scale in args.add_scales}
         add_scale = max(added, key=lambda scale: max(added[scale][1]))
         add_layer = added[add_scale][0]
         demos, alt_queries = [t["demos"] for t in test], [t["alt_queries"] for t in test]
@@ -97,7 +100,10 @@ def main():
     icl = sum(r["in_context"] for r in rows.values()) / len(rows)
     tv, tv_every, tv_add = (sum(r[key] for r in rows.values()) / len(rows)
                             for key in ("task_vector", "task_vector_every_step", "task_vector_add"))
-    summary = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "preset": args.preset,
+    summary = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "preset": None if args.checkpoint else args.preset,
+               "model": {k: getattr(model.config, k) for k in ("d_model", "n_heads", "supervision_steps",
+                                                               "deep_steps", "latent_steps")},
                "checkpoint": args.checkpoint, "train_steps": result["step"],
                "train_minutes": None if args.checkpoint else args.minutes, "val_loss": result["val_loss"],
                "dev_items": args.dev, "test_items": args.test, "alt_queries": args.alt_queries,

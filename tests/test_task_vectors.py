@@ -7,9 +7,9 @@ import torch
 import trm_fast
 from trm_fast import reference
 from trm_fast.data import ByteTokenizer
-from trm_fast.task_vectors import (TASKS, build_prompt, extract_task_vectors, last_position_states, modulated_forward,
-                                   modulated_generate, num_layers, select_layer, task_item, tinynet_call_hook,
-                                   training_texts)
+from trm_fast.task_vectors import (TASKS, build_prompt, extract_task_vectors, first_token_accuracy,
+                                   last_position_states, modulated_forward, modulated_generate, num_layers,
+                                   select_layer, task_item, tinynet_call_hook, training_texts)
 
 CONFIG = dict(vocab_size=259, d_model=32, n_heads=2, dropout=0.0, max_seq_len=64)
 TOK = ByteTokenizer()
@@ -97,9 +97,26 @@ def test_modulated_generate_takes_the_injected_first_token():
     answers = modulated_generate(model, TOK, ["e", "f"], vectors, layer=5, max_new_tokens=1)
     logits = modulated_forward(model, torch.cat([_ids("e>"), _ids("f>")]), vectors, 5)
     assert answers == [TOK.decode([int(t)]).split(",")[0] for t in logits[:, -1].argmax(-1)]
-    best, accuracies = select_layer(model, TOK, [task_item("to_upper", random.Random(0)) for _ in range(3)])
-    assert len(accuracies) == 16 and all(0.0 <= a <= 1.0 for a in accuracies)
-    assert accuracies[best] == max(accuracies)
+
+
+def test_select_layer_scores_the_first_token_of_the_injected_pass():
+    model = _model(seed=3)
+    rng = random.Random(0)
+    dev = [task_item(task, rng) for task in ("to_upper", "first_of_list", "copy", "last_of_list", "copy", "to_upper")]
+    vectors = extract_task_vectors(model, TOK, [d["demos"] for d in dev], [d["alt_queries"] for d in dev], 2,
+                                   relative=True)
+    layer, matches = 9, []
+    for i, d in enumerate(dev):  # even items: the answer is the injected pass's own (ASCII) prediction
+        token = int(modulated_forward(model, _ids(build_prompt([], d["query"])), vectors[i: i + 1, layer], layer,
+                                      mode="add", scale=2.0)[0, -1].argmax())
+        matches.append(i % 2 == 0 and TOK.offset <= token < TOK.offset + 128)
+        d["answer"] = chr(token - TOK.offset) if matches[-1] else ("q" if token != TOK.encode("q", False)[0] else "r")
+    expected = sum(matches) / len(dev)
+    assert expected >= 1 / 3
+    assert first_token_accuracy(model, TOK, dev, vectors[:, layer], layer, mode="add", scale=2.0) == expected
+    best, accuracies = select_layer(model, TOK, dev, mode="add", scale=2.0)
+    assert len(accuracies) == 16 and accuracies[best] == max(accuracies) and accuracies[layer] == expected
+    assert select_layer(model, TOK, dev, mode="add", scale=2.0, vectors=vectors) == (best, accuracies)
 
 
 def test_errors():

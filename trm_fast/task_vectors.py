@@ -16,7 +16,7 @@ import itertools
 import random
 import string
 from contextlib import contextmanager
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -157,17 +157,33 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     return answers
 
 
+@torch.no_grad()
+def first_token_accuracy(model, tokenizer, items: Sequence[dict], vectors: torch.Tensor, layer: int,
+                         every_step: bool = False, mode: str = "replace", scale: float = 1.0) -> float:
+    """Share of `items` (with "query" and "answer") whose answer's first token is the argmax of the pass over
+    the bare query with `vectors` [len(items), D] injected at `layer` (one batched forward per length)."""
+    prompts = [build_prompt([], item["query"]) for item in items]
+    correct = 0
+    for indices in _by_length(tokenizer, prompts).values():
+        ids = _encode_batch(model, tokenizer, [prompts[i] for i in indices])
+        logits = modulated_forward(model, ids, vectors[indices], layer, every_step, mode, scale)
+        answers = torch.tensor([tokenizer.encode(items[i]["answer"], add_eos=False)[0] for i in indices])
+        correct += int((logits[:, -1].argmax(dim=-1).cpu() == answers).sum())
+    return correct / len(items)
+
+
 def select_layer(model, tokenizer, dev_set: Sequence[dict], num_test_inputs_to_avg: int = 2,
-                 every_step: bool = False, mode: str = "replace", scale: float = 1.0) -> Tuple[int, List[float]]:
-    """The layer whose task vectors give the best accuracy on dev_set (items with "demos", "alt_queries",
-    "query", "answer"); returns it and the accuracy of every layer. Mode "add" uses relative vectors."""
-    vectors = extract_task_vectors(model, tokenizer, [d["demos"] for d in dev_set],
-                                   [d["alt_queries"] for d in dev_set], num_test_inputs_to_avg, relative=mode == "add")
-    accuracies = []
-    for layer in range(num_layers(model)):
-        answers = modulated_generate(model, tokenizer, [d["query"] for d in dev_set], vectors[:, layer], layer,
-                                     every_step=every_step, mode=mode, scale=scale)
-        accuracies.append(sum(a == d["answer"] for a, d in zip(answers, dev_set)) / len(dev_set))
+                 every_step: bool = False, mode: str = "replace", scale: float = 1.0,
+                 vectors: Optional[torch.Tensor] = None) -> Tuple[int, List[float]]:
+    """The layer whose task vectors give the best first-token accuracy on dev_set (items with "demos",
+    "alt_queries", "query", "answer"); returns it and the accuracy of every layer. `vectors` [len(dev_set),
+    layers, D] reuses an extraction (mode "add" extracts relative vectors, "replace" plain ones)."""
+    if vectors is None:
+        vectors = extract_task_vectors(model, tokenizer, [d["demos"] for d in dev_set],
+                                       [d["alt_queries"] for d in dev_set], num_test_inputs_to_avg,
+                                       relative=mode == "add")
+    accuracies = [first_token_accuracy(model, tokenizer, dev_set, vectors[:, layer], layer, every_step, mode, scale)
+                  for layer in range(num_layers(model))]
     return max(range(len(accuracies)), key=accuracies.__getitem__), accuracies
 
 
