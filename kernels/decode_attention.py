@@ -13,12 +13,15 @@ A query with no valid key outputs zero, as the drop-in's attention does.
     returns    [B, D]         attention output before the output projection
 """
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from trm_fast import torch_ops
+
+MANY_PROGRAMS = 128  # (sequence, head) programs from which the GPU's SMs are all busy
 
 
 @triton.jit
@@ -48,11 +51,11 @@ def _decode_attention_kernel(qkv_ptr, cache_ptr, valid_ptr, pos_ptr, out_ptr,
         in_range = t < pos
         valid = (tl.load(valid_ptr + b * stride_valid + t, mask=in_range, other=0) != 0) & in_range
         k = tl.load(cache + t[:, None] * stride_cache_t + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(cache + t[:, None] * stride_cache_t + D + d[None, :], mask=valid[:, None], other=0.0)
         s = tl.where(valid, tl.sum(k.to(tl.float32) * q[None, :], axis=1), -1.0e30)
         m_next = tl.maximum(m, tl.max(s, axis=0))
         p = tl.where(valid, tl.exp(s - m_next), 0.0)
         alpha = tl.exp(m - m_next)
-        v = tl.load(cache + t[:, None] * stride_cache_t + D + d[None, :], mask=valid[:, None], other=0.0)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         l = l * alpha + tl.sum(p, axis=0)
         m = m_next
@@ -60,15 +63,22 @@ def _decode_attention_kernel(qkv_ptr, cache_ptr, valid_ptr, pos_ptr, out_ptr,
     tl.store(out_ptr + b * stride_out + h * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
 
-def decode_attention_triton(qkv, kv_cache, token_valid, pos, n_heads: int) -> torch.Tensor:
+def decode_attention_triton(qkv, kv_cache, token_valid, pos, n_heads: int, block_t: Optional[int] = None,
+                            num_warps: Optional[int] = None) -> torch.Tensor:
+    """Keys `block_t` at a time, the K and V loads of a block issued together. Default tiles (measured on
+    the H100, scripts/decode_profile.py): with fewer (b, h) programs than SMs a program's load round trips
+    bound it, so 128 keys and 4 warps; with many, bandwidth and occupancy do, so 64 keys and 2 warps."""
     B, three_d = qkv.shape
     D = three_d // 3
     head_dim = D // n_heads
+    many = B * n_heads >= MANY_PROGRAMS
+    block_t = block_t or (64 if many else 128)
+    num_warps = num_warps or (2 if many else 4)
     out = torch.empty(B, D, dtype=qkv.dtype, device=qkv.device)
     _decode_attention_kernel[(B, n_heads)](
         qkv, kv_cache, token_valid.view(torch.uint8), pos, out,
         qkv.stride(0), kv_cache.stride(0), kv_cache.stride(1), token_valid.stride(0), out.stride(0),
-        D, 1.0 / math.sqrt(head_dim), HEAD_DIM=head_dim, BLOCK_T=64)
+        D, 1.0 / math.sqrt(head_dim), HEAD_DIM=head_dim, BLOCK_T=block_t, num_warps=num_warps)
     return out
 
 

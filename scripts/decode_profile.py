@@ -1,21 +1,76 @@
 """Where a CUDA-graph decode step's time goes (d512 / 8 heads / vocab 16000, bf16, greedy, prompt 16,
-256 new tokens): generation tokens/s, GPU time per replayed step, kernels per step and the heaviest
-ones.
+256 new tokens), for the decode kernels now in use and for the previous ones (cuBLAS linears, attention
+over 64 keys per block, ATen bookkeeping), in one process: generation tokens/s, GPU time per replayed
+step, kernels per step, the heaviest ones and the parts of a generation outside the replays; then each
+decode kernel alone (time per call inside a CUDA graph, so launch cost on the host does not count)
+against what it replaces.
 
-    python3 scripts/decode_profile.py
+    python3 scripts/decode_profile.py [--out results.json]
 """
+import argparse
+import json
 import statistics
 import time
+import types
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import trm_fast
-from trm_fast import decoding
+from trm_fast import decoding, torch_ops
+from trm_fast.kernels import decode_attention, decode_linear
+
+
+def previous_ops():
+    """The decode ops before session 7: cuBLAS (F.linear, separate GELU), add + LayerNorm in its own
+    kernel, attention 64 keys per block and 4 warps, the step's bookkeeping in ATen ops (the torch
+    versions of the decode_step kernels). The prefill stays as it is now (replays of the step)."""
+    add_layer_norm_into = torch.ops.trm_fast.add_layer_norm_into
+
+    def add_norm_linear(x, residual, ln_weight, ln_bias, eps, normed, weight, bias, gelu):
+        add_layer_norm_into(x, residual, ln_weight, ln_bias, eps, normed)
+        return torch_ops.decode_linear(normed, weight, bias, gelu)
+
+    return types.SimpleNamespace(
+        decode_linear=torch_ops.decode_linear, add_layer_norm_into=add_layer_norm_into,
+        decode_add_norm_linear=add_norm_linear,
+        decode_attention=lambda qkv, cache, valid, pos, heads: decode_attention.decode_attention_triton(
+            qkv, cache, valid, pos, heads, block_t=64, num_warps=4),
+        **{name: getattr(torch_ops, name) for name in ("decode_append", "decode_pool", "decode_select",
+                                                        "decode_emit")})
+
+
+def host_phases(model, prompts):
+    """Milliseconds of one greedy generation's parts outside the replays, each ended by a device sync."""
+    def sync_ms(start):
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3
+
+    phases, replay_limit = {}, decoding.REPLAY_PREFILL_MAX
+    for prefill in ("eager", "replays"):  # the one generate uses last
+        decoding.REPLAY_PREFILL_MAX = replay_limit if prefill == "replays" else 0
+        start = time.perf_counter()
+        decoder = decoding.decoder_for(model, len(prompts), len(prompts[0]) + 255, 2, False, True)
+        decoder.start(prompts, 0.7, False, [0], greedy=True)
+        phases["decoder_for+start"] = sync_ms(start)
+        start = time.perf_counter()
+        decoder.token.copy_(decoder.next_logits().argmax(dim=-1))
+        phases[f"prefill by {prefill}"] = sync_ms(start)
+    decoding.REPLAY_PREFILL_MAX = replay_limit
+    start = time.perf_counter()
+    for _ in range(255):
+        decoder.replay()
+    phases["255 replays"] = sync_ms(start)
+    start = time.perf_counter()
+    decoder.out.tolist()
+    phases["tokens to the host"] = sync_ms(start)
+    return phases
 
 
 def measure(model, prompts, label):
+    rows = {}
     for batch in (1, 64):
         p = prompts[:batch]
         model.generate_batch(p, 256, top_k=1)  # capture
@@ -40,23 +95,96 @@ def measure(model, prompts, label):
             decoder.graph.replay()
             torch.cuda.synchronize()
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        busy = sum(e.device_time for e in kernels)
-        print(f"{label} B{batch}: generate {median * 1e3:.1f} ms = {batch * 256 / median:.0f} tokens/s; "
-              f"replay {begin.elapsed_time(end) * 10:.1f} us/step; {len(kernels)} kernels/step, "
-              f"{busy:.1f} us busy")
         by_name = Counter()
         for e in kernels:
             by_name[e.name[:70]] += e.device_time
+        step_us = begin.elapsed_time(end) * 10
+        phases = host_phases(model, p)
+        rows[f"B{batch}"] = {"generate_ms": median * 1e3, "tokens_per_s": batch * 256 / median,
+                             "replay_us_per_step": step_us, "kernels_per_step": len(kernels),
+                             "busy_us": sum(e.device_time for e in kernels),
+                             "outside_replays_ms": median * 1e3 - 255 * step_us / 1e3, "phases_ms": phases,
+                             "heaviest_us": dict(by_name.most_common(8))}
+        print(f"{label} B{batch}: generate {median * 1e3:.1f} ms = {batch * 256 / median:.0f} tokens/s; "
+              f"replay {step_us:.1f} us/step; {len(kernels)} kernels/step, {rows[f'B{batch}']['busy_us']:.1f} us busy",
+              flush=True)
+        print("    phases: " + ", ".join(f"{k} {v:.1f} ms" for k, v in phases.items()))
         for name, t in by_name.most_common(8):
             print(f"    {t:8.1f} us  {name}")
+    model.reset_state()
+    return rows
+
+
+def graph_us(fn, calls=50):
+    """Microseconds per call of `fn` replayed from a CUDA graph of `calls` calls."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(10):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end) * 1e3 / (10 * calls)
+
+
+def kernel_table():
+    """Each decode kernel alone against what it replaces, at the d512 decode step's shapes."""
+    dtype, rows = torch.bfloat16, {}
+    shapes = {"xyz_proj": (512, 1536), "qkv": (1536, 512), "out_proj": (512, 512), "ffn1+gelu": (2048, 512),
+              "ffn2": (512, 2048), "head": (16000, 512)}
+    for batch in (1, 4, 8):
+        for name, (n, k) in shapes.items():
+            x = torch.randn(batch, k, device="cuda", dtype=dtype)
+            w = torch.randn(n, k, device="cuda", dtype=dtype) / k ** 0.5
+            b = None if name == "head" else torch.randn(n, device="cuda", dtype=dtype)
+            gelu = name == "ffn1+gelu"
+            rows[f"linear {name} B{batch}"] = {
+                "cublas_us": graph_us(lambda: torch_ops.decode_linear(x, w, b, gelu)),
+                "triton_us": graph_us(lambda: decode_linear.decode_linear_triton(x, w, b, gelu))}
+    for batch in (1, 64):
+        cache = torch.randn(batch, 320, 2, 8, 64, device="cuda", dtype=dtype)
+        qkv = torch.randn(batch, 1536, device="cuda", dtype=dtype)
+        valid = torch.ones(batch, 320, dtype=torch.bool, device="cuda")
+        for length in (16, 150, 271):
+            pos = torch.full((batch,), length, dtype=torch.long, device="cuda")
+            row = {}
+            for block_t, warps in ((64, 4), (64, 2), (128, 4), (128, 2)):
+                row[f"block{block_t}_warps{warps}_us"] = graph_us(
+                    lambda: decode_attention.decode_attention_triton(qkv, cache, valid, pos, 8, block_t, warps))
+            rows[f"attention B{batch} keys {length + 1}"] = row
+    for name, row in rows.items():
+        print(f"{name:<28} " + "  ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
+    return rows
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", help="write the numbers here (JSON)")
+    args = parser.parse_args()
     torch.manual_seed(0)
     config = trm_fast.TRMConfig(vocab_size=16000, d_model=512, n_heads=8, dropout=0.0)
     model = trm_fast.TRMModel(config).cuda().to(torch.bfloat16).eval()
     prompts = torch.randint(3, 16000, (64, 16), generator=torch.Generator().manual_seed(1)).tolist()
-    measure(model, prompts, "graph")
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "now": measure(model, prompts, "now")}
+    current = decoding.decode_ops
+    decoding.decode_ops = previous_ops
+    try:
+        result["previous_kernels"] = measure(model, prompts, "previous kernels")
+    finally:
+        decoding.decode_ops = current
+    result["kernels"] = kernel_table()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from parity_helpers import DEVICES
 from trm_fast import torch_ops
 
 triton = pytest.importorskip("triton")
-from trm_fast.kernels import add_layer_norm, decode_attention  # noqa: E402
+from trm_fast.kernels import add_layer_norm, decode_attention, decode_linear  # noqa: E402
 
 # Where the Triton launchers run: the GPU, or Triton's interpreter on a CPU-only machine (conftest.py).
 KERNEL_DEVICE = ["cuda"] if "cuda" in DEVICES else ["cpu"]
@@ -41,6 +41,63 @@ def test_decode_attention_matches_torch(device, heads, head_dim, capacity):
         assert torch.equal(got[1], torch.zeros_like(got[1]))
 
 
+@pytest.mark.parametrize("device", KERNEL_DEVICE)
+@pytest.mark.parametrize("block_t", [16, 128])
+def test_decode_attention_block_sizes(device, block_t):
+    qkv, cache, valid, pos = attention_case(5, 300, 4, 32, device, torch.float32, seed=block_t)
+    pos[2] = 130
+    expected = torch_ops.decode_attention(qkv, cache.clone(), valid, pos, 4)
+    got = decode_attention.decode_attention_triton(qkv, cache, valid, pos, 4, block_t=block_t)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICE)
+@pytest.mark.parametrize("rows, n, k", [(1, 512, 1536), (3, 37, 100), (8, 2048, 512), (2, 300, 8)])
+@pytest.mark.parametrize("bias, gelu", [(True, False), (True, True), (False, False)])
+def test_decode_linear_matches_torch(device, rows, n, k, bias, gelu):
+    g = torch.Generator().manual_seed(n + k)
+    state = torch.randn(rows, k + 5, generator=g).to(device)
+    x = state[:, 5:]  # a strided view, as the decoder's y | z slots
+    weight = (torch.randn(n, k, generator=g) / k ** 0.5).to(device)
+    b = torch.randn(n, generator=g).to(device) if bias else None
+    got = decode_linear.decode_linear_triton(x, weight, b, gelu)
+    torch.testing.assert_close(got, torch_ops.decode_linear(x, weight, b, gelu), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICE)
+@pytest.mark.parametrize("rows, n, k", [(1, 2048, 512), (3, 37, 100)])
+def test_decode_add_norm_linear_matches_torch(device, rows, n, k):
+    g = torch.Generator().manual_seed(n)
+    x, residual = (torch.randn(rows, k, generator=g).to(device) * 2 for _ in range(2))
+    ln_w, ln_b, bias = (torch.randn(size, generator=g).to(device) for size in (k, k, n))
+    weight = (torch.randn(n, k, generator=g) / k ** 0.5).to(device)
+    state = torch.zeros(rows, 3 * k, device=device)
+    normed = state[:, k: 2 * k]  # strided, as the decoder's h1 could be
+    expected_normed = torch.empty(rows, k, device=device)
+    expected = torch_ops.decode_add_norm_linear(x, residual, ln_w, ln_b, 1e-5, expected_normed, weight, bias, True)
+    got = decode_linear.decode_linear_triton(x, weight, bias, True, (residual, ln_w, ln_b, 1e-5, normed))
+    torch.testing.assert_close(normed, expected_normed, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not state[:, :k].any() and not state[:, 2 * k:].any()
+
+
+def test_decode_linear_tiles():
+    assert decode_linear.block_n(512, 1536) == 4 and decode_linear.block_n(2048, 512) == 16
+    assert decode_linear.block_n(1536, 512) == 8 and decode_linear.block_n(16000, 512) == 16
+    assert decode_linear.block_n(1, 64) == 1 and decode_linear.block_n(100, 16384) == 1
+    x = torch.zeros(9, 64)
+    assert not decode_linear.fits(x, torch.zeros(8, 64)) and decode_linear.fits(x[:8], torch.zeros(8, 64))
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
+def test_decode_linear_bf16_cuda():
+    g = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(*shape, generator=g).cuda().bfloat16() for shape in ((2, 512), (2048, 512), (2048,)))
+    expected = torch.nn.functional.gelu(torch.nn.functional.linear(x.float(), weight.float(), bias.float()))
+    torch.testing.assert_close(torch.ops.trm_fast.decode_linear(x, weight, bias, True).float(), expected,
+                               rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
 def test_decode_attention_bf16_cuda():
     qkv, cache, valid, pos = attention_case(64, 320, 8, 64, "cuda", torch.bfloat16)
@@ -70,6 +127,20 @@ def test_custom_ops_opcheck_and_errors(device):
     out = torch.empty(4, 64, device=device)[:, :32]
     torch.library.opcheck(torch.ops.trm_fast.add_layer_norm_into,
                           (x, x.clone(), torch.ones(32, device=device), torch.zeros(32, device=device), 1e-5, out))
+    w = torch.randn(16, 32, device=device)
+    torch.library.opcheck(torch.ops.trm_fast.decode_linear, (x, w, torch.randn(16, device=device), True))
+    torch.library.opcheck(torch.ops.trm_fast.decode_linear, (x, w, None, False))
+    normed = torch.empty(4, 32, device=device)
+    ln = (torch.ones(32, device=device), torch.zeros(32, device=device))
+    torch.library.opcheck(torch.ops.trm_fast.decode_add_norm_linear, (x, x.clone(), *ln, 1e-5, normed, w, None, True))
+    with pytest.raises(ValueError, match="decode_add_norm_linear: residual and normed"):
+        torch.ops.trm_fast.decode_add_norm_linear(x, x[:3], *ln, 1e-5, normed, w, None, True)
+    with pytest.raises(ValueError, match=r"decode_linear: x \(4, 32\) and weight \(16, 31\)"):
+        torch.ops.trm_fast.decode_linear(x, w[:, :31].contiguous(), None, False)
+    with pytest.raises(ValueError, match="bias must be"):
+        torch.ops.trm_fast.decode_linear(x, w, torch.zeros(15, device=device), False)
+    with pytest.raises(ValueError, match="dtype"):
+        torch.ops.trm_fast.decode_linear(x, w.double(), None, False)
     with pytest.raises(ValueError, match="kv_cache"):
         torch.ops.trm_fast.decode_attention(qkv, cache[:, :, :1], valid, pos, 4)
     with pytest.raises(ValueError, match="pos"):

@@ -239,6 +239,29 @@ def test_graph_decoding_logic_on_cpu(monkeypatch, per_sequence, sync_every):
         == [seeded(ref.generate, PROMPT, 30, **kwargs)]
 
 
+@pytest.mark.parametrize("per_sequence", [True, False])
+def test_graph_decoding_prefills_prompts_of_one_length_by_replays(monkeypatch, per_sequence):
+    """Prompts of one length go through the captured step token by token (no eager prefill) and give
+    the seed's tokens, greedy with stops and compaction, and sampled on the host."""
+    monkeypatch.setattr(decoding.Decoder, "capture",
+                        lambda self: setattr(self, "graph", type("EagerGraph", (), {"replay": self._graph_step})))
+    eager_prefill = []
+    monkeypatch.setattr(decoding.Decoder, "_catch_up", lambda self, step: eager_prefill.append(step))
+    ref, fast = eval_pair()
+    prompts = [PROMPT[:5], [11, 4, 9, 0, 7], [3, 8, 21, 40, 2], [50, 1, 60, 5, 5], [4, 4, 4, 4, 4]]
+    eos = reference_batch_generate(ref, prompts, 30, 0.7, {0}, per_sequence)[1][8]  # row 1's 4th new token
+    expected = reference_batch_generate(ref, prompts, 30, 0.7, {0, eos}, per_sequence)
+    got = [list(p) for p in prompts]
+    for row, token in decoding.decode(fast, prompts, 30, top_k=1, q_threshold=0.7, per_sequence_halting=per_sequence,
+                                      stop_ids=[0, eos], cuda_graph=True, sync_every=4):
+        got[row].append(token)
+    assert got == expected and not eager_prefill
+    assert sum(len(s) < max(map(len, expected)) for s in expected) >= 3  # rows ended: compaction ran
+    kwargs = dict(top_k=8, top_p=0.9, repetition_penalty=1.3, q_threshold=0.7)
+    assert seeded(lambda: PROMPT + [t for _, t in decoding.decode(fast, [PROMPT], 30, cuda_graph=True, **kwargs)]) \
+        == seeded(ref.generate, PROMPT, 30, **kwargs)
+
+
 def test_graph_step_ends_rows_that_emit_a_stop_id(monkeypatch):
     """Inside a greedy burst the step itself takes a row that emitted a stop id out of batch-wide halting."""
     monkeypatch.setattr(decoding.Decoder, "capture",
@@ -251,7 +274,7 @@ def test_graph_step_ends_rows_that_emit_a_stop_id(monkeypatch):
         decoder.token.copy_(decoder.next_logits().argmax(dim=-1))
         for _ in range(10):
             decoder.replay()
-        return decoder.out[:, :10].clone(), decoder.active.clone()
+        return decoder.out[:10].t().clone(), decoder.active.clone()
 
     free, active = burst([0])
     assert active.all()

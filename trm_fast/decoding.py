@@ -12,11 +12,17 @@ the recursion (supervision x deep x latent x 2 calls) and, per step, the sum of 
   positions, so the halting keeps its exact meaning.
 - all-steps (CUDA default): every token runs every step and the halting rule only selects which step's
   y gives the logits. A decode step then needs no host sync and is captured in a CUDA graph with static
-  buffers; greedy decoding runs entirely on the GPU, the host reads the tokens every `sync_every` steps.
+  buffers; greedy decoding runs entirely on the GPU, the host reads the tokens every `sync_every` steps
+  (one burst ahead, so the GPU does not wait for it). Short prompts of one length are prefilled by
+  replays of the same graph, one position each, instead of hundreds of eager launches.
+
+The captured step is made of the decode kernels (`trm_fast.kernels`: matrix-vector linears with fused
+bias/GELU/add+LayerNorm, attention over the cache, and the step's bookkeeping), each with a torch version.
 """
 from __future__ import annotations
 
 import weakref
+from collections import deque
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -26,6 +32,7 @@ from . import reference
 from .dispatch import decode_ops
 
 NO_HALTING = 2.0  # a threshold no sigmoid output exceeds: `q_threshold=None`
+REPLAY_PREFILL_MAX = 32  # graph decoders prefill prompts of one length up to this by replays of the step
 CAPACITY_STEP = 64  # capacities are rounded up to this so that captured graphs are reused across calls
 MAX_DECODERS = 4  # per model (a batch that shrinks by compaction uses one decoder per size)
 
@@ -59,14 +66,17 @@ class Decoder:
         self.pos_table = zeros(capacity, D)
         self.token = zeros(batch, dtype=torch.long)  # the token to append next (graph input)
         self.pos = zeros(batch, dtype=torch.long)  # its position
-        self.out = zeros(batch, capacity, dtype=torch.long)  # greedy tokens written by the graph
-        self.out_len = zeros(1, dtype=torch.long)
+        self.out = zeros(capacity, batch, dtype=torch.long)  # greedy tokens written by the graph, one row per step
+        self.first_pos = zeros(batch, dtype=torch.long)  # position of each row's first appended token
+        self.ys = zeros(steps, batch, D)  # the graph step's y after each supervision step
+        self.q = zeros(steps, batch, dtype=torch.float32)  # and its q_hat
         self.logits = zeros(batch, cfg.vocab_size)
         self.xyz = zeros(batch, 3 * D)  # the graph step's x | y | z of the new token, read in place by the projections
         self.rows = torch.arange(batch, device=self.device)
         self.key_positions = torch.arange(capacity, device=self.device)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.lengths: List[int] = []
+        self.replay_prefill = False
         self.units = 0  # 1 for the prompt + 1 per appended token
         self.done = [0] * steps  # units computed so far at each supervision step
 
@@ -78,7 +88,7 @@ class Decoder:
               stop_ids: Sequence[int] = (), greedy: bool = False) -> None:
         """Reset every buffer in place (a captured graph keeps pointing at them) and load the prompts."""
         model, cfg = self.model, self.model.config
-        for t in (self.kv, self.y, self.z, self.token_valid, self.pooled, self.count, self.out, self.out_len):
+        for t in (self.kv, self.y, self.z, self.token_valid, self.pooled, self.count, self.out):
             t.zero_()
         table = model.pos_embed.weight
         n = min(table.size(0), self.capacity)
@@ -95,12 +105,20 @@ class Decoder:
         for row, prompt in enumerate(prompts):
             ids[row, :len(prompt)] = torch.as_tensor(prompt, dtype=torch.long)
         ids = ids.to(self.device)
+        self.units, self.done = 1, [0] * self.steps
+        self.replay_prefill = self.graph is not None and len(set(self.lengths)) == 1 and P <= REPLAY_PREFILL_MAX
+        if self.replay_prefill:  # `_prefill_by_replays` appends the prompt token by token
+            self.prompt_ids, self.greedy_after = ids, greedy
+            self.greedy.fill_(False)  # no row may end on a prompt position's argmax
+            self.pos.zero_()
+            self.first_pos.zero_()
+            return
         self.x[:, :P] = F.embedding(ids, model.token_embed.weight) + self.pos_table[:P]
         in_prompt = self.key_positions[:P] < torch.as_tensor(self.lengths, device=self.device)[:, None]
         self.token_valid[:, :P] = in_prompt & (ids != cfg.pad_token_id)
         self.count.copy_(self.token_valid.sum(dim=1))
         self.pos.copy_(torch.as_tensor(self.lengths, device=self.device))
-        self.units, self.done = 1, [0] * self.steps
+        self.first_pos.copy_(self.pos)
 
     def _append(self, tokens: torch.Tensor, pos: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Embed `tokens` [B] at positions `pos` [B], mark them valid unless they are the pad id."""
@@ -126,7 +144,7 @@ class Decoder:
         if target is self:
             self.batch, self.rows = len(keep), self.rows[: len(keep)]
         else:
-            for name in ("pos_table", "threshold", "stop_ids", "greedy", "per_sequence", "out_len"):
+            for name in ("pos_table", "threshold", "stop_ids", "greedy", "per_sequence"):
                 getattr(target, name).copy_(getattr(self, name))
         target.lengths = [self.lengths[r] for r in keep]
         target.units, target.done = self.units, list(self.done)
@@ -212,6 +230,8 @@ class Decoder:
     # -- one token -------------------------------------------------------------------------------------
     def next_logits(self) -> torch.Tensor:
         """Logits [B, vocab] of the next token after the current units (eager: prefill or decode)."""
+        if self.replay_prefill and self.done[0] == 0:
+            return self._prefill_by_replays()
         chosen = torch.full((self.batch,), self.steps - 1, dtype=torch.long, device=self.device)
         if self.lazy:
             undecided = torch.ones(self.batch, dtype=torch.bool, device=self.device)
@@ -229,6 +249,19 @@ class Decoder:
         last = torch.as_tensor(self.lengths, device=self.device) + self.units - 2
         return self._head(chosen, last)
 
+    def _prefill_by_replays(self) -> torch.Tensor:
+        """The prompt through the captured step, one position per replay: a few replays instead of the
+        eager prefill's hundreds of launches. Every position runs every supervision step, as in the eager
+        all-steps prefill; the halting rule only picks the logits, and the last replay's see the whole
+        prompt pooled, as the eager prefill's do."""
+        for i in range(self.prompt_ids.size(1)):
+            self.token.copy_(self.prompt_ids[:, i])
+            self.graph.replay()
+        self.greedy.fill_(self.greedy_after)
+        self.first_pos.copy_(self.pos)
+        self.units, self.done = 1, [1] * self.steps
+        return self.logits
+
     def _select_step(self) -> torch.Tensor:
         """The first step whose halting rule fires, else the last one (device-side, no sync)."""
         chosen = torch.full((self.batch,), self.steps - 1, dtype=torch.long, device=self.device)
@@ -244,44 +277,40 @@ class Decoder:
 
     def _decode_call(self, call: int, proj: torch.nn.Linear, inputs: torch.Tensor, out: torch.Tensor) -> None:
         """One TinyNet call on the new token of each row: `inputs` [B, 3D or 2D] (views of `xyz`), result
-        written into `out` (the z or y slot of `xyz`). Fused attention and add+LayerNorm ops."""
+        written into `out` (the z or y slot of `xyz`). Decode kernels for the linear layers (bias and GELU
+        fused), attention and add+LayerNorm."""
         block = self.model.tiny_net.block
         attn, ffn = block.attn, block.ffn
-        h = F.linear(inputs, proj.weight, proj.bias)
-        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
         ops = decode_ops()
+        h = ops.decode_linear(inputs, proj.weight, proj.bias, False)
+        qkv = ops.decode_linear(h, attn.in_proj_weight, attn.in_proj_bias, False)
         o = ops.decode_attention(qkv, self.kv[call], self.token_valid, self.pos, attn.num_heads)
         h1 = torch.empty_like(h)
-        ops.add_layer_norm_into(h, F.linear(o, attn.out_proj.weight, attn.out_proj.bias), block.ln1.weight,
-                                block.ln1.bias, block.ln1.eps, h1)
-        f = F.linear(F.gelu(F.linear(h1, ffn[0].weight, ffn[0].bias)), ffn[2].weight, ffn[2].bias)
-        ops.add_layer_norm_into(h1, f, block.ln2.weight, block.ln2.bias, block.ln2.eps, out)
+        a = ops.decode_add_norm_linear(h, ops.decode_linear(o, attn.out_proj.weight, attn.out_proj.bias, False),
+                                       block.ln1.weight, block.ln1.bias, block.ln1.eps, h1, ffn[0].weight,
+                                       ffn[0].bias, True)
+        ops.add_layer_norm_into(h1, ops.decode_linear(a, ffn[2].weight, ffn[2].bias, False), block.ln2.weight,
+                                block.ln2.bias, block.ln2.eps, out)
 
     def _graph_step(self) -> None:
         """Append `self.token` at `self.pos`, run every step on it, write logits and the greedy token."""
-        cfg, net = self.model.config, self.model.tiny_net
-        x, valid = self._append(self.token, self.pos)
+        cfg, net, model, ops = self.model.config, self.model.tiny_net, self.model, decode_ops()
         D, xyz = cfg.d_model, self.xyz
-        xyz[:, : 2 * D].view(-1, 2, D).copy_(x[:, None].expand(-1, 2, D))  # y = x
-        xyz[:, 2 * D:].zero_()  # z = 0
-        ys = []
+        ops.decode_append(self.token, self.pos, model.token_embed.weight, self.pos_table, cfg.pad_token_id, self.x,
+                          self.token_valid, self.count, xyz)
         for step in range(self.steps):
             call = step * self.calls_per_step
             for _ in range(cfg.deep_steps * cfg.latent_steps):
                 self._decode_call(call, net.xyz_proj, xyz, xyz[:, 2 * D:])
                 self._decode_call(call + 1, net.yz_proj, xyz[:, D:], xyz[:, D: 2 * D])
                 call += 2
-            ys.append(xyz[:, D: 2 * D].clone())
-            self.pooled[step] += ys[-1].float() * valid[:, None]
-        y = ys[-1]
-        for step in reversed(range(self.steps - 1)):  # the first step whose halting rule fires
-            y = torch.where(self._halted(self._q_hat(step))[:, None], ys[step], y)
-        self.logits.copy_(self.model.output_head(y))
-        self.token.copy_(self.logits.argmax(dim=-1))
-        self.active &= ~(self.greedy & torch.isin(self.token, self.stop_ids))
-        self.out.index_copy_(1, self.out_len, self.token[:, None])
-        self.out_len.add_(1)
-        self.pos.add_(1)
+            norm, linear = model.q_head
+            ops.decode_pool(xyz[:, D: 2 * D], self.token_valid, self.pos, self.count, norm.weight, norm.bias, norm.eps,
+                            linear.weight, linear.bias, self.ys[step], self.pooled[step], self.q[step])
+        y = ops.decode_select(self.ys, self.q, self.active, self.threshold, self.per_sequence)
+        logits = ops.decode_linear(y, model.output_head.weight, None, False)
+        ops.decode_emit(logits, self.stop_ids, self.greedy, self.first_pos, self.token, self.out, self.active,
+                        self.pos, self.logits)
 
     def capture(self) -> None:
         """Capture `_graph_step` (warm-up on a side stream first; `start` resets what it touched)."""
@@ -304,7 +333,7 @@ class Decoder:
 
 
 _BATCHED = (("kv", 1), ("x", 0), ("y", 1), ("z", 1), ("token_valid", 0), ("pooled", 1), ("count", 0),
-            ("active", 0), ("token", 0), ("pos", 0), ("out", 0), ("logits", 0))
+            ("active", 0), ("token", 0), ("pos", 0), ("first_pos", 0), ("out", 1), ("logits", 0))
 
 # Decoders (buffers and captured graphs) kept per model between calls; `TRMModel.reset_state` drops them.
 _DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[tuple, Decoder]]" = weakref.WeakKeyDictionary()
@@ -375,48 +404,83 @@ def decode(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, tempera
     decoder.start(prompts, q_threshold, per_sequence_halting, sorted(stops), graph_greedy)
     row_seq: List[Optional[int]] = list(range(len(prompts)))  # sequence index of each decoder row
     seen = [list(p) for p in prompts]
-    logits, produced = decoder.next_logits(), 0
-    while True:
+    logits = decoder.next_logits()
+    for produced in range(1, max_new_tokens + 1):
         live = [r for r, s in enumerate(row_seq) if s is not None]
-        if graph_greedy and produced > 0:  # the graph appended the last tokens and chose the next ones
-            burst = min(sync_every, max_new_tokens - produced)
-            for _ in range(burst):
-                decoder.replay()
-            new = decoder.out[:, :burst].tolist()
-            decoder.out_len.zero_()
-        else:
-            burst = 1
-            grow_positions(model, max(len(seen[row_seq[r]]) for r in live))
-            tokens = torch.full((decoder.batch,), model.config.pad_token_id, dtype=torch.long,
-                                device=decoder.device)
-            tokens[live] = _sample(logits[live], [seen[row_seq[r]] for r in live], temperature, top_k,
-                                   top_p, repetition_penalty)
-            new = [[t] for t in tokens.tolist()]
-        produced += burst
-        for r in live:
-            for t in new[r]:
-                seen[row_seq[r]].append(t)
-                yield row_seq[r], t
-                if t in stops:
-                    row_seq[r] = None
-                    break
-        if burst > 1:
-            grow_positions(model, max(len(seen[s]) - 1 for s in range(len(seen))))
+        grow_positions(model, max(len(seen[row_seq[r]]) for r in live))
+        tokens = torch.full((decoder.batch,), model.config.pad_token_id, dtype=torch.long, device=decoder.device)
+        tokens[live] = _sample(logits[live], [seen[row_seq[r]] for r in live], temperature, top_k, top_p,
+                               repetition_penalty)
+        for r, t in zip(live, tokens[live].tolist()):
+            seen[row_seq[r]].append(t)
+            yield row_seq[r], t
+            if t in stops:
+                row_seq[r] = None
         finished = [r for r in live if row_seq[r] is None]
         live = [r for r in live if row_seq[r] is not None]
-        if produced >= max_new_tokens or not live:
+        if produced == max_new_tokens or not live:
             return
         if finished:
             decoder.active[finished] = False
             if decoder.graph is None or 2 * len(live) <= decoder.batch:
                 decoder = decoder.compacted(live)
-                row_seq = [row_seq[r] for r in live]
-                tokens = tokens[live] if not graph_greedy or produced == 1 else None
+                row_seq, tokens = [row_seq[r] for r in live], tokens[live]
+        if graph_greedy:  # the graph takes over: it appends each token and chooses the next one itself
+            yield from _greedy_bursts(model, decoder, row_seq, seen, stops, max_new_tokens - produced, sync_every,
+                                      tokens)
+            return
         if decoder.graph is None:
             logits = decoder.append(tokens)
-            continue
-        if not graph_greedy or produced == 1:
+        else:
             decoder.token.copy_(tokens)
-        if not graph_greedy:
             decoder.replay()
             logits = decoder.logits
+
+
+def _greedy_bursts(model, decoder: Decoder, row_seq: List[Optional[int]], seen: List[List[int]], stops: set,
+                   remaining: int, sync_every: int, tokens: torch.Tensor) -> Iterator[Tuple[int, int]]:
+    """Greedy decoding by graph replays, `sync_every` per burst. The next burst is enqueued before the
+    host reads the last one (a pinned copy behind an event), so the GPU does not wait for the host. The
+    step itself ends rows that emit a stop id; the tokens it computes for them afterwards are not read."""
+    decoder.token.copy_(tokens)
+    done = {seq for seq in row_seq if seq is None}
+    pending: deque = deque()
+    launched = 0
+    while launched < remaining or pending:
+        while launched < remaining and len(pending) < 2:  # two bursts in flight
+            count = min(sync_every, remaining - launched)
+            first = decoder.units - 1  # the out row of the burst's first token
+            for _ in range(count):
+                decoder.replay()
+            pending.append((_copy_to_host(decoder.out[first: first + count]), list(row_seq)))
+            launched += count
+        (burst, ready), rows = pending.popleft()
+        if ready is not None:
+            ready.synchronize()
+        for seq, column in zip(rows, burst.t().tolist()):
+            if seq in done:
+                continue
+            for t in column:
+                seen[seq].append(t)
+                yield seq, t
+                if t in stops:
+                    done.add(seq)
+                    break
+        grow_positions(model, max(len(s) - 1 for s in seen))
+        live = [r for r, seq in enumerate(row_seq) if seq not in done]
+        if not live:
+            return
+        if 2 * len(live) <= decoder.batch:  # to a smaller graph
+            decoder = decoder.compacted(live)
+            row_seq = [row_seq[r] for r in live]
+
+
+def _copy_to_host(rows: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.cuda.Event]]:
+    """A copy of `rows` on the host: on CUDA asynchronous, into pinned memory, with the event to wait on."""
+    if not rows.is_cuda:
+        return rows.clone(), None
+    host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+    host.copy_(rows, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready

@@ -13,6 +13,8 @@ from . import ops as extension_ops
 
 KERNEL_CHOICES = ("auto", "torch", "triton")
 TINYNET_OPS = ("concat_linear", "causal_attention", "add_layer_norm", "feed_forward")
+DECODE_OPS = ("decode_linear", "decode_add_norm_linear", "decode_attention", "add_layer_norm_into",
+              "decode_append", "decode_pool", "decode_select", "decode_emit")
 
 
 def check_kernels_choice(kernels: str) -> str:
@@ -45,6 +47,8 @@ def decode_ops() -> Any:
     try:
         importlib.import_module("trm_fast.kernels.decode_attention")
         importlib.import_module("trm_fast.kernels.add_layer_norm")
+        importlib.import_module("trm_fast.kernels.decode_linear")
+        importlib.import_module("trm_fast.kernels.decode_step")
     except ImportError:
         return torch_ops
     return torch.ops.trm_fast
@@ -78,7 +82,7 @@ def kernel_status(device: Optional[torch.device] = None) -> Dict[str, Any]:
         "extension": extension_ops.extension_status(),
         "ops": {
             **{f"tinynet.{name}": tinynet_path for name in TINYNET_OPS},
-            **{f"decode.{name}": decode_path for name in ("decode_attention", "add_layer_norm_into")},
+            **{f"decode.{name}": decode_path for name in DECODE_OPS},
             **{name: extension_ops.op_backend(name, device) for name in extension_ops.FALLBACKS},
         },
     }

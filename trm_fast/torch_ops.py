@@ -59,6 +59,67 @@ def decode_attention(qkv, kv_cache, token_valid, pos, n_heads: int) -> torch.Ten
     return o.reshape(B, D).masked_fill(~allowed.any(dim=1, keepdim=True), 0.0)
 
 
+def decode_linear(x, weight, bias, gelu: bool):
+    """`linear(x, weight, bias)`, then the exact GELU when `gelu`."""
+    out = F.linear(x, weight, bias)
+    return F.gelu(out) if gelu else out
+
+
 def add_layer_norm_into(x, residual, weight, bias, eps: float, out) -> None:
     """`out[:] = layer_norm(x + residual)` (`out` may be a strided view)."""
     out.copy_(F.layer_norm(x + residual, (x.size(-1),), weight, bias, eps))
+
+
+def decode_add_norm_linear(x, residual, ln_weight, ln_bias, eps: float, normed, weight, bias, gelu: bool):
+    """`normed[:] = layer_norm(x + residual)`, then `decode_linear(normed, weight, bias, gelu)`."""
+    add_layer_norm_into(x, residual, ln_weight, ln_bias, eps, normed)
+    return decode_linear(normed, weight, bias, gelu)
+
+
+# -- the decode step's bookkeeping (trm_fast/decoding.py `Decoder._graph_step`) ---------------------------
+def decode_append(token, pos, embed_weight, pos_table, pad_id: int, x_cache, token_valid, count, xyz) -> None:
+    """Embed `token` [B] at `pos` [B] into `x_cache` [B, T, D], mark it valid unless it is the pad id
+    (`token_valid` [B, T], `count` [B] float32), and start the state row `xyz` [B, 3D] as x | x | 0."""
+    rows = torch.arange(token.size(0), device=token.device)
+    x = F.embedding(token, embed_weight) + pos_table[pos]
+    x_cache[rows, pos] = x
+    valid = token != pad_id
+    token_valid[rows, pos] = valid
+    count.add_(valid)
+    D = x.size(-1)
+    xyz[:, : 2 * D].view(-1, 2, D).copy_(x[:, None].expand(-1, 2, D))
+    xyz[:, 2 * D:].zero_()
+
+
+def decode_pool(y, token_valid, pos, count, ln_weight, ln_bias, eps: float, q_weight, q_bias, ys, pooled, q) -> None:
+    """After a supervision step: keep its y [B, D] in `ys`, add it to the pooled float32 sum when the new
+    token is valid, and write the step's q_hat = sigmoid(linear(layer_norm(pooled / count))) (the seed's
+    q_head) into `q` [B] (float32)."""
+    ys.copy_(y)
+    valid = token_valid[torch.arange(y.size(0), device=y.device), pos]
+    pooled += y.float() * valid[:, None]
+    mean = (pooled / count.clamp(min=1.0)[:, None]).to(y.dtype)
+    q.copy_(torch.sigmoid(F.linear(F.layer_norm(mean, (y.size(1),), ln_weight, ln_bias, eps), q_weight,
+                                   q_bias)).squeeze(-1))
+
+
+def decode_select(ys, q, active, threshold, per_sequence) -> torch.Tensor:
+    """The y [B, D] of the first supervision step whose halting rule fires (`ys` [S, B, D], `q` [S, B]),
+    else the last step's: per sequence, or batch-wide over the `active` rows, as `per_sequence` says."""
+    y = ys[-1]
+    for step in reversed(range(ys.size(0) - 1)):
+        over = q[step] > threshold
+        halted = torch.where(per_sequence, over, (over | ~active).all())
+        y = torch.where(halted[:, None], ys[step], y)
+    return y
+
+
+def decode_emit(logits, stop_ids, greedy, first_pos, token, out, active, pos, logits_out) -> None:
+    """Greedy token of each row (`logits` [B, V], copied to `logits_out`): into `token`, and `out`
+    [T, B] at row pos - first_pos; a row that emits one of `stop_ids` stops being `active` when `greedy`;
+    `pos` advances."""
+    logits_out.copy_(logits)
+    token.copy_(logits.argmax(dim=-1))
+    active &= ~(greedy & torch.isin(token, stop_ids))
+    out[pos - first_pos, torch.arange(token.size(0), device=token.device)] = token
+    pos.add_(1)
