@@ -277,8 +277,8 @@ class Decoder:
 
     def _decode_call(self, call: int, proj: torch.nn.Linear, inputs: torch.Tensor, out: torch.Tensor) -> None:
         """One TinyNet call on the new token of each row: `inputs` [B, 3D or 2D] (views of `xyz`), result
-        written into `out` (the z or y slot of `xyz`). Decode kernels for the linear layers (bias and GELU
-        fused), attention and add+LayerNorm."""
+        written into `out` (the z or y slot of `xyz`). Decode kernels: the linear layers (bias, GELU and the
+        first add+LayerNorm fused into them), attention over the cache, the second add+LayerNorm."""
         block = self.model.tiny_net.block
         attn, ffn = block.attn, block.ffn
         ops = decode_ops()
