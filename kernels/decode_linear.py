@@ -22,7 +22,11 @@ import triton.language as tl
 from trm_fast import torch_ops
 from trm_fast.kernels import add_layer_norm
 
-MAX_ROWS = 8  # more rows: cuBLAS (this kernel applies each weight tile to the rows one after another)
+# Where this kernel beats cuBLAS on the H100 (results/issue5/decode_profile_H100.json, "kernels"): each
+# program applies its weight tile to the rows one after another, so its time grows with the rows. At 1
+# row it wins everywhere, at 4 rows on the TinyNet shapes but not on a 16000-wide head, at 8 rows nowhere.
+MAX_ROWS = 4
+MAX_OUTPUTS = 16384  # rows x N
 MAX_TILE = 8192  # weight elements per program (BLOCK_N x BLOCK_K), held in registers as float32
 TARGET_PROGRAMS = 128  # about one program per SM of an H100
 
@@ -68,8 +72,9 @@ def block_n(n: int, k: int) -> int:
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the kernel takes this product (few rows, a reduction that fits one register tile)."""
-    return x.shape[0] <= MAX_ROWS and triton.next_power_of_2(weight.shape[1]) <= MAX_TILE
+    """Whether the kernel takes this product (few rows and outputs, a reduction that fits one tile)."""
+    rows, (n, k) = x.shape[0], weight.shape
+    return rows <= MAX_ROWS and rows * n <= MAX_OUTPUTS and triton.next_power_of_2(k) <= MAX_TILE
 
 
 def decode_linear_triton(x, weight, bias, gelu: bool, add_norm=None) -> torch.Tensor:

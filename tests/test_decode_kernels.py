@@ -85,8 +85,10 @@ def test_decode_linear_tiles():
     assert decode_linear.block_n(512, 1536) == 4 and decode_linear.block_n(2048, 512) == 16
     assert decode_linear.block_n(1536, 512) == 8 and decode_linear.block_n(16000, 512) == 16
     assert decode_linear.block_n(1, 64) == 1 and decode_linear.block_n(100, 16384) == 1
-    x = torch.zeros(9, 64)
-    assert not decode_linear.fits(x, torch.zeros(8, 64)) and decode_linear.fits(x[:8], torch.zeros(8, 64))
+    x = torch.zeros(5, 512)
+    assert not decode_linear.fits(x, torch.zeros(8, 512)) and decode_linear.fits(x[:4], torch.zeros(2048, 512))
+    assert decode_linear.fits(x[:1], torch.zeros(16000, 512)) and not decode_linear.fits(x[:2], torch.zeros(16000, 512))
+    assert not decode_linear.fits(x[:1, :1], torch.zeros(8, 16385))
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
