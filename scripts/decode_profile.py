@@ -15,7 +15,6 @@ import types
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import trm_fast

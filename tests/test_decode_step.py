@@ -37,7 +37,7 @@ def test_append(device, D):
 @pytest.mark.parametrize("device", KERNEL_DEVICE)
 def test_pool(device):
     g = torch.Generator().manual_seed(0)
-    B, T, D = 3, 6, 40
+    B, D = 3, 40
     slots = torch.randn(B, 3 * D, generator=g).to(device)
     y = slots[:, D: 2 * D]  # the decoder's y slot: a strided view
     token_valid = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
