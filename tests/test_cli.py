@@ -35,9 +35,9 @@ def test_default_corpus_is_built_in_and_stable():
 
 
 def test_demo_loss_falls(capsys):
-    result = run_demo(seconds=12 if torch.cuda.is_available() else 4, seq_len=32, batch_size=8)  # CUDA warms up
+    result = run_demo(seconds=300, seq_len=32, batch_size=8, max_steps=60)  # steps, not time: load-proof
     losses = [e["val_loss"] for e in result["history"] if "val_loss" in e]
-    assert result["step"] > 5 and losses[-1] < losses[0] - 1.0
+    assert result["step"] == 60 and losses[-1] < 4.5 < losses[0]  # below uniform over 259 bytes (5.56)
     assert "sample:" in capsys.readouterr().out
 
 
