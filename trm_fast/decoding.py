@@ -28,7 +28,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import reference, torch_ops
 from .dispatch import decode_ops
 
 NO_HALTING = 2.0  # a threshold no sigmoid output exceeds: `q_threshold=None`
@@ -120,16 +120,6 @@ class Decoder:
         self.pos.copy_(torch.as_tensor(self.lengths, device=self.device))
         self.first_pos.copy_(self.pos)
 
-    def _append(self, tokens: torch.Tensor, pos: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Embed `tokens` [B] at positions `pos` [B], mark them valid unless they are the pad id."""
-        model = self.model
-        x = F.embedding(tokens, model.token_embed.weight) + self.pos_table[pos]
-        self.x[self.rows, pos] = x
-        valid = tokens != model.config.pad_token_id
-        self.token_valid[self.rows, pos] = valid
-        self.count.add_(valid)
-        return x, valid
-
     def compacted(self, keep: List[int]) -> "Decoder":
         """The state of rows `keep` only: in place when eager, in a smaller (graph) decoder otherwise."""
         index = torch.as_tensor(keep, device=self.device)
@@ -215,13 +205,12 @@ class Decoder:
         self.done[step] = last
 
     def _q_hat(self, step: int) -> torch.Tensor:
-        mean = self.pooled[step] / self.count.clamp(min=1.0)[:, None]
-        return torch.sigmoid(self.model.q_head(mean.to(self.dtype))).squeeze(-1).float()
+        norm, linear = self.model.q_head
+        return torch_ops.q_hat(self.pooled[step], self.count, norm.weight, norm.bias, norm.eps, linear.weight,
+                               linear.bias, self.dtype)
 
     def _halted(self, q: torch.Tensor) -> torch.Tensor:
-        """Per sequence, or batch-wide over the active rows (the seed's all-or-nothing rule)."""
-        over = q > self.threshold
-        return torch.where(self.per_sequence, over, (over | ~self.active).all())
+        return torch_ops.halted(q, self.threshold, self.per_sequence, self.active)
 
     def _head(self, chosen: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         y = self.y[chosen, self.rows, last]
@@ -271,7 +260,9 @@ class Decoder:
 
     def append(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row and return the next logits (eager)."""
-        self._append(tokens, torch.as_tensor(self.lengths, device=self.device) + self.units - 1)
+        pos = torch.as_tensor(self.lengths, device=self.device) + self.units - 1
+        torch_ops.append_tokens(tokens, pos, self.model.token_embed.weight, self.pos_table,
+                                self.model.config.pad_token_id, self.x, self.token_valid, self.count)
         self.units += 1
         return self.next_logits()
 
@@ -443,7 +434,7 @@ def _greedy_bursts(model, decoder: Decoder, row_seq: List[Optional[int]], seen: 
     host reads the last one (a pinned copy behind an event), so the GPU does not wait for the host. The
     step itself ends rows that emit a stop id; the tokens it computes for them afterwards are not read."""
     decoder.token.copy_(tokens)
-    done = {seq for seq in row_seq if seq is None}
+    done: set = {None}  # sequences that ended (None: a row whose sequence ended before the bursts)
     pending: deque = deque()
     launched = 0
     while launched < remaining or pending:

@@ -77,15 +77,21 @@ def decode_add_norm_linear(x, residual, ln_weight, ln_bias, eps: float, normed, 
 
 
 # -- the decode step's bookkeeping (trm_fast/decoding.py `Decoder._graph_step`) ---------------------------
-def decode_append(token, pos, embed_weight, pos_table, pad_id: int, x_cache, token_valid, count, xyz) -> None:
-    """Embed `token` [B] at `pos` [B] into `x_cache` [B, T, D], mark it valid unless it is the pad id
-    (`token_valid` [B, T], `count` [B] float32), and start the state row `xyz` [B, 3D] as x | x | 0."""
+def append_tokens(token, pos, embed_weight, pos_table, pad_id: int, x_cache, token_valid, count) -> torch.Tensor:
+    """Embed `token` [B] at `pos` [B] into `x_cache` [B, T, D] and mark it valid unless it is the pad id
+    (`token_valid` [B, T], `count` [B] float32); returns the embeddings [B, D]."""
     rows = torch.arange(token.size(0), device=token.device)
     x = F.embedding(token, embed_weight) + pos_table[pos]
     x_cache[rows, pos] = x
     valid = token != pad_id
     token_valid[rows, pos] = valid
     count.add_(valid)
+    return x
+
+
+def decode_append(token, pos, embed_weight, pos_table, pad_id: int, x_cache, token_valid, count, xyz) -> None:
+    """`append_tokens`, then start the state row `xyz` [B, 3D] as x | x | 0."""
+    x = append_tokens(token, pos, embed_weight, pos_table, pad_id, x_cache, token_valid, count)
     D = x.size(-1)
     xyz[:, : 2 * D].view(-1, 2, D).copy_(x[:, None].expand(-1, 2, D))
     xyz[:, 2 * D:].zero_()
@@ -98,19 +104,30 @@ def decode_pool(y, token_valid, pos, count, ln_weight, ln_bias, eps: float, q_we
     ys.copy_(y)
     valid = token_valid[torch.arange(y.size(0), device=y.device), pos]
     pooled += y.float() * valid[:, None]
-    mean = (pooled / count.clamp(min=1.0)[:, None]).to(y.dtype)
-    q.copy_(torch.sigmoid(F.linear(F.layer_norm(mean, (y.size(1),), ln_weight, ln_bias, eps), q_weight,
-                                   q_bias)).squeeze(-1))
+    q.copy_(q_hat(pooled, count, ln_weight, ln_bias, eps, q_weight, q_bias, y.dtype))
+
+
+def q_hat(pooled, count, ln_weight, ln_bias, eps: float, q_weight, q_bias, dtype: torch.dtype) -> torch.Tensor:
+    """The seed's q_head (LayerNorm, Linear, sigmoid) on the mean pooled y (`pooled` [B, D] float32 sums over
+    `count` [B] tokens), in `dtype`; returns q_hat [B] in float32."""
+    mean = (pooled / count.clamp(min=1.0)[:, None]).to(dtype)
+    normed = F.layer_norm(mean, (mean.size(1),), ln_weight, ln_bias, eps)
+    return torch.sigmoid(F.linear(normed, q_weight, q_bias)).squeeze(-1).float()
+
+
+def halted(q, threshold, per_sequence, active) -> torch.Tensor:
+    """Whether each row halts at a step with q_hat `q` [B]: per sequence, or batch-wide over the `active`
+    rows (the seed's all-or-nothing rule), as the scalar tensor `per_sequence` says."""
+    over = q > threshold
+    return torch.where(per_sequence, over, (over | ~active).all())
 
 
 def decode_select(ys, q, active, threshold, per_sequence) -> torch.Tensor:
     """The y [B, D] of the first supervision step whose halting rule fires (`ys` [S, B, D], `q` [S, B]),
-    else the last step's: per sequence, or batch-wide over the `active` rows, as `per_sequence` says."""
+    else the last step's."""
     y = ys[-1]
     for step in reversed(range(ys.size(0) - 1)):
-        over = q[step] > threshold
-        halted = torch.where(per_sequence, over, (over | ~active).all())
-        y = torch.where(halted[:, None], ys[step], y)
+        y = torch.where(halted(q[step], threshold, per_sequence, active)[:, None], ys[step], y)
     return y
 
 
