@@ -1,7 +1,9 @@
 """`trm_fast::add_layer_norm_into`: `out = layer_norm(x + residual)` in one pass, inference only.
 
 One program per row, float32 statistics; `out` may be a strided view (e.g. the y or z slot of a
-decoder's [B, 3D] state buffer), which removes the concatenation before the next projection.
+decoder's [B, 3D] state buffer), which removes the concatenation before the next projection. The kernel
+can also take x as the sum of `parts` float32 partial products plus a bias (a split reduction's
+partial sums, see `decode_feed_forward`).
 """
 import torch
 import triton
@@ -11,13 +13,16 @@ from trm_fast import torch_ops
 
 
 @triton.jit
-def _add_layer_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, out_ptr, stride_x, stride_r, stride_out, N, eps,
-                           BLOCK: tl.constexpr):
+def _add_layer_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, out_ptr, x_bias_ptr, stride_x, stride_r, stride_out, N, eps,
+                           parts, stride_part, HAS_X_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    x += tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    for part in range(parts):
+        x += tl.load(x_ptr + part * stride_part + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_X_BIAS:
+        x += tl.load(x_bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=0) / N
     centered = tl.where(mask, x - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
@@ -26,10 +31,14 @@ def _add_layer_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, out_ptr, stride_x, stride
     tl.store(out_ptr + row * stride_out + cols, (centered * rstd * w + b).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def add_layer_norm_triton(x, residual, weight, bias, eps: float, out) -> None:
-    rows, n = x.shape
-    _add_layer_norm_kernel[(rows,)](x, residual, weight, bias, out, x.stride(0), residual.stride(0), out.stride(0),
-                                    n, eps, BLOCK=triton.next_power_of_2(n))
+def add_layer_norm_triton(x, residual, weight, bias, eps: float, out, x_bias=None) -> None:
+    """out = layer_norm(x + residual) for x [rows, N]; for x [parts, rows, N] (contiguous float32 partial
+    sums) out = layer_norm(x.sum(0) + x_bias + residual)."""
+    parts = x.shape[0] if x.dim() == 3 else 1
+    rows, n = x.shape[-2:]
+    _add_layer_norm_kernel[(rows,)](x, residual, weight, bias, out, out if x_bias is None else x_bias, x.stride(-2),
+                                    residual.stride(0), out.stride(0), n, eps, parts, rows * n,
+                                    HAS_X_BIAS=x_bias is not None, BLOCK=triton.next_power_of_2(n))
 
 
 def _check(x, residual, weight, bias, out):

@@ -12,6 +12,10 @@ kernel (each program normalizes the few rows itself), which saves the LayerNorm'
     x       [M, K]  rows contiguous (any row stride: a view of the decoder's [B, 3D] state works)
     weight  [N, K]  contiguous;  bias [N] or None
     returns [M, N]
+
+From 5 to 64 rows, `_tile_linear_kernel` takes the product on tensor cores instead: programs own
+BLOCK_M x BLOCK_N output tiles and loop over K, with bias and GELU in the epilogue. At these rows cuBLAS's
+time is mostly fixed cost too (3.1-4.5 us per TinyNet linear on the H100, benchmarks/NOTES.md).
 """
 from typing import Optional
 
@@ -21,6 +25,7 @@ import triton.language as tl
 
 from trm_fast import torch_ops
 from trm_fast.kernels import add_layer_norm
+from trm_fast.kernels.matmul import dot_as, dot_config
 
 # Where this kernel beats cuBLAS on the H100 (results/issue5/decode_profile_H100.json, "kernels"): each
 # program applies its weight tile to the rows one after another, so its time grows with the rows. At 1
@@ -29,6 +34,8 @@ MAX_ROWS = 4
 MAX_OUTPUTS = 16384  # rows x N
 MAX_TILE = 8192  # weight elements per program (BLOCK_N x BLOCK_K), held in registers as float32
 TARGET_PROGRAMS = 128  # about one program per SM of an H100
+MAX_TILE_ROWS = 64
+MAX_TILE_OUTPUTS = 8192
 
 
 @triton.jit
@@ -64,6 +71,32 @@ def _decode_linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, r_ptr, ln_w_ptr, ln_b_pt
         tl.store(out_ptr + row * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=col_in)
 
 
+@triton.jit
+def _tile_linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, k_split, stride_x, stride_out, stride_split,
+                        HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Output tile (program_id 0: columns, 1: rows) of the product over K[pid2 * k_split, + k_split)."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_in, row_in = cols < N, rows < M
+    k_start = tl.program_id(2) * k_split
+    k_end = tl.minimum(K, k_start + k_split)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_in = k < k_end
+        x = tl.load(x_ptr + rows[:, None] * stride_x + k[None, :], mask=row_in[:, None] & k_in[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * K + k[:, None], mask=k_in[:, None] & col_in[None, :], other=0.0)
+        acc = dot_as(x, w, acc, DOT_DTYPE, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    out_ptr += tl.program_id(2) * stride_split
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_in[:, None] & col_in[None, :])
+
+
 def block_n(n: int, k: int) -> int:
     """Output columns per program: about TARGET_PROGRAMS programs, a tile of at most MAX_TILE weights."""
     cap = max(1, MAX_TILE // triton.next_power_of_2(k))
@@ -72,23 +105,63 @@ def block_n(n: int, k: int) -> int:
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the kernel takes this product (few rows and outputs, a reduction that fits one tile)."""
+    """Whether the matrix-vector kernel takes this product (few rows and outputs, a reduction in one tile)."""
     rows, (n, k) = x.shape[0], weight.shape
     return rows <= MAX_ROWS and rows * n <= MAX_OUTPUTS and triton.next_power_of_2(k) <= MAX_TILE
 
 
-def decode_linear_triton(x, weight, bias, gelu: bool, add_norm=None) -> torch.Tensor:
-    """`add_norm` = (residual, ln_weight, ln_bias, eps, normed): the input rows are layer_norm(x + residual),
-    also written to `normed`."""
+def fits_tiles(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the tile kernel takes it (more rows than the matrix-vector kernel, up to MAX_TILE_ROWS)."""
+    return MAX_ROWS < x.shape[0] <= MAX_TILE_ROWS and weight.shape[0] <= MAX_TILE_OUTPUTS
+
+
+def tile_config(M: int, N: int, K: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the tile kernel: the best or within 0.1 us of
+    the best on the H100 at 16 and 64 rows for every TinyNet linear (results/issue5/decode_linear_tiles)."""
+    return min(64, max(16, triton.next_power_of_2(M))), 16, min(128, max(16, triton.next_power_of_2(K))), 4, 3
+
+
+def _launch_tiles(x, weight, bias, gelu: bool, out, splits: int, config) -> None:
+    M, K = x.shape
+    N = weight.shape[0]
+    block_m, block_n_, block_k, warps, stages = config or tile_config(M, N, K)
+    k_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
+    dtype, precision = dot_config(x.dtype)
+    _tile_linear_kernel[(triton.cdiv(N, block_n_), triton.cdiv(M, block_m), triton.cdiv(K, k_split))](
+        x, weight, weight if bias is None else bias, out, M, N, K, k_split, x.stride(0), out.stride(-2),
+        out.stride(0) if splits > 1 else 0, HAS_BIAS=bias is not None, GELU=gelu, DOT_DTYPE=dtype,
+        PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n_, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+
+
+def decode_linear_triton(x, weight, bias, gelu: bool, add_norm=None, config=None) -> torch.Tensor:
+    """`add_norm` = (residual, ln_weight, ln_bias, eps, normed) (matrix-vector kernel only): the input rows
+    are layer_norm(x + residual), also written to `normed`. `config`: the tile kernel's tiles (default
+    `tile_config`)."""
     M, K = x.shape
     N = weight.shape[0]
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M > MAX_ROWS:
+        if add_norm is not None:
+            raise ValueError(f"decode_linear_triton: add_norm is fused for at most {MAX_ROWS} rows, got {M}")
+        _launch_tiles(x, weight, bias, gelu, out, 1, config)
+        return out
     cols = block_n(N, K)
     residual, ln_w, ln_b, eps, normed = add_norm or (x, weight, weight, 0.0, x)
     _decode_linear_kernel[(triton.cdiv(N, cols),)](
         x, weight, weight if bias is None else bias, out, residual, ln_w, ln_b, normed, M, N, K, eps, x.stride(0),
         out.stride(0), residual.stride(0), normed.stride(0), HAS_BIAS=bias is not None, GELU=gelu,
         ADD_NORM=add_norm is not None, BLOCK_N=cols, BLOCK_K=triton.next_power_of_2(K), num_warps=4)
+    return out
+
+
+def split_k_partials(x, weight, splits: int, config=None) -> torch.Tensor:
+    """x @ weight.T as [parts, M, N] float32 partial products over `splits` slices of K (the tile kernel;
+    fewer parts where K has fewer BLOCK_K blocks). Whoever sums them adds the bias."""
+    M, K = x.shape
+    block_k = (config or tile_config(M, weight.shape[0], K))[2]
+    parts = triton.cdiv(K, triton.cdiv(triton.cdiv(K, splits), block_k) * block_k)
+    out = torch.empty(parts, M, weight.shape[0], dtype=torch.float32, device=x.device)
+    _launch_tiles(x, weight, None, False, out, splits, config)
     return out
 
 
@@ -107,7 +180,7 @@ def _check(x, weight, bias):
 @torch.library.custom_op("trm_fast::decode_linear", mutates_args=())
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gelu: bool) -> torch.Tensor:
     _check(x, weight, bias)
-    if x.is_cuda and fits(x, weight):
+    if x.is_cuda and (fits(x, weight) or fits_tiles(x, weight)):
         return decode_linear_triton(x, weight, bias, gelu)
     return torch_ops.decode_linear(x, weight, bias, gelu)
 
@@ -132,7 +205,7 @@ def decode_add_norm_linear(x: torch.Tensor, residual: torch.Tensor, ln_weight: t
         return decode_linear_triton(x, weight, bias, gelu, (residual, ln_weight, ln_bias, eps, normed))
     if x.is_cuda:
         add_layer_norm.add_layer_norm_triton(x, residual, ln_weight, ln_bias, eps, normed)
-        return torch_ops.decode_linear(normed, weight, bias, gelu)
+        return decode_linear(normed, weight, bias, gelu)
     return torch_ops.decode_add_norm_linear(x, residual, ln_weight, ln_bias, eps, normed, weight, bias, gelu)
 
 

@@ -1,6 +1,6 @@
 """Where a CUDA-graph decode step's time goes (d512 / 8 heads / vocab 16000, bf16, greedy, prompt 16,
-256 new tokens), for the decode kernels now in use and for the previous ones (cuBLAS linears, attention
-over 64 keys per block, ATen bookkeeping), in one process: generation tokens/s, GPU time per replayed
+256 new tokens), for the decode kernels now in use and for the previous ones (session 7: cuBLAS for
+linears of more than 4 rows, no tile kernel), in one process: generation tokens/s, GPU time per replayed
 step, kernels per step, the heaviest ones and the parts of a generation outside the replays; then each
 decode kernel alone (time per call inside a CUDA graph, so launch cost on the host does not count)
 against what it replaces.
@@ -11,7 +11,6 @@ import argparse
 import json
 import statistics
 import time
-import types
 from collections import Counter
 
 import torch
@@ -19,26 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import trm_fast
 from trm_fast import decoding, torch_ops
-from trm_fast.kernels import decode_attention, decode_linear
-
-
-def previous_ops():
-    """The decode ops before session 7: cuBLAS (F.linear, separate GELU), add + LayerNorm in its own
-    kernel, attention 64 keys per block and 4 warps, the step's bookkeeping in ATen ops (the torch
-    versions of the decode_step kernels). The prefill stays as it is now (replays of the step)."""
-    add_layer_norm_into = torch.ops.trm_fast.add_layer_norm_into
-
-    def add_norm_linear(x, residual, ln_weight, ln_bias, eps, normed, weight, bias, gelu):
-        add_layer_norm_into(x, residual, ln_weight, ln_bias, eps, normed)
-        return torch_ops.decode_linear(normed, weight, bias, gelu)
-
-    return types.SimpleNamespace(
-        decode_linear=torch_ops.decode_linear, add_layer_norm_into=add_layer_norm_into,
-        decode_add_norm_linear=add_norm_linear,
-        decode_attention=lambda qkv, cache, valid, pos, heads: decode_attention.decode_attention_triton(
-            qkv, cache, valid, pos, heads, block_t=64, num_warps=4),
-        **{name: getattr(torch_ops, name) for name in ("decode_append", "decode_pool", "decode_select",
-                                                        "decode_emit")})
+from trm_fast.kernels import decode_linear
 
 
 def host_phases(model, prompts):
@@ -136,11 +116,12 @@ def graph_us(fn, calls=50):
 
 
 def kernel_table():
-    """Each decode kernel alone against what it replaces, at the d512 decode step's shapes."""
+    """Each decode linear alone against cuBLAS, at the d512 decode step's shapes (attention and the tile
+    configs: scripts/decode_tiles.py)."""
     dtype, rows = torch.bfloat16, {}
     shapes = {"xyz_proj": (512, 1536), "qkv": (1536, 512), "out_proj": (512, 512), "ffn1+gelu": (2048, 512),
               "ffn2": (512, 2048), "head": (16000, 512)}
-    for batch in (1, 4, 8):
+    for batch in (1, 4, 8, 16, 64):
         for name, (n, k) in shapes.items():
             x = torch.randn(batch, k, device="cuda", dtype=dtype)
             w = torch.randn(n, k, device="cuda", dtype=dtype) / k ** 0.5
@@ -149,17 +130,6 @@ def kernel_table():
             rows[f"linear {name} B{batch}"] = {
                 "cublas_us": graph_us(lambda: torch_ops.decode_linear(x, w, b, gelu)),
                 "triton_us": graph_us(lambda: decode_linear.decode_linear_triton(x, w, b, gelu))}
-    for batch in (1, 64):
-        cache = torch.randn(batch, 320, 2, 8, 64, device="cuda", dtype=dtype)
-        qkv = torch.randn(batch, 1536, device="cuda", dtype=dtype)
-        valid = torch.ones(batch, 320, dtype=torch.bool, device="cuda")
-        for length in (16, 150, 271):
-            pos = torch.full((batch,), length, dtype=torch.long, device="cuda")
-            row = {}
-            for block_t, warps in ((64, 4), (64, 2), (128, 4), (128, 2)):
-                row[f"block{block_t}_warps{warps}_us"] = graph_us(
-                    lambda: decode_attention.decode_attention_triton(qkv, cache, valid, pos, 8, block_t, warps))
-            rows[f"attention B{batch} keys {length + 1}"] = row
     for name, row in rows.items():
         print(f"{name:<28} " + "  ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
     return rows
@@ -174,12 +144,12 @@ def main():
     model = trm_fast.TRMModel(config).cuda().to(torch.bfloat16).eval()
     prompts = torch.randint(3, 16000, (64, 16), generator=torch.Generator().manual_seed(1)).tolist()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "now": measure(model, prompts, "now")}
-    current = decoding.decode_ops
-    decoding.decode_ops = previous_ops
+    tile_rows = decode_linear.MAX_TILE_ROWS
+    decode_linear.MAX_TILE_ROWS = decode_linear.MAX_ROWS  # the tile kernel off
     try:
         result["previous_kernels"] = measure(model, prompts, "previous kernels")
     finally:
-        decoding.decode_ops = current
+        decode_linear.MAX_TILE_ROWS = tile_rows
     result["kernels"] = kernel_table()
     if args.out:
         with open(args.out, "w") as f:

@@ -6,7 +6,7 @@ from parity_helpers import DEVICES
 from trm_fast import torch_ops
 
 triton = pytest.importorskip("triton")
-from trm_fast.kernels import add_layer_norm, decode_attention, decode_linear  # noqa: E402
+from trm_fast.kernels import add_layer_norm, decode_attention, decode_feed_forward, decode_linear  # noqa: E402
 
 # Where the Triton launchers run: the GPU, or Triton's interpreter on a CPU-only machine (conftest.py).
 KERNEL_DEVICE = ["cuda"] if "cuda" in DEVICES else ["cpu"]
@@ -42,17 +42,21 @@ def test_decode_attention_matches_torch(device, heads, head_dim, capacity):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICE)
-@pytest.mark.parametrize("block_t", [16, 128])
-def test_decode_attention_block_sizes(device, block_t):
-    qkv, cache, valid, pos = attention_case(5, 300, 4, 32, device, torch.float32, seed=block_t)
+@pytest.mark.parametrize("config", [(1, 16, 4), (1, 128, 4), (2, 32, 4), (4, 16, 8)])
+def test_decode_attention_configs(device, config):
+    """Heads per program, keys per block, warps."""
+    qkv, cache, valid, pos = attention_case(5, 300, 4, 32, device, torch.float32, seed=config[1])
     pos[2] = 130
     expected = torch_ops.decode_attention(qkv, cache.clone(), valid, pos, 4)
-    got = decode_attention.decode_attention_triton(qkv, cache, valid, pos, 4, block_t=block_t)
+    got = decode_attention.decode_attention_triton(qkv, cache, valid, pos, 4, config)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="3 heads per program do not divide 4 heads"):
+        decode_attention.decode_attention_triton(qkv, cache, valid, pos, 4, (3, 16, 4))
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICE)
-@pytest.mark.parametrize("rows, n, k", [(1, 512, 1536), (3, 37, 100), (8, 2048, 512), (2, 300, 8)])
+@pytest.mark.parametrize("rows, n, k", [(1, 512, 1536), (3, 37, 100), (8, 2048, 512), (2, 300, 8), (37, 70, 300),
+                                        (64, 512, 2048)])
 @pytest.mark.parametrize("bias, gelu", [(True, False), (True, True), (False, False)])
 def test_decode_linear_matches_torch(device, rows, n, k, bias, gelu):
     g = torch.Generator().manual_seed(n + k)
@@ -79,6 +83,47 @@ def test_decode_add_norm_linear_matches_torch(device, rows, n, k):
     torch.testing.assert_close(normed, expected_normed, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert not state[:, :k].any() and not state[:, 2 * k:].any()
+    with pytest.raises(ValueError, match="add_norm is fused for at most 4 rows, got"):
+        decode_linear.decode_linear_triton(x.repeat(5, 1), weight, bias, True,
+                                           (residual.repeat(5, 1), ln_w, ln_b, 1e-5, normed.repeat(5, 1)))
+
+
+def ffn_case(rows, d, hidden, device, dtype=torch.float32):
+    g = torch.Generator().manual_seed(rows + d)
+    h = torch.randn(rows, d + 3, generator=g)[:, 3:]  # strided rows, as the decoder's h1 could be
+    w1, w2 = torch.randn(hidden, d, generator=g) / d ** 0.5, torch.randn(d, hidden, generator=g) / hidden ** 0.5
+    vectors = [torch.randn(size, generator=g) for size in (hidden, d, d, d)]
+    return [t.to(device, dtype) for t in (h, w1, vectors[0], w2, *vectors[1:])]
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICE)
+@pytest.mark.parametrize("rows, d, hidden, splits, config", [(5, 32, 512, 4, None), (37, 48, 200, 3, None),
+                                                             (64, 64, 256, 1, (16, 32, 16, 4, 1)),
+                                                             (20, 40, 100, 8, (32, 16, 16, 4, 1))])
+def test_decode_ffn_add_norm_matches_torch(device, rows, d, hidden, splits, config):
+    h, w1, b1, w2, b2, ln_w, ln_b = ffn_case(rows, d, hidden, device)
+    expected = torch.empty(rows, d, device=device)
+    torch_ops.decode_ffn_add_norm(h, w1, b1, w2, b2, ln_w, ln_b, 1e-5, expected)
+    state = torch.zeros(rows, 3 * d, device=device)
+    decode_feed_forward.decode_ffn_add_norm_triton(h, w1, b1, w2, b2, ln_w, ln_b, 1e-5, state[:, d: 2 * d], splits,
+                                                   config)
+    torch.testing.assert_close(state[:, d: 2 * d], expected, rtol=1e-5, atol=1e-5)
+    assert not state[:, :d].any() and not state[:, 2 * d:].any()
+    a = torch_ops.decode_linear(h, w1, b1, True)
+    parts = decode_linear.split_k_partials(a, w2, splits, config)
+    assert parts.shape[1:] == (rows, d) and (parts.shape[0] > 1) == (splits > 1) and parts.shape[0] <= splits
+    torch.testing.assert_close(parts.sum(0), a @ w2.t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
+@pytest.mark.parametrize("rows", [1, 16, 64, 65])
+def test_decode_ffn_add_norm_bf16_cuda(rows):
+    args = ffn_case(rows, 512, 2048, "cuda", torch.bfloat16)
+    expected = torch.empty(rows, 512, device="cuda")
+    torch_ops.decode_ffn_add_norm(*[t.float() for t in args], 1e-5, expected)
+    out = torch.empty(rows, 512, device="cuda", dtype=torch.bfloat16)
+    torch.ops.trm_fast.decode_ffn_add_norm(*args, 1e-5, out)
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=3e-2)
 
 
 def test_decode_linear_tiles():
@@ -89,6 +134,11 @@ def test_decode_linear_tiles():
     assert not decode_linear.fits(x, torch.zeros(8, 512)) and decode_linear.fits(x[:4], torch.zeros(2048, 512))
     assert decode_linear.fits(x[:1], torch.zeros(16000, 512)) and not decode_linear.fits(x[:2], torch.zeros(16000, 512))
     assert not decode_linear.fits(x[:1, :1], torch.zeros(8, 16385))
+    w = torch.zeros(2048, 512)
+    assert decode_linear.fits_tiles(x, w) and not decode_linear.fits_tiles(x[:4], w)
+    assert not decode_linear.fits_tiles(torch.zeros(65, 512), w) and not decode_linear.fits_tiles(x, torch.zeros(16000, 512))
+    assert decode_linear.tile_config(64, 512, 2048) == (64, 16, 128, 4, 3)
+    assert decode_linear.tile_config(5, 512, 100) == (16, 16, 128, 4, 3)
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
@@ -135,6 +185,15 @@ def test_custom_ops_opcheck_and_errors(device):
     normed = torch.empty(4, 32, device=device)
     ln = (torch.ones(32, device=device), torch.zeros(32, device=device))
     torch.library.opcheck(torch.ops.trm_fast.decode_add_norm_linear, (x, x.clone(), *ln, 1e-5, normed, w, None, True))
+    h, w1, b1, w2, b2, ln_w, ln_b = ffn_case(6, 32, 64, device)
+    ffn_out = torch.empty(6, 32, device=device)
+    torch.library.opcheck(torch.ops.trm_fast.decode_ffn_add_norm, (h, w1, b1, w2, b2, ln_w, ln_b, 1e-5, ffn_out))
+    with pytest.raises(ValueError, match=r"decode_ffn_add_norm: w2 must be \[32, 64\]"):
+        torch.ops.trm_fast.decode_ffn_add_norm(h, w1, b1, w2.t().contiguous(), b2, ln_w, ln_b, 1e-5, ffn_out)
+    with pytest.raises(ValueError, match="decode_ffn_add_norm: out must be"):
+        torch.ops.trm_fast.decode_ffn_add_norm(h, w1, b1, w2, b2, ln_w, ln_b, 1e-5, ffn_out[:5])
+    with pytest.raises(ValueError, match="of h's dtype"):
+        torch.ops.trm_fast.decode_ffn_add_norm(h, w1.double(), b1, w2, b2, ln_w, ln_b, 1e-5, ffn_out)
     with pytest.raises(ValueError, match="decode_add_norm_linear: residual and normed"):
         torch.ops.trm_fast.decode_add_norm_linear(x, x[:3], *ln, 1e-5, normed, w, None, True)
     with pytest.raises(ValueError, match=r"decode_linear: x \(4, 32\) and weight \(16, 31\)"):

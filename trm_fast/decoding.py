@@ -35,6 +35,7 @@ NO_HALTING = 2.0  # a threshold no sigmoid output exceeds: `q_threshold=None`
 REPLAY_PREFILL_MAX = 32  # graph decoders prefill prompts of one length up to this by replays of the step
 CAPACITY_STEP = 64  # capacities are rounded up to this so that captured graphs are reused across calls
 MAX_DECODERS = 4  # per model (a batch that shrinks by compaction uses one decoder per size)
+SMALL_BATCH = 4  # up to this many rows the decode linears are matrix-vector kernels (`kernels/decode_linear.py`)
 
 
 class Decoder:
@@ -268,17 +269,23 @@ class Decoder:
 
     def _decode_call(self, call: int, proj: torch.nn.Linear, inputs: torch.Tensor, out: torch.Tensor) -> None:
         """One TinyNet call on the new token of each row: `inputs` [B, 3D or 2D] (views of `xyz`), result
-        written into `out` (the z or y slot of `xyz`). Decode kernels: the linear layers (bias, GELU and the
-        first add+LayerNorm fused into them), attention over the cache, the second add+LayerNorm."""
+        written into `out` (the z or y slot of `xyz`). Decode kernels: the linear layers (bias and GELU fused),
+        attention over the cache, the add + LayerNorms (the first one fused into the FFN's first linear up
+        to SMALL_BATCH rows, the second one into the FFN beyond)."""
         block = self.model.tiny_net.block
         attn, ffn = block.attn, block.ffn
         ops = decode_ops()
         h = ops.decode_linear(inputs, proj.weight, proj.bias, False)
         qkv = ops.decode_linear(h, attn.in_proj_weight, attn.in_proj_bias, False)
         o = ops.decode_attention(qkv, self.kv[call], self.token_valid, self.pos, attn.num_heads)
+        o = ops.decode_linear(o, attn.out_proj.weight, attn.out_proj.bias, False)
         h1 = torch.empty_like(h)
-        a = ops.decode_add_norm_linear(h, ops.decode_linear(o, attn.out_proj.weight, attn.out_proj.bias, False),
-                                       block.ln1.weight, block.ln1.bias, block.ln1.eps, h1, ffn[0].weight,
+        if self.batch > SMALL_BATCH:
+            ops.add_layer_norm_into(h, o, block.ln1.weight, block.ln1.bias, block.ln1.eps, h1)
+            ops.decode_ffn_add_norm(h1, ffn[0].weight, ffn[0].bias, ffn[2].weight, ffn[2].bias, block.ln2.weight,
+                                    block.ln2.bias, block.ln2.eps, out)
+            return
+        a = ops.decode_add_norm_linear(h, o, block.ln1.weight, block.ln1.bias, block.ln1.eps, h1, ffn[0].weight,
                                        ffn[0].bias, True)
         ops.add_layer_norm_into(h1, ops.decode_linear(a, ffn[2].weight, ffn[2].bias, False), block.ln2.weight,
                                 block.ln2.bias, block.ln2.eps, out)

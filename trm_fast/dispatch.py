@@ -13,8 +13,8 @@ from . import ops as extension_ops
 
 KERNEL_CHOICES = ("auto", "torch", "triton")
 TINYNET_OPS = ("concat_linear", "causal_attention", "add_layer_norm", "feed_forward")
-DECODE_OPS = ("decode_linear", "decode_add_norm_linear", "decode_attention", "add_layer_norm_into",
-              "decode_append", "decode_pool", "decode_select", "decode_emit")
+DECODE_OPS = ("decode_linear", "decode_add_norm_linear", "decode_ffn_add_norm", "decode_attention",
+              "add_layer_norm_into", "decode_append", "decode_pool", "decode_select", "decode_emit")
 
 
 def check_kernels_choice(kernels: str) -> str:
@@ -48,6 +48,7 @@ def decode_ops() -> Any:
         importlib.import_module("trm_fast.kernels.decode_attention")
         importlib.import_module("trm_fast.kernels.add_layer_norm")
         importlib.import_module("trm_fast.kernels.decode_linear")
+        importlib.import_module("trm_fast.kernels.decode_feed_forward")
         importlib.import_module("trm_fast.kernels.decode_step")
     except ImportError:
         return torch_ops

@@ -76,6 +76,11 @@ def decode_add_norm_linear(x, residual, ln_weight, ln_bias, eps: float, normed, 
     return decode_linear(normed, weight, bias, gelu)
 
 
+def decode_ffn_add_norm(h, w1, b1, w2, b2, ln_weight, ln_bias, eps: float, out) -> None:
+    """`out[:] = layer_norm(h + linear(gelu(linear(h, w1, b1)), w2, b2))`: a TinyBlock's FFN half."""
+    add_layer_norm_into(h, decode_linear(decode_linear(h, w1, b1, True), w2, b2, False), ln_weight, ln_bias, eps, out)
+
+
 # -- the decode step's bookkeeping (trm_fast/decoding.py `Decoder._graph_step`) ---------------------------
 def append_tokens(token, pos, embed_weight, pos_table, pad_id: int, x_cache, token_valid, count) -> torch.Tensor:
     """Embed `token` [B] at `pos` [B] into `x_cache` [B, T, D] and mark it valid unless it is the pad id
