@@ -34,8 +34,8 @@ MAX_ROWS = 4
 MAX_OUTPUTS = 16384  # rows x N
 MAX_TILE = 8192  # weight elements per program (BLOCK_N x BLOCK_K), held in registers as float32
 TARGET_PROGRAMS = 128  # about one program per SM of an H100
-MAX_TILE_ROWS = 64
-MAX_TILE_OUTPUTS = 8192
+MAX_TILE_ROWS = 64  # the tile kernel's range: 5-64 rows (measured at 16 and 64, results/issue5/decode_tiles_*)
+MAX_TILE_OUTPUTS = 8192  # a 16000-wide head stays on cuBLAS, which was faster there
 
 
 @triton.jit
