@@ -3,7 +3,7 @@ incremental decoding (inference only).
 
 It writes the new token's key and value (from the fused QKV projection) into the cache at `pos`, then
 attends over the cached keys 0..pos that are valid (key padding), flash-decoding style: one program per
-(sequence, group of heads), online softmax over blocks of keys, only up to `pos` (not the cache's capacity).
+(sequence, head), online softmax over blocks of keys, only up to `pos` (not the cache's capacity).
 A query with no valid key outputs zero, as the drop-in's attention does.
 
     qkv        [B, 3D]        in_proj output of the new token (q | k | v, heads contiguous within each)
@@ -26,67 +26,61 @@ MANY_PROGRAMS = 256  # (sequence, head) programs from which shorter key blocks a
 @triton.jit
 def _decode_attention_kernel(qkv_ptr, cache_ptr, valid_ptr, pos_ptr, out_ptr,
                              stride_qkv, stride_cache_b, stride_cache_t, stride_valid, stride_out,
-                             D, scale, HEAD_DIM: tl.constexpr, HEADS: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Program (g, b): heads g * HEADS ... + HEADS - 1 of sequence b. The programs of one sequence are
-    launched next to each other, so together they read whole cache rows (2 KB at d512) at about the same
-    time, instead of 128-byte pieces of rows that are far apart in memory."""
+                             D, scale, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Program (h, b): head h of sequence b (the heads of one sequence are launched next to each other)."""
+    h = tl.program_id(0)
     b = tl.program_id(1)
     pos = tl.load(pos_ptr + b)
-    d = tl.program_id(0) * HEADS * HEAD_DIM + tl.arange(0, HEADS)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-    row = qkv_ptr + b * stride_qkv + d  # [HEADS, HEAD_DIM]
+    d = tl.arange(0, HEAD_DIM)
+    row = qkv_ptr + b * stride_qkv + h * HEAD_DIM + d
     q = tl.load(row).to(tl.float32) * scale
     k_new = tl.load(row + D)
     v_new = tl.load(row + 2 * D)
-    cache = cache_ptr + b * stride_cache_b
+    cache = cache_ptr + b * stride_cache_b + h * HEAD_DIM
     tl.store(cache + pos * stride_cache_t + d, k_new)
     tl.store(cache + pos * stride_cache_t + D + d, v_new)
 
     # The new key first (from registers), then the cached keys 0..pos-1 block by block.
     new_valid = tl.load(valid_ptr + b * stride_valid + pos) != 0
-    s_new = tl.sum(q * k_new.to(tl.float32), axis=1)  # [HEADS]
+    s_new = tl.sum(q * k_new.to(tl.float32), axis=0)
     m = tl.where(new_valid, s_new, -1.0e30)
-    l = tl.where(new_valid, 1.0, 0.0) + tl.zeros_like(m)
-    acc = v_new.to(tl.float32) * l[:, None]
+    l = tl.where(new_valid, 1.0, 0.0)
+    acc = v_new.to(tl.float32) * l
     for start in range(0, pos, BLOCK_T):
         t = start + tl.arange(0, BLOCK_T)
         in_range = t < pos
         valid = (tl.load(valid_ptr + b * stride_valid + t, mask=in_range, other=0) != 0) & in_range
-        at = cache + t[:, None, None] * stride_cache_t + d[None, :, :]  # [BLOCK_T, HEADS, HEAD_DIM]
-        k = tl.load(at, mask=valid[:, None, None], other=0.0)
-        v = tl.load(at + D, mask=valid[:, None, None], other=0.0)
-        s = tl.where(valid[:, None], tl.sum(k.to(tl.float32) * q[None, :, :], axis=2), -1.0e30)  # [BLOCK_T, HEADS]
+        k = tl.load(cache + t[:, None] * stride_cache_t + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(cache + t[:, None] * stride_cache_t + D + d[None, :], mask=valid[:, None], other=0.0)
+        s = tl.where(valid, tl.sum(k.to(tl.float32) * q[None, :], axis=1), -1.0e30)
         m_next = tl.maximum(m, tl.max(s, axis=0))
-        p = tl.where(valid[:, None], tl.exp(s - m_next[None, :]), 0.0)
+        p = tl.where(valid, tl.exp(s - m_next), 0.0)
         alpha = tl.exp(m - m_next)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32), axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         l = l * alpha + tl.sum(p, axis=0)
         m = m_next
-    out = tl.where(l[:, None] > 0, acc / tl.where(l > 0, l, 1.0)[:, None], 0.0)
-    tl.store(out_ptr + b * stride_out + d, out.to(out_ptr.dtype.element_ty))
+    out = tl.where(l > 0, acc / tl.where(l > 0, l, 1.0), 0.0)
+    tl.store(out_ptr + b * stride_out + h * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
 
 
 def attention_config(batch: int, n_heads: int):
-    """(heads per program, keys per block, warps). With fewer (b, h) programs than SMs a program's load
-    round trips bound it: one head, 128 keys, 4 warps. With many, HBM bandwidth does (measured on the
-    H100 with caches larger than L2, scripts/decode_linear_tiles.py)."""
-    if batch * n_heads <= MANY_PROGRAMS:
-        return 1, 128, 4
-    return 1, 64, 2
+    """(keys per block, warps). Up to MANY_PROGRAMS (b, h) programs a program's load round trips bound it:
+    128 keys, 4 warps. With more, 64 keys and 2 warps (measured on the H100 with caches larger than L2,
+    scripts/decode_tiles.py; several heads per program were slower there)."""
+    return (128, 4) if batch * n_heads <= MANY_PROGRAMS else (64, 2)
 
 
 def decode_attention_triton(qkv, kv_cache, token_valid, pos, n_heads: int, config=None) -> torch.Tensor:
-    """`config`: (heads per program, keys per block, warps), default `attention_config`."""
+    """`config`: (keys per block, warps), default `attention_config`."""
     B, three_d = qkv.shape
     D = three_d // 3
     head_dim = D // n_heads
-    heads, block_t, num_warps = config or attention_config(B, n_heads)
-    if n_heads % heads:
-        raise ValueError(f"decode_attention_triton: {heads} heads per program do not divide {n_heads} heads")
+    block_t, num_warps = config or attention_config(B, n_heads)
     out = torch.empty(B, D, dtype=qkv.dtype, device=qkv.device)
-    _decode_attention_kernel[(n_heads // heads, B)](
+    _decode_attention_kernel[(n_heads, B)](
         qkv, kv_cache, token_valid.view(torch.uint8), pos, out,
         qkv.stride(0), kv_cache.stride(0), kv_cache.stride(1), token_valid.stride(0), out.stride(0),
-        D, 1.0 / math.sqrt(head_dim), HEAD_DIM=head_dim, HEADS=heads, BLOCK_T=block_t, num_warps=num_warps)
+        D, 1.0 / math.sqrt(head_dim), HEAD_DIM=head_dim, BLOCK_T=block_t, num_warps=num_warps)
     return out
 
 

@@ -117,19 +117,20 @@ def fits_tiles(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def tile_config(M: int, N: int, K: int):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the tile kernel: the best or within 0.1 us of
-    the best on the H100 at 16 and 64 rows for every TinyNet linear (results/issue5/decode_linear_tiles)."""
+    the best on the H100 at 16 and 64 rows for every TinyNet linear (results/issue5/decode_tiles_linear_H100.json)."""
     return min(64, max(16, triton.next_power_of_2(M))), 16, min(128, max(16, triton.next_power_of_2(K))), 4, 3
 
 
-def _launch_tiles(x, weight, bias, gelu: bool, out, splits: int, config) -> None:
+def _launch_tiles(x, weight, bias, gelu: bool, out, k_split: int, config) -> None:
+    """The tile kernel over K in slices of `k_split`: one product into `out` [M, N] when k_split >= K, else
+    one partial product per slice into `out` [parts, M, N]. `config`: the resolved tiles."""
     M, K = x.shape
     N = weight.shape[0]
-    block_m, block_n_, block_k, warps, stages = config or tile_config(M, N, K)
-    k_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
+    block_m, block_n_, block_k, warps, stages = config
     dtype, precision = dot_config(x.dtype)
     _tile_linear_kernel[(triton.cdiv(N, block_n_), triton.cdiv(M, block_m), triton.cdiv(K, k_split))](
         x, weight, weight if bias is None else bias, out, M, N, K, k_split, x.stride(0), out.stride(-2),
-        out.stride(0) if splits > 1 else 0, HAS_BIAS=bias is not None, GELU=gelu, DOT_DTYPE=dtype,
+        out.stride(0) if out.dim() == 3 else 0, HAS_BIAS=bias is not None, GELU=gelu, DOT_DTYPE=dtype,
         PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n_, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
 
 
@@ -143,7 +144,7 @@ def decode_linear_triton(x, weight, bias, gelu: bool, add_norm=None, config=None
     if M > MAX_ROWS:
         if add_norm is not None:
             raise ValueError(f"decode_linear_triton: add_norm is fused for at most {MAX_ROWS} rows, got {M}")
-        _launch_tiles(x, weight, bias, gelu, out, 1, config)
+        _launch_tiles(x, weight, bias, gelu, out, K, config or tile_config(M, N, K))
         return out
     cols = block_n(N, K)
     residual, ln_w, ln_b, eps, normed = add_norm or (x, weight, weight, 0.0, x)
@@ -157,11 +158,11 @@ def decode_linear_triton(x, weight, bias, gelu: bool, add_norm=None, config=None
 def split_k_partials(x, weight, splits: int, config=None) -> torch.Tensor:
     """x @ weight.T as [parts, M, N] float32 partial products over `splits` slices of K (the tile kernel;
     fewer parts where K has fewer BLOCK_K blocks). Whoever sums them adds the bias."""
-    M, K = x.shape
-    block_k = (config or tile_config(M, weight.shape[0], K))[2]
-    parts = triton.cdiv(K, triton.cdiv(triton.cdiv(K, splits), block_k) * block_k)
-    out = torch.empty(parts, M, weight.shape[0], dtype=torch.float32, device=x.device)
-    _launch_tiles(x, weight, None, False, out, splits, config)
+    (M, K), N = x.shape, weight.shape[0]
+    config = config or tile_config(M, N, K)
+    k_split = triton.cdiv(triton.cdiv(K, splits), config[2]) * config[2]  # whole BLOCK_K blocks per slice
+    out = torch.empty(triton.cdiv(K, k_split), M, N, dtype=torch.float32, device=x.device)
+    _launch_tiles(x, weight, None, False, out, k_split, config)
     return out
 
 

@@ -79,8 +79,9 @@ def sweep(label, reference, fused, configs, chosen, result, warps_at=-2):
     """`warps_at`: where configs hold the warp count (the best one is also timed with 2 and 8 warps)."""
     timed = {config: time_config(fused, config) for config in configs}
     best = min(timed, key=timed.get)
+    at = warps_at % len(best)
     for warps in (2, 8):
-        config = best[:warps_at] + (warps,) + (best[warps_at + 1:] if warps_at != -1 else ())
+        config = best[:at] + (warps,) + best[at + 1:]
         timed[config] = time_config(fused, config)
     best = min(timed, key=timed.get)
     row = {"baseline_us": graph_us(reference), "best": str(best), "best_us": timed[best], "chosen": str(chosen),
@@ -109,7 +110,7 @@ def main():
         if "ffn" in args.kernels:
             sweep(f"ffn B{rows}", *ffn_case(rows), configs, (decode_feed_forward.SPLITS,)
                   + decode_linear.tile_config(rows, 512, 2048), result["shapes"])
-        configs = [(1, 32, 2), (1, 64, 2), (1, 64, 4), (1, 128, 4), (2, 32, 4), (2, 64, 4), (4, 32, 4), (8, 16, 4)]
+        configs = [(32, 2), (64, 2), (64, 4), (128, 4)]
         for keys in (32, 150, 272) if "attention" in args.kernels else ():
             sweep(f"attention B{rows} keys {keys}", *attention_case(rows, keys), configs,
                   decode_attention.attention_config(rows, 8), result["shapes"], warps_at=-1)
