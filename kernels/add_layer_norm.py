@@ -10,14 +10,18 @@ import triton
 import triton.language as tl
 
 from trm_fast import torch_ops
+from trm_fast.kernels.pdl import launch_options, wait_for_previous
 
 
 @triton.jit
 def _add_layer_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, out_ptr, x_bias_ptr, stride_x, stride_r, stride_out, N, eps,
-                           parts, stride_part, HAS_X_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                           parts, stride_part, HAS_X_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    wait_for_previous(PDL)
     x = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
     for part in range(parts):
         x += tl.load(x_ptr + part * stride_part + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -26,8 +30,6 @@ def _add_layer_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, out_ptr, x_bias_ptr, stri
     mean = tl.sum(x, axis=0) / N
     centered = tl.where(mask, x - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_out + cols, (centered * rstd * w + b).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -38,7 +40,8 @@ def add_layer_norm_triton(x, residual, weight, bias, eps: float, out, x_bias=Non
     rows, n = x.shape[-2:]
     _add_layer_norm_kernel[(rows,)](x, residual, weight, bias, out, out if x_bias is None else x_bias, x.stride(-2),
                                     residual.stride(0), out.stride(0), n, eps, parts, rows * n,
-                                    HAS_X_BIAS=x_bias is not None, BLOCK=triton.next_power_of_2(n))
+                                    HAS_X_BIAS=x_bias is not None, BLOCK=triton.next_power_of_2(n),
+                                    **launch_options(x))
 
 
 def _check(x, residual, weight, bias, out):

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from trm_fast import torch_ops
+from trm_fast.kernels.pdl import launch_options, wait_for_previous
 
 MANY_PROGRAMS = 256  # (sequence, head) programs from which shorter key blocks and fewer warps pay
 
@@ -26,8 +27,9 @@ MANY_PROGRAMS = 256  # (sequence, head) programs from which shorter key blocks a
 @triton.jit
 def _decode_attention_kernel(qkv_ptr, cache_ptr, valid_ptr, pos_ptr, out_ptr,
                              stride_qkv, stride_cache_b, stride_cache_t, stride_valid, stride_out,
-                             D, scale, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+                             D, scale, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
     """Program (h, b): head h of sequence b (the heads of one sequence are launched next to each other)."""
+    wait_for_previous(PDL)
     h = tl.program_id(0)
     b = tl.program_id(1)
     pos = tl.load(pos_ptr + b)
@@ -80,7 +82,7 @@ def decode_attention_triton(qkv, kv_cache, token_valid, pos, n_heads: int, confi
     _decode_attention_kernel[(n_heads, B)](
         qkv, kv_cache, token_valid.view(torch.uint8), pos, out,
         qkv.stride(0), kv_cache.stride(0), kv_cache.stride(1), token_valid.stride(0), out.stride(0),
-        D, 1.0 / math.sqrt(head_dim), HEAD_DIM=head_dim, BLOCK_T=block_t, num_warps=num_warps)
+        D, 1.0 / math.sqrt(head_dim), HEAD_DIM=head_dim, BLOCK_T=block_t, num_warps=num_warps, **launch_options(qkv))
     return out
 
 

@@ -26,6 +26,7 @@ import triton.language as tl
 from trm_fast import torch_ops
 from trm_fast.kernels import add_layer_norm
 from trm_fast.kernels.matmul import dot_as, dot_config
+from trm_fast.kernels.pdl import launch_options, wait_for_previous
 
 # Where this kernel beats cuBLAS on the H100 (results/issue5/decode_profile_H100.json, "kernels"): each
 # program applies its weight tile to the rows one after another, so its time grows with the rows. At 1
@@ -42,7 +43,7 @@ MAX_TILE_OUTPUTS = 8192  # a 16000-wide head stays on cuBLAS, which was faster t
 def _decode_linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, r_ptr, ln_w_ptr, ln_b_ptr, normed_ptr, M, N, K, eps,
                           stride_x, stride_out, stride_r, stride_normed, HAS_BIAS: tl.constexpr,
                           GELU: tl.constexpr, ADD_NORM: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
+                          BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
     col_in, k_in = cols < N, k < K
@@ -53,6 +54,7 @@ def _decode_linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, r_ptr, ln_w_ptr, ln_b_pt
     if ADD_NORM:
         ln_w = tl.load(ln_w_ptr + k, mask=k_in, other=0.0).to(tl.float32)
         ln_b = tl.load(ln_b_ptr + k, mask=k_in, other=0.0).to(tl.float32)
+    wait_for_previous(PDL)  # the weights above are loaded while the previous kernel finishes
     for row in range(M):
         x = tl.load(x_ptr + row * stride_x + k, mask=k_in, other=0.0).to(tl.float32)
         if ADD_NORM:  # every program normalizes the row itself; the first one stores it
@@ -74,8 +76,9 @@ def _decode_linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, r_ptr, ln_w_ptr, ln_b_pt
 @triton.jit
 def _tile_linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, k_split, stride_x, stride_out, stride_split,
                         HAS_BIAS: tl.constexpr, GELU: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Output tile (program_id 0: columns, 1: rows) of the product over K[pid2 * k_split, + k_split)."""
+    wait_for_previous(PDL)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     col_in, row_in = cols < N, rows < M
@@ -131,7 +134,8 @@ def _launch_tiles(x, weight, bias, gelu: bool, out, k_split: int, config) -> Non
     _tile_linear_kernel[(triton.cdiv(N, block_n_), triton.cdiv(M, block_m), triton.cdiv(K, k_split))](
         x, weight, weight if bias is None else bias, out, M, N, K, k_split, x.stride(0), out.stride(-2),
         out.stride(0) if out.dim() == 3 else 0, HAS_BIAS=bias is not None, GELU=gelu, DOT_DTYPE=dtype,
-        PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n_, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n_, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        **launch_options(x))
 
 
 def decode_linear_triton(x, weight, bias, gelu: bool, add_norm=None, config=None) -> torch.Tensor:
@@ -151,7 +155,8 @@ def decode_linear_triton(x, weight, bias, gelu: bool, add_norm=None, config=None
     _decode_linear_kernel[(triton.cdiv(N, cols),)](
         x, weight, weight if bias is None else bias, out, residual, ln_w, ln_b, normed, M, N, K, eps, x.stride(0),
         out.stride(0), residual.stride(0), normed.stride(0), HAS_BIAS=bias is not None, GELU=gelu,
-        ADD_NORM=add_norm is not None, BLOCK_N=cols, BLOCK_K=triton.next_power_of_2(K), num_warps=4)
+        ADD_NORM=add_norm is not None, BLOCK_N=cols, BLOCK_K=triton.next_power_of_2(K), num_warps=4,
+        **launch_options(x))
     return out
 
 

@@ -16,11 +16,13 @@ import triton
 import triton.language as tl
 
 from trm_fast import torch_ops
+from trm_fast.kernels.pdl import launch_options, wait_for_previous
 
 
 @triton.jit
 def _append_kernel(token_ptr, pos_ptr, embed_ptr, table_ptr, x_ptr, valid_ptr, count_ptr, xyz_ptr, pad_id, D,
-                   stride_x_b, stride_x_t, stride_valid, stride_xyz, BLOCK_D: tl.constexpr):
+                   stride_x_b, stride_x_t, stride_valid, stride_xyz, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     b = tl.program_id(0)
     token = tl.load(token_ptr + b)
     pos = tl.load(pos_ptr + b)
@@ -40,7 +42,8 @@ def _append_kernel(token_ptr, pos_ptr, embed_ptr, table_ptr, x_ptr, valid_ptr, c
 
 @triton.jit
 def _pool_kernel(y_ptr, valid_ptr, pos_ptr, count_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, ys_ptr, pooled_ptr,
-                 q_ptr, D, eps, stride_y, stride_valid, BLOCK_D: tl.constexpr):
+                 q_ptr, D, eps, stride_y, stride_valid, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     b = tl.program_id(0)
     d = tl.arange(0, BLOCK_D)
     in_d = d < D
@@ -62,7 +65,8 @@ def _pool_kernel(y_ptr, valid_ptr, pos_ptr, count_ptr, ln_w_ptr, ln_b_ptr, w_ptr
 
 @triton.jit
 def _select_kernel(ys_ptr, q_ptr, active_ptr, threshold_ptr, per_sequence_ptr, out_ptr, B, D,
-                   STEPS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+                   STEPS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     b = tl.program_id(0)
     rows = tl.arange(0, BLOCK_B)
     in_rows = rows < B
@@ -84,7 +88,8 @@ def _select_kernel(ys_ptr, q_ptr, active_ptr, threshold_ptr, per_sequence_ptr, o
 
 @triton.jit
 def _emit_kernel(logits_ptr, stop_ptr, greedy_ptr, first_pos_ptr, token_ptr, out_ptr, active_ptr, pos_ptr,
-                 logits_out_ptr, V, stride_logits, stride_out, BLOCK_V: tl.constexpr):
+                 logits_out_ptr, V, stride_logits, stride_out, BLOCK_V: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     b = tl.program_id(0)
     best = -float("inf")
     best_index = 0
@@ -115,20 +120,21 @@ def append_triton(token, pos, embed_weight, pos_table, pad_id, x_cache, token_va
     D = embed_weight.shape[1]
     _append_kernel[(token.shape[0],)](token, pos, embed_weight, pos_table, x_cache, _uint8(token_valid), count, xyz,
                                       pad_id, D, x_cache.stride(0), x_cache.stride(1), token_valid.stride(0),
-                                      xyz.stride(0), BLOCK_D=triton.next_power_of_2(D))
+                                      xyz.stride(0), BLOCK_D=triton.next_power_of_2(D), **launch_options(token))
 
 
 def pool_triton(y, token_valid, pos, count, ln_weight, ln_bias, eps, q_weight, q_bias, ys, pooled, q) -> None:
     B, D = y.shape
     _pool_kernel[(B,)](y, _uint8(token_valid), pos, count, ln_weight, ln_bias, q_weight, q_bias, ys, pooled, q, D,
-                       eps, y.stride(0), token_valid.stride(0), BLOCK_D=triton.next_power_of_2(D))
+                       eps, y.stride(0), token_valid.stride(0), BLOCK_D=triton.next_power_of_2(D),
+                       **launch_options(y))
 
 
 def select_triton(ys, q, active, threshold, per_sequence) -> torch.Tensor:
     steps, B, D = ys.shape
     out = torch.empty(B, D, dtype=ys.dtype, device=ys.device)
     _select_kernel[(B,)](ys, q, _uint8(active), threshold, _uint8(per_sequence), out, B, D, STEPS=steps,
-                         BLOCK_B=triton.next_power_of_2(B), BLOCK_D=triton.next_power_of_2(D))
+                         BLOCK_B=triton.next_power_of_2(B), BLOCK_D=triton.next_power_of_2(D), **launch_options(ys))
     return out
 
 
@@ -136,7 +142,7 @@ def emit_triton(logits, stop_ids, greedy, first_pos, token, out, active, pos, lo
     B, V = logits.shape
     _emit_kernel[(B,)](logits, stop_ids, _uint8(greedy), first_pos, token, out, _uint8(active), pos, logits_out, V,
                        logits.stride(0), out.stride(0), BLOCK_V=min(triton.next_power_of_2(V), 16384),
-                       num_warps=8)
+                       num_warps=8, **launch_options(logits))
 
 
 def _require(condition: bool, message: str) -> None:

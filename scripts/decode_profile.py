@@ -1,9 +1,9 @@
 """Where a CUDA-graph decode step's time goes (d512 / 8 heads / vocab 16000, bf16, greedy, prompt 16,
-256 new tokens), for the decode kernels now in use and for the previous ones (session 7: cuBLAS for
-linears of more than 4 rows, no tile kernel), in one process: generation tokens/s, GPU time per replayed
-step, kernels per step, the heaviest ones and the parts of a generation outside the replays; then each
-decode kernel alone (time per call inside a CUDA graph, so launch cost on the host does not count)
-against what it replaces.
+256 new tokens), for the decode kernels now in use and for the previous ones (session 8: the same kernels
+launched without programmatic dependent launch, `kernels/pdl.py`), in one process: generation tokens/s,
+GPU time per replayed step, kernels per step, the heaviest ones and the parts of a generation outside the
+replays; then each decode kernel alone (time per call inside a CUDA graph, so launch cost on the host does
+not count) against what it replaces.
 
     python3 scripts/decode_profile.py [--out results.json]
 """
@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import trm_fast
 from trm_fast import decoding, torch_ops
-from trm_fast.kernels import decode_linear
+from trm_fast.kernels import decode_linear, pdl
 
 
 def host_phases(model, prompts):
@@ -143,13 +143,13 @@ def main():
     config = trm_fast.TRMConfig(vocab_size=16000, d_model=512, n_heads=8, dropout=0.0)
     model = trm_fast.TRMModel(config).cuda().to(torch.bfloat16).eval()
     prompts = torch.randint(3, 16000, (64, 16), generator=torch.Generator().manual_seed(1)).tolist()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "now": measure(model, prompts, "now")}
-    tile_rows = decode_linear.MAX_TILE_ROWS
-    decode_linear.MAX_TILE_ROWS = decode_linear.MAX_ROWS  # the tile kernel off
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "pdl": pdl.ENABLED,
+              "now": measure(model, prompts, "now")}
+    pdl.ENABLED, enabled = False, pdl.ENABLED
     try:
         result["previous_kernels"] = measure(model, prompts, "previous kernels")
     finally:
-        decode_linear.MAX_TILE_ROWS = tile_rows
+        pdl.ENABLED = enabled
     result["kernels"] = kernel_table()
     if args.out:
         with open(args.out, "w") as f:

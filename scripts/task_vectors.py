@@ -39,6 +39,7 @@ def main():
     parser.add_argument("--checkpoint", help="evaluate this trained model (its EMA weights) instead of training one")
     parser.add_argument("--add-scales", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0, 3.0, 4.0],
                         help="scales tried (on the dev set) for the added relative vectors")
+    parser.add_argument("--seed", type=int, default=0, help="initialization and data order of the trained model")
     parser.add_argument("--train-only", action="store_true",
                         help="stop after training (evaluate the checkpoint later with --checkpoint)")
     args = parser.parse_args()
@@ -52,10 +53,11 @@ def main():
         model = load_checkpoint(args.checkpoint, map_location=device, use_ema=True)
         result = {"step": read_checkpoint(args.checkpoint)["step"], "val_loss": evaluate(model, val_set, 64)["loss"]}
     else:
+        torch.manual_seed(args.seed)
         model = create_model(args.preset, vocab_size=tokenizer.vocab_size, max_seq_len=48, dropout=0.0,
                              eos_token_id=tokenizer.eos_id).to(device)
         config = TrainConfig(batch_size=args.batch_size, lr=1e-3, warmup_steps=200, minutes=args.minutes,
-                             eval_every=500, eval_batches=10, log_every=50)
+                             eval_every=500, eval_batches=10, log_every=50, seed=args.seed)
         result = train(model, train_set, val_set, config, out_dir=args.out)
         if args.train_only:
             return

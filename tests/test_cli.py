@@ -25,6 +25,8 @@ def test_doctor_reports_every_op(capsys):
                                   "gather_rows", "scatter_rows", "hidden_confidence"}
     assert status["ops"]["tinynet.causal_attention"] in ("torch", "triton")
     assert status["ops"]["decode.decode_attention"] == ("triton" if status["device"].startswith("cuda") else "torch")
+    if not status["device"].startswith("cuda"):
+        assert status["decode_launch"] == "plain"
     assert main(["doctor"]) == 0
     assert "token_confidence" in capsys.readouterr().out
 

@@ -6,7 +6,7 @@ from parity_helpers import DEVICES
 from trm_fast import torch_ops
 
 triton = pytest.importorskip("triton")
-from trm_fast.kernels import add_layer_norm, decode_attention, decode_feed_forward, decode_linear  # noqa: E402
+from trm_fast.kernels import add_layer_norm, decode_attention, decode_feed_forward, decode_linear, pdl  # noqa: E402
 
 # Where the Triton launchers run: the GPU, or Triton's interpreter on a CPU-only machine (conftest.py).
 KERNEL_DEVICE = ["cuda"] if "cuda" in DEVICES else ["cpu"]
@@ -208,3 +208,18 @@ def test_custom_ops_opcheck_and_errors(device):
     with pytest.raises(ValueError, match="weight"):
         torch.ops.trm_fast.add_layer_norm_into(x, x, torch.ones(31, device=device), torch.zeros(32, device=device),
                                                1e-5, out)
+
+
+def test_programmatic_cuda_launch_only_inside_the_decode_block():
+    """PDL launches (Hopper+ CUDA only) happen inside `programmatic_launches`, never elsewhere or on the CPU."""
+    cpu = torch.zeros(1)
+    with pdl.programmatic_launches():
+        with pdl.programmatic_launches():
+            assert pdl.launch_options(cpu) == {"PDL": False}
+        assert pdl._in_decode_step
+    assert not pdl._in_decode_step
+    if "cuda" in DEVICES and pdl.active(torch.device("cuda")):
+        gpu = cpu.cuda()
+        assert pdl.launch_options(gpu) == {"PDL": False}
+        with pdl.programmatic_launches():
+            assert pdl.launch_options(gpu) == {"PDL": True, "launch_pdl": True}

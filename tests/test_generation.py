@@ -203,6 +203,21 @@ def test_cuda_graph_decoding_equals_the_seed(q_threshold):
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
+def test_cuda_graph_decoding_same_without_programmatic_launch(monkeypatch):
+    """The decode kernels wait for the previous kernel's writes when launched with PDL (Hopper and newer):
+    a batched bf16 generation gives the same tokens with PDL as without it."""
+    pdl = pytest.importorskip("trm_fast.kernels.pdl")
+    assert pdl.active(torch.device("cuda")) == (pdl.ENABLED and torch.cuda.get_device_capability()[0] >= 9)
+    _, fast = eval_pair(device="cuda", d_model=128, max_seq_len=128)
+    fast.to(torch.bfloat16)
+    prompts = torch.randint(3, 61, (24, 9), generator=torch.Generator().manual_seed(3)).tolist()
+    launched = fast.generate_batch(prompts, 96, top_k=1, q_threshold=0.7)
+    fast.reset_state()
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    assert fast.generate_batch(prompts, 96, top_k=1, q_threshold=0.7) == launched
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
 @pytest.mark.parametrize("per_sequence", [True, False])
 def test_cuda_graph_batch_compaction(per_sequence):
     ref, fast = eval_pair(device="cuda")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference, torch_ops
-from .dispatch import decode_ops
+from .dispatch import decode_ops, programmatic_launches
 
 NO_HALTING = 2.0  # a threshold no sigmoid output exceeds: `q_threshold=None`
 REPLAY_PREFILL_MAX = 32  # graph decoders prefill prompts of one length up to this by replays of the step
@@ -311,17 +311,20 @@ class Decoder:
                         self.pos, self.logits)
 
     def capture(self) -> None:
-        """Capture `_graph_step` (warm-up on a side stream first; `start` resets what it touched)."""
+        """Capture `_graph_step` (warm-up on a side stream first; `start` resets what it touched), its kernels
+        launched with programmatic dependent launch where the GPU has it (no kernel of the step writes a
+        weight)."""
         self.start([[0]] * self.batch, None, False)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
+        with programmatic_launches():
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._graph_step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
                 self._graph_step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._graph_step()
 
     def replay(self) -> None:
         """One decode step of the captured graph (all-steps schedule)."""

@@ -1,6 +1,7 @@
 """Which implementation runs each op: `kernels="auto" | "torch" | "triton"`, and `kernel_status()`."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 from types import ModuleType
@@ -55,6 +56,14 @@ def decode_ops() -> Any:
     return torch.ops.trm_fast
 
 
+def programmatic_launches():
+    """The block in which the decode kernels launch with programmatic dependent launch where the GPU has it
+    (`kernels/pdl.py`); a no-op on the torch path."""
+    if decode_ops() is torch_ops:
+        return contextlib.nullcontext()
+    return importlib.import_module("trm_fast.kernels.pdl").programmatic_launches()
+
+
 def tinynet_ops(kernels: str, device: torch.device) -> ModuleType:
     """The op table for TinyNet on `device` under the `kernels` choice."""
     if kernels == "torch":
@@ -75,12 +84,14 @@ def kernel_status(device: Optional[torch.device] = None) -> Dict[str, Any]:
     device = torch.device(device)
     tinynet_path = "torch" if tinynet_ops("auto", device) is torch_ops else "triton"
     decode_path = "triton" if decode_ops() is not torch_ops and device.type == "cuda" else "torch"
+    pdl = decode_path == "triton" and importlib.import_module("trm_fast.kernels.pdl").active(device)
     return {
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "device": str(device),
         "triton": triton_tinynet_ops()[1],
         "extension": extension_ops.extension_status(),
+        "decode_launch": "programmatic dependent launch" if pdl else "plain",
         "ops": {
             **{f"tinynet.{name}": tinynet_path for name in TINYNET_OPS},
             **{f"decode.{name}": decode_path for name in DECODE_OPS},
@@ -92,6 +103,7 @@ def kernel_status(device: Optional[torch.device] = None) -> Dict[str, Any]:
 def format_kernel_status(status: Dict[str, Any]) -> str:
     lines = [f"torch      {status['torch']}", f"cuda       {status['cuda'] or 'not available'}",
              f"triton     {status['triton']}", f"extension  {status['extension']}",
+             f"decode     kernels launched {status['decode_launch']}",
              f"ops on {status['device']}:"]
     lines += [f"  {name:<28} {path}" for name, path in status["ops"].items()]
     return "\n".join(lines)
