@@ -68,6 +68,36 @@ def test_relative_vectors_subtract_the_bare_query_states():
     torch.testing.assert_close(vectors[0], (with_demos - bare).mean(dim=0))
 
 
+def test_query_position_vectors_read_and_add_at_the_query_token():
+    model = _model(seed=2)
+    vectors = extract_task_vectors(model, TOK, [[("a", "b")]], [["e", "fg"]], 2, relative=True, position=-2)
+    with_demos = last_position_states(model, TOK, ["a>b,e>", "a>b,fg>"], position=-2)
+    bare = last_position_states(model, TOK, ["e>", "fg>"], position=-2)
+    torch.testing.assert_close(vectors[0], (with_demos - bare).mean(dim=0))
+    ids, layer, last, query = _ids("a>b,c>d,e>"), 9, torch.randn(1, 32), torch.randn(1, 32)
+
+    def by_hand(index, h):
+        if index == layer:
+            h = h.clone()
+            h[:, -1] += 2.0 * last
+            h[:, -2] += 2.0 * query
+        return h
+    with tinynet_call_hook(model, by_hand):
+        expected = model(ids)["logits"]
+    got = modulated_forward(model, ids, last, layer, mode="add", scale=2.0, query_vectors=query)
+    torch.testing.assert_close(got, expected)
+    assert (got[:, -1] - modulated_forward(model, ids, last, layer, mode="add", scale=2.0)[:, -1]).abs().max() > 1e-3
+    assert select_layer(model, TOK, [task_item("copy", random.Random(0), 2, 2)], mode="add", scale=2.0,
+                        vectors=torch.zeros(1, 16, 32), query_vectors=torch.zeros(1, 16, 32))[1] == select_layer(
+        model, TOK, [task_item("copy", random.Random(0), 2, 2)], mode="add", vectors=torch.zeros(1, 16, 32))[1]
+    with pytest.raises(ValueError, match="query_vectors need mode='add'"):
+        modulated_forward(model, ids, last, layer, query_vectors=query)
+    with pytest.raises(ValueError, match="query_vectors need mode='add'"):
+        modulated_forward(model, ids, last, layer, mode="add", query_vectors=torch.zeros(2, 32))
+    with pytest.raises(ValueError, match="position must be -1, or -2 with relative=True"):
+        extract_task_vectors(model, TOK, [[("a", "b")]], [["e"]], 1, position=-2)
+
+
 @pytest.mark.parametrize("layer", [3, 14])
 def test_add_mode_adds_the_scaled_vector_to_the_call_output(layer):
     model = _model(seed=1)

@@ -6,7 +6,8 @@ the in-context behaviour.
 Two ways to inject: `mode="replace"` (Hendel et al.) overwrites the call's output at the last position;
 `mode="add"` adds `scale` times a relative vector (`extract_task_vectors(..., relative=True)`: the state
 with demonstrations minus the state of the same query without them) to it, so the query's own state,
-which the replacement throws away, is kept.
+which the replacement throws away, is kept. In that mode `query_vectors` (relative vectors read at the
+query's last token, `position=-2`) can be added at that position too.
 
 Prompts use the format `a>b,c>d,e>`: demonstrations `input>output` joined by `,`, then the query and `>`.
 """
@@ -59,32 +60,36 @@ def _by_length(tokenizer, prompts: Sequence[str]) -> Dict[int, List[int]]:
 
 
 @torch.no_grad()
-def last_position_states(model, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
-    """[len(prompts), layers, D]: each TinyNet call's output at the last position of each prompt."""
+def last_position_states(model, tokenizer, prompts: Sequence[str], position: int = -1) -> torch.Tensor:
+    """[len(prompts), layers, D]: each TinyNet call's output at the last position of each prompt (or at
+    `position`, counted from the end when negative)."""
     model.eval()
     result = torch.empty(len(prompts), num_layers(model), model.config.d_model,
                          device=next(model.parameters()).device)
     for indices in _by_length(tokenizer, prompts).values():
         states: List[torch.Tensor] = []
-        with tinynet_call_hook(model, lambda i, h: states.append(h[:, -1].float()) or h):
+        with tinynet_call_hook(model, lambda i, h: states.append(h[:, position].float()) or h):
             model(_encode_batch(model, tokenizer, [prompts[i] for i in indices]))
         result[indices] = torch.stack(states, dim=1)
     return result
 
 
 def extract_task_vectors(model, tokenizer, demos: Sequence[Sequence[Demo]], queries: Sequence[Sequence[str]],
-                         num_test_inputs_to_avg: int = 2, relative: bool = False) -> torch.Tensor:
+                         num_test_inputs_to_avg: int = 2, relative: bool = False, position: int = -1) -> torch.Tensor:
     """[len(demos), layers, D]: for each demonstration set, the last-position states of its prompt with
     each of `num_test_inputs_to_avg` alternative queries (queries[k][:n]), averaged. With `relative`, the
-    states of the bare queries (`q>`) are subtracted first: what the demonstrations add (for mode="add")."""
+    states of the bare queries (`q>`) are subtracted first: what the demonstrations add (for mode="add").
+    `position=-2` reads the states at the query's last token instead (relative only: `query_vectors`)."""
     if len(demos) != len(queries):
         raise ValueError(f"demos and queries must pair up: {len(demos)} demo sets, {len(queries)} query lists")
     if num_test_inputs_to_avg < 1 or any(len(q) < num_test_inputs_to_avg for q in queries):
         raise ValueError(f"every query list needs at least num_test_inputs_to_avg={num_test_inputs_to_avg} queries")
+    if position not in (-1, -2) or (position == -2 and not relative):
+        raise ValueError(f"position must be -1, or -2 with relative=True, got {position}")
     pairs = [(d, q) for d, qs in zip(demos, queries) for q in qs[:num_test_inputs_to_avg]]
-    states = last_position_states(model, tokenizer, [build_prompt(d, q) for d, q in pairs])
+    states = last_position_states(model, tokenizer, [build_prompt(d, q) for d, q in pairs], position)
     if relative:
-        states -= last_position_states(model, tokenizer, [build_prompt([], q) for _, q in pairs])
+        states -= last_position_states(model, tokenizer, [build_prompt([], q) for _, q in pairs], position)
     return states.view(len(demos), num_test_inputs_to_avg, *states.shape[1:]).mean(dim=1)
 
 
@@ -93,11 +98,13 @@ INJECTION_MODES = ("replace", "add")
 
 @torch.no_grad()
 def modulated_forward(model, input_ids: torch.Tensor, vectors: torch.Tensor, layer: int,
-                      every_step: bool = False, mode: str = "replace", scale: float = 1.0) -> torch.Tensor:
+                      every_step: bool = False, mode: str = "replace", scale: float = 1.0,
+                      query_vectors: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Final logits [B, L, V] of a forward in which the output of TinyNet call `layer` at the last
     position is replaced by `scale` * vectors [B, D] (mode "replace") or has it added (mode "add"); with
     `every_step`, also the same call of every later supervision step (the recursion contracts, so a
-    single early injection fades)."""
+    single early injection fades). `query_vectors` [B, D] (mode "add"): also added, times `scale`, at the
+    position before the last (the query's last token)."""
     layers = num_layers(model)
     if not 0 <= layer < layers:
         raise ValueError(f"layer must be in [0, {layers}), got {layer}")
@@ -106,6 +113,10 @@ def modulated_forward(model, input_ids: torch.Tensor, vectors: torch.Tensor, lay
     if vectors.shape != (input_ids.size(0), model.config.d_model):
         raise ValueError(f"vectors must have shape [batch, d_model] = {(input_ids.size(0), model.config.d_model)}, "
                          f"got {tuple(vectors.shape)}")
+    if query_vectors is not None and (mode != "add" or query_vectors.shape != vectors.shape
+                                      or input_ids.size(1) < 2):
+        raise ValueError(f"query_vectors need mode='add', the shape of vectors {tuple(vectors.shape)} and prompts "
+                         f"of at least 2 tokens, got {tuple(query_vectors.shape)} with mode {mode!r}")
 
     per_step = layers // model.config.supervision_steps
 
@@ -115,11 +126,17 @@ def modulated_forward(model, input_ids: torch.Tensor, vectors: torch.Tensor, lay
         h = h.clone()
         vector = scale * vectors.to(h.dtype)
         h[:, -1] = h[:, -1] + vector if mode == "add" else vector
+        if query_vectors is not None:
+            h[:, -2] += scale * query_vectors.to(h.dtype)
         return h
 
     model.eval()
     with tinynet_call_hook(model, inject):
         return model(input_ids)["logits"]
+
+
+def _rows(vectors: Optional[torch.Tensor], indices: List[int]) -> Optional[torch.Tensor]:
+    return None if vectors is None else vectors[indices]
 
 
 def decode_prediction(tokenizer, ids: Sequence[int]) -> str:
@@ -130,14 +147,15 @@ def decode_prediction(tokenizer, ids: Sequence[int]) -> str:
 @torch.no_grad()
 def modulated_generate(model, tokenizer, queries: Sequence[str], vectors: torch.Tensor, layer: int,
                        max_new_tokens: int = 2, every_step: bool = False, mode: str = "replace",
-                       scale: float = 1.0) -> List[str]:
+                       scale: float = 1.0, query_vectors: Optional[torch.Tensor] = None) -> List[str]:
     """For each bare query `q>`: the first token greedily from the injected pass (`modulated_forward`),
     the rest by ordinary greedy generation; returns the decoded answers."""
     answers: List[str] = [""] * len(queries)
     prompts = [build_prompt([], q) for q in queries]
     for indices in _by_length(tokenizer, prompts).values():
         ids = _encode_batch(model, tokenizer, [prompts[i] for i in indices])
-        first = modulated_forward(model, ids, vectors[indices], layer, every_step, mode, scale)[:, -1].argmax(dim=-1)
+        first = modulated_forward(model, ids, vectors[indices], layer, every_step, mode, scale,
+                                  _rows(query_vectors, indices))[:, -1].argmax(dim=-1)
         for row, index in enumerate(indices):
             prompt = ids[row].tolist() + [int(first[row])]
             out = model.generate(prompt, max_new_tokens - 1, top_k=1, q_threshold=None) if max_new_tokens > 1 else prompt
@@ -159,14 +177,16 @@ def greedy_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int
 
 @torch.no_grad()
 def first_token_accuracy(model, tokenizer, items: Sequence[dict], vectors: torch.Tensor, layer: int,
-                         every_step: bool = False, mode: str = "replace", scale: float = 1.0) -> float:
+                         every_step: bool = False, mode: str = "replace", scale: float = 1.0,
+                         query_vectors: Optional[torch.Tensor] = None) -> float:
     """Share of `items` (with "query" and "answer") whose answer's first token is the argmax of the pass over
     the bare query with `vectors` [len(items), D] injected at `layer` (one batched forward per length)."""
     prompts = [build_prompt([], item["query"]) for item in items]
     correct = 0
     for indices in _by_length(tokenizer, prompts).values():
         ids = _encode_batch(model, tokenizer, [prompts[i] for i in indices])
-        logits = modulated_forward(model, ids, vectors[indices], layer, every_step, mode, scale)
+        logits = modulated_forward(model, ids, vectors[indices], layer, every_step, mode, scale,
+                                   _rows(query_vectors, indices))
         answers = torch.tensor([tokenizer.encode(items[i]["answer"], add_eos=False)[0] for i in indices])
         correct += int((logits[:, -1].argmax(dim=-1).cpu() == answers).sum())
     return correct / len(items)
@@ -174,15 +194,18 @@ def first_token_accuracy(model, tokenizer, items: Sequence[dict], vectors: torch
 
 def select_layer(model, tokenizer, dev_set: Sequence[dict], num_test_inputs_to_avg: int = 2,
                  every_step: bool = False, mode: str = "replace", scale: float = 1.0,
-                 vectors: Optional[torch.Tensor] = None) -> Tuple[int, List[float]]:
+                 vectors: Optional[torch.Tensor] = None,
+                 query_vectors: Optional[torch.Tensor] = None) -> Tuple[int, List[float]]:
     """The layer whose task vectors give the best first-token accuracy on dev_set (items with "demos",
     "alt_queries", "query", "answer"); returns it and the accuracy of every layer. `vectors` [len(dev_set),
-    layers, D] reuses an extraction (mode "add" extracts relative vectors, "replace" plain ones)."""
+    layers, D] reuses an extraction (mode "add" extracts relative vectors, "replace" plain ones);
+    `query_vectors` (same shape, mode "add") are added at the query's last token too."""
     if vectors is None:
         vectors = extract_task_vectors(model, tokenizer, [d["demos"] for d in dev_set],
                                        [d["alt_queries"] for d in dev_set], num_test_inputs_to_avg,
                                        relative=mode == "add")
-    accuracies = [first_token_accuracy(model, tokenizer, dev_set, vectors[:, layer], layer, every_step, mode, scale)
+    accuracies = [first_token_accuracy(model, tokenizer, dev_set, vectors[:, layer], layer, every_step, mode, scale,
+                                       None if query_vectors is None else query_vectors[:, layer])
                   for layer in range(num_layers(model))]
     return max(range(len(accuracies)), key=accuracies.__getitem__), accuracies
 
