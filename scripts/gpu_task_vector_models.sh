@@ -8,15 +8,16 @@ set -uo pipefail
 OUT=${OUT:-/tmp/trm_fast_gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+SEEDS=${SEEDS:-1 2 3}
 status=0
 pids=()
-for seed in ${SEEDS:-1 2 3}; do
+for seed in $SEEDS; do
   python3 scripts/task_vectors.py --preset small --minutes "${MINUTES:-4.5}" --train-only --seed "$seed" \
     --out "/tmp/task_vectors_seed$seed" > "/tmp/task_vectors_seed$seed.log" 2>&1 &
   pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-for seed in ${SEEDS:-1 2 3}; do
+for seed in $SEEDS; do
   echo "== seed $seed: $(tail -n 1 "/tmp/task_vectors_seed$seed/metrics.jsonl" 2>/dev/null)"
   tail -n 2 "/tmp/task_vectors_seed$seed.log"
   python3 - "$seed" "$OUT" <<'EOF' || status=1
