@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import trm_fast
-from trm_fast import decoding, torch_ops
+from trm_fast import cuda_graphs, decoding, torch_ops
 from trm_fast.kernels import decode_linear, pdl
 
 
@@ -96,15 +96,7 @@ def measure(model, prompts, label):
 
 def graph_us(fn, calls=50):
     """Microseconds per call of `fn` replayed from a CUDA graph of `calls` calls."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+    graph = cuda_graphs.capture(lambda: [fn() for _ in range(calls)])
     graph.replay()
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     begin.record()

@@ -1,10 +1,16 @@
 """Issue 4's numbers: token-level early exit at the threshold calibrated to `hard_ratio`, against the same
 model without exit, on held-out text.
 
-Reports the forward time with and without exit (median of CUDA-event timings, B x L from the validation
-split), the ideal speed-up 1 / compute_cost and the share of it realized, validation perplexity with and
-without exit, the routing ops' time (confidence + route_tokens) against one supervision step, and whether
-the CPU gives the CUDA results (ops bit for bit; the whole early-exit forward in fp32).
+Reports the forward time with and without exit (median wall time of a synchronized call, B x L from the
+validation split): without exit, the same compacted run with every token to the last step
+(`EarlyExit(1.0, min_steps=steps)`); both on the torch and on the Triton TinyNet ops, with GPU time per step
+at 1, 1/2, 1/4 and 1/8 of the rows, the speed-up taken as the faster no-exit run over the faster exit run;
+and, for reference, the model's plain forward eagerly and as one CUDA
+graph; the ideal speed-up 1 / compute_cost and the share of it realized; validation perplexity with and
+without exit (and with the exit steps' logits but no frozen states, which tells the two causes of the gap
+apart); the routing piece (confidence + route_tokens + index lists, a graph replay) against one supervision
+step (a graph replay), both by CUDA events over back-to-back replays; the same for other criteria and
+minimum steps; and whether the CPU gives the CUDA results (ops bit for bit; the early-exit forward in fp32).
 
     python scripts/early_exit_bench.py --checkpoint runs/ee/best.pt --data tinyshakespeare.txt --out ee.json
 """
@@ -15,10 +21,11 @@ import time
 
 import torch
 
+from trm_fast import cuda_graphs
 from trm_fast.checkpoint import load_checkpoint
 from trm_fast.data import ByteTokenizer, TokenDataset, dataset_batches, read_texts
-from trm_fast.early_exit import (EarlyExit, _confidence, calibrate_threshold, compacted_early_exit,
-                                 evaluate_early_exit, states_after)
+from trm_fast.early_exit import (EarlyExit, _run_for, calibrate_threshold, compacted_early_exit, evaluate_early_exit,
+                                 states_after)
 from trm_fast.ops import gather_rows, route_tokens, scatter_rows
 from trm_fast.training import evaluate
 
@@ -39,9 +46,46 @@ def median_ms(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def events_ms(fn, repeats: int, device: torch.device) -> float:
+    """GPU time per call of `fn` (a graph replay) over `repeats` back-to-back calls, after a warm-up call
+    (on the CPU: median_ms)."""
+    if device.type != "cuda":
+        return median_ms(fn, repeats, device)
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
 @torch.no_grad()
 def no_exit_logits(model, ids, mask, steps):
     return model._output_logits(states_after(model, ids, mask, steps))
+
+
+def graphed(fn, device: torch.device):
+    """`fn` (on fixed inputs) captured in a CUDA graph after a warm-up on a side stream: its replay (on the
+    CPU: `fn`)."""
+    return cuda_graphs.capture(fn).replay if device.type == "cuda" else fn
+
+
+@torch.no_grad()
+def ppl_exit_logits_unfrozen(model, val, config, batch_size, device):
+    """Perplexity with each token's logits taken at its exit step, but from the plain forward (no state
+    frozen): the share of the exit's perplexity cost that comes from earlier logits alone."""
+    loss, tokens = 0.0, 0
+    for batch in dataset_batches(val, batch_size):
+        ids, targets, mask = (batch[k].to(device) for k in ("input_ids", "target_ids", "attention_mask"))
+        exit_step = compacted_early_exit(model, ids, config, mask)["exit_step"]
+        per_step = torch.stack(model(ids, mask)["all_logits"])  # [steps, B, L, V]
+        logits = per_step.gather(0, (exit_step.clamp(min=1) - 1)[None, ..., None].expand(1, *per_step.shape[1:]))[0]
+        valid = mask.bool()
+        loss += float(torch.nn.functional.cross_entropy(logits[valid].float(), targets[valid], reduction="sum"))
+        tokens += int(valid.sum())
+    return float(torch.tensor(loss / tokens).exp())
 
 
 def cpu_equals_cuda(checkpoint, ids, mask, config):
@@ -95,31 +139,69 @@ def main():
     threshold = calibrate_threshold(model, batches, args.hard_ratio, args.criterion, exit_step=args.min_steps)
     config = EarlyExit(threshold, args.criterion, args.min_steps)
     ids, mask = batches[0]
+    B, L = ids.shape
 
     exit_out = compacted_early_exit(model, ids, config, mask)
-    t_plain = median_ms(lambda: no_exit_logits(model, ids, mask, steps), args.repeats, device)
-    t_exit = median_ms(lambda: compacted_early_exit(model, ids, config, mask), args.repeats, device)
+    no_exit = EarlyExit(1.0, args.criterion, min_steps=steps)  # every token to the last step, same run
+    rows = B * L
+    by_ops = {}
+    for kernels in ("torch", "triton"):  # the compacted run's TinyNet ops (the model's `kernels` choice)
+        model.tiny_net.kernels = kernels
+        run = _run_for(model, B, L)
+        run.load(ids, mask)
+        by_ops[kernels] = {
+            "ms_no_exit": median_ms(lambda: compacted_early_exit(model, ids, no_exit, mask), args.repeats, device),
+            "ms_early_exit": median_ms(lambda: compacted_early_exit(model, ids, config, mask), args.repeats, device),
+            "ms_step_gpu_by_rows": {n: events_ms(lambda: run.launch(("step", n), lambda: run.recurse(
+                n, None, args.criterion)), args.repeats, device) for n in (rows, rows // 2, rows // 4, rows // 8)}}
+        print(f"TinyNet ops {kernels}: {json.dumps(by_ops[kernels])}", flush=True)
+    t_plain = min(v["ms_no_exit"] for v in by_ops.values())  # the faster of each, against each other
+    fastest = min(by_ops, key=lambda k: by_ops[k]["ms_early_exit"])
+    t_exit = by_ops[fastest]["ms_early_exit"]
+    model.tiny_net.kernels = fastest
+    t_eager = median_ms(lambda: no_exit_logits(model, ids, mask, steps), args.repeats, device)
+    t_graph = median_ms(graphed(lambda: no_exit_logits(model, ids, mask, steps), device), args.repeats, device)
     t_forward = median_ms(lambda: model(ids, mask), args.repeats, device)
-    y = states_after(model, ids, mask, args.min_steps).reshape(ids.numel(), -1)
-    active = mask.bool().reshape(-1)
 
-    def routing():
-        return route_tokens(_confidence(model, y, args.criterion), active, threshold)
-    t_routing = median_ms(routing, args.repeats, device)
+    run = _run_for(model, B, L)
+    run.load(ids, mask)
+    t_step = by_ops[fastest]["ms_step_gpu_by_rows"][rows]
+    t_routing = events_ms(lambda: run.launch(("routing", rows, threshold, args.criterion), lambda: run.route(
+        run.rows[:rows], gather_rows(run.y, run.rows[:rows]), threshold, args.criterion)), args.repeats, device)
     ideal = 1.0 / exit_out["compute_cost"]
     speedup = t_plain / t_exit
     ppl_plain = evaluate(model, val, args.batch_size)["ppl"]  # the final step's logits, no exit
     quality = evaluate_early_exit(model, val, config, args.batch_size)
+    variants = {}
+    for criterion in ("max_prob", "q_head"):
+        for min_steps in (1, 2):
+            t = calibrate_threshold(model, batches, args.hard_ratio, criterion, exit_step=min_steps)
+            variant = EarlyExit(t, criterion, min_steps)
+            out = compacted_early_exit(model, ids, variant, mask)
+            ms = median_ms(lambda: compacted_early_exit(model, ids, variant, mask), args.repeats, device)
+            q = evaluate_early_exit(model, val, variant, args.batch_size)
+            variants[f"{criterion}, min_steps {min_steps}"] = {
+                "threshold": t, "exit_counts": out["exit_counts"], "ms": ms, "speedup": t_plain / ms,
+                "ideal_speedup": 1.0 / out["compute_cost"],
+                "realized_fraction_of_ideal": t_plain / ms * out["compute_cost"],
+                "val": q, "ppl_ratio": q["ppl"] / ppl_plain}
+            print(f"{criterion}, min_steps {min_steps}: {json.dumps(variants[f'{criterion}, min_steps {min_steps}'])}",
+                  flush=True)
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "dtype": args.dtype,
         "checkpoint_config": model.config.to_dict(), "batch": list(ids.shape), "hard_ratio": args.hard_ratio,
         "criterion": args.criterion, "min_steps": args.min_steps, "threshold": threshold,
         "exit_counts": exit_out["exit_counts"], "shallow_ratio": exit_out["shallow_ratio"],
         "compute_cost": exit_out["compute_cost"], "ms_no_exit": t_plain, "ms_early_exit": t_exit,
-        "ms_model_forward_all_step_logits": t_forward, "speedup": speedup, "ideal_speedup": ideal,
-        "realized_fraction_of_ideal": speedup / ideal, "ms_routing": t_routing,
-        "routing_fraction_of_step": t_routing / (t_plain / steps),
+        "early_exit_tinynet_ops": fastest, "by_tinynet_ops": by_ops,
+        "ms_no_exit_plain_forward_eager": t_eager, "ms_no_exit_plain_forward_cuda_graph": t_graph,
+        "ms_model_forward_all_step_logits": t_forward, "speedup": speedup,
+        "speedup_over_plain_forward_cuda_graph": t_graph / t_exit, "ideal_speedup": ideal,
+        "realized_fraction_of_ideal": speedup / ideal, "ms_routing_gpu": t_routing, "ms_step_gpu": t_step,
+        "routing_fraction_of_step": t_routing / t_step,
         "val_ppl_no_exit": ppl_plain, "val": quality, "ppl_ratio": quality["ppl"] / ppl_plain,
+        "val_ppl_exit_logits_unfrozen": ppl_exit_logits_unfrozen(model, val, config, args.batch_size, device),
+        "variants": variants,
         "cpu_vs_cuda": cpu_equals_cuda(args.checkpoint, ids[:4], mask[:4], config) if device.type == "cuda" else None}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -7,7 +7,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/trm_fast_gpu}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 SEEDS=${SEEDS:-1 2 3}
 status=0
 pids=()

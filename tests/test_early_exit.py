@@ -141,3 +141,142 @@ def test_cuda_equals_cpu(criterion):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     _assert_same(cpu, {k: v.cpu() if torch.is_tensor(v) else v for k, v in gpu.items()})
+
+
+def _compact_case(B, L, H, Dh, dtype=torch.float32, device="cpu"):
+    """Queries of a random subset of valid tokens (as route_tokens lists them, with -1 padding) over a
+    key / value table of every token, with left and right padding."""
+    g = torch.Generator().manual_seed(B * L + Dh)
+    key_valid = torch.ones(B, L, dtype=torch.bool)
+    key_valid[0, L - 3:] = False
+    key_valid[-1, :2] = False
+    listed = (key_valid.flatten() & (torch.rand(B * L, generator=g) < 0.6)).nonzero().flatten()
+    rows = torch.cat([listed, torch.full((5,), -1)])
+    starts = torch.searchsorted(torch.where(rows >= 0, rows, B * L), torch.arange(B + 1) * L)
+    q = torch.randn(rows.numel(), 3 * H * Dh, generator=g)[:, : H * Dh]  # a strided view, as in the model
+    kv = torch.randn(B * L, 2 * H * Dh, generator=g)
+    to = dict(device=device)
+    return (q.to(dtype=dtype, **to), kv.to(dtype=dtype, **to), rows.to(**to), starts.to(**to),
+            key_valid.to(**to))
+
+
+def _compact_attention_by_hand(q, kv, rows, key_valid, H):
+    B, L = key_valid.shape
+    D = q.size(1)
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    keys, values = kv.double().view(B * L, 2, H, D // H).unbind(1)
+    for i, row in enumerate(rows.tolist()):
+        if row < 0:
+            continue
+        b, pos = divmod(row, L)
+        allowed = key_valid[b, : pos + 1].nonzero().flatten() + b * L
+        scores = torch.einsum("hd,khd->hk", q[i].double().view(H, -1), keys[allowed]) / (D // H) ** 0.5
+        out[i] = torch.einsum("hk,khd->hd", scores.softmax(-1), values[allowed]).flatten()
+    return out
+
+
+@pytest.mark.parametrize("B, L, H, Dh", [(3, 37, 2, 16), (2, 70, 4, 32), (1, 9, 1, 64)])
+def test_compact_attention(B, L, H, Dh):
+    from trm_fast import torch_ops
+    kernels = pytest.importorskip("trm_fast.kernels.compact_attention")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, kv, rows, starts, key_valid = _compact_case(B, L, H, Dh, device=device)
+    expected = _compact_attention_by_hand(q.cpu(), kv.cpu(), rows.cpu(), key_valid.cpu(), H)
+    for out in (kernels.compact_attention_triton(q, kv, rows, starts, key_valid, H),
+                torch_ops.compact_attention(q, kv, rows, starts, key_valid, H),
+                torch.ops.trm_fast.compact_attention(q, kv, rows, starts, key_valid, H)):
+        torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-4, atol=1e-5)
+    assert bool((out[rows < 0] == 0).all())
+    torch.library.opcheck(torch.ops.trm_fast.compact_attention, (q, kv, rows, starts, key_valid, H))
+
+
+def test_compact_attention_rejects_bad_input():
+    pytest.importorskip("trm_fast.kernels.compact_attention")
+    q, kv, rows, starts, key_valid = _compact_case(2, 8, 2, 16)
+    op = torch.ops.trm_fast.compact_attention
+    with pytest.raises(ValueError, match="key_valid must be a bool"):
+        op(q, kv, rows, starts, key_valid.long(), 2)
+    with pytest.raises(ValueError, match="kv must be a contiguous"):
+        op(q, kv[:, :-2], rows, starts, key_valid, 2)
+    with pytest.raises(ValueError, match="starts must be int64 \\[3\\]"):
+        op(q, kv, rows, starts[:-1], key_valid, 2)
+    with pytest.raises(ValueError, match="divisible by n_heads"):
+        op(q, kv, rows, starts, key_valid, 3)
+
+
+def test_compact_index():
+    from trm_fast.early_exit import compact_index
+    mask = torch.tensor([False, True, True, False, True, False])
+    out = torch.empty(6, dtype=torch.long)
+    compact_index(mask, out)
+    assert out.tolist() == [1, 2, 4, -1, -1, -1]
+    compact_index(torch.zeros(6, dtype=torch.bool), out)
+    assert out.tolist() == [-1] * 6
+
+
+@pytest.mark.parametrize("row_multiple", [4, 64])
+def test_compacted_with_padded_row_lists(row_multiple):
+    """Row lists padded with -1 (as the CUDA-graph runs pad them to a captured size) change nothing."""
+    from trm_fast.early_exit import _run_for
+    model, ids = _model(), _ids()
+    config = EarlyExit(calibrate_threshold(model, [ids], 0.5), min_steps=1)
+    expected = masked_early_exit(model, ids, config)
+    _run_for(model, *ids.shape).row_multiple = row_multiple
+    _assert_same(expected, compacted_early_exit(model, ids, config))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("criterion, min_steps, kernels", [("max_prob", 1, "auto"), ("q_head", 2, "auto"),
+                                                             ("max_prob", 1, "triton")])
+def test_cuda_graph_runs_equal_cpu(criterion, min_steps, kernels):
+    """On CUDA with the Triton attention, steps and exits are captured graphs: the first call (eager run +
+    capture) and a replayed second call give the CPU's results, on the model's TinyNet ops."""
+    from trm_fast.early_exit import _run_for
+    torch.manual_seed(0)
+    config = trm_fast.TRMConfig(vocab_size=50, d_model=64, n_heads=4, dropout=0.0, supervision_steps=4)
+    model = trm_fast.TRMModel(config, kernels=kernels).eval()
+    ids = torch.randint(1, 50, (3, 150), generator=torch.Generator().manual_seed(2))
+    ids[0, 140:] = 0
+    ids[2, :5] = 0
+    # 0.4993: a threshold between two tokens' confidences, so that no token sits on it (CPU and CUDA round apart)
+    exit_config = EarlyExit(calibrate_threshold(model, [ids], 0.4993, criterion, min_steps), criterion, min_steps)
+    cpu = compacted_early_exit(model, ids, exit_config)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        model.cuda()
+        first = compacted_early_exit(model, ids.cuda(), exit_config)
+        assert _run_for(model, *ids.shape).graphs, "no CUDA graph was captured"
+        second = compacted_early_exit(model, ids.cuda(), exit_config)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    for gpu in (first, second):
+        _assert_same(cpu, {k: v.cpu() if torch.is_tensor(v) else v for k, v in gpu.items()})
+
+
+@pytest.mark.parametrize("N, D, V", [(37, 48, 259), (5, 16, 7), (130, 64, 100)])
+def test_hidden_confidence_kernel(N, D, V):
+    kernels = pytest.importorskip("trm_fast.kernels.hidden_confidence")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(N)
+    hidden, weight = torch.randn(N, D, generator=g), torch.randn(V, D, generator=g)
+    expected = torch.softmax(hidden.double() @ weight.double().t(), -1).amax(-1)
+    out = kernels.hidden_confidence_triton(hidden.to(device), weight.to(device))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="must agree"):
+        kernels.hidden_confidence_triton(hidden.to(device), weight[:, :-1].to(device))
+
+
+def test_runs_are_kept_per_shape_and_dropped_by_reset_state():
+    from trm_fast.early_exit import _run_for
+    model, ids = _model(), _ids()
+    config = EarlyExit(calibrate_threshold(model, [ids], 0.5))
+    first = compacted_early_exit(model, ids, config)
+    run = _run_for(model, *ids.shape)
+    _assert_same(first, compacted_early_exit(model, ids, config))  # buffers reused: the same results again
+    assert _run_for(model, *ids.shape) is run
+    _assert_same(masked_early_exit(model, ids[:2], config), compacted_early_exit(model, ids[:2], config))
+    assert _run_for(model, *ids[:2].shape) is not run  # another shape: new buffers, the old ones dropped
+    model.reset_state()
+    assert "_early_exit_runs" not in model.__dict__

@@ -28,7 +28,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import reference, torch_ops
+from . import cuda_graphs, reference, torch_ops
 from .dispatch import decode_ops, programmatic_launches
 
 NO_HALTING = 2.0  # a threshold no sigmoid output exceeds: `q_threshold=None`
@@ -315,16 +315,8 @@ class Decoder:
         launched with programmatic dependent launch where the GPU has it (no kernel of the step writes a
         weight)."""
         self.start([[0]] * self.batch, None, False)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
         with programmatic_launches():
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._graph_step()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self._graph_step()
+            self.graph = cuda_graphs.capture(self._graph_step, warmups=2)
 
     def replay(self) -> None:
         """One decode step of the captured graph (all-steps schedule)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any, Dict, Optional
 
 import torch
@@ -56,6 +56,22 @@ def decode_ops() -> Any:
     return torch.ops.trm_fast
 
 
+@functools.lru_cache(maxsize=None)
+def early_exit_kernels() -> SimpleNamespace:
+    """The ops of early exit's compacted run: `attention` (`trm_fast::compact_attention`: Triton on CUDA, no
+    host sync, when the kernels import; else the torch path, which reads back the widest sequence's query
+    count), `syncs(device, head_dim)` (whether `attention` reads back there), and `confidence(hidden, weight)`
+    on CUDA (one Triton launch, or the extension's `hidden_confidence`)."""
+    try:
+        attention = importlib.import_module("trm_fast.kernels.compact_attention")
+        confidence = importlib.import_module("trm_fast.kernels.hidden_confidence")
+    except ImportError:
+        return SimpleNamespace(attention=torch_ops.compact_attention, syncs=lambda device, head_dim: True,
+                               confidence=extension_ops.hidden_confidence)
+    return SimpleNamespace(attention=torch.ops.trm_fast.compact_attention, syncs=attention.syncs_on,
+                           confidence=confidence.hidden_confidence_triton)
+
+
 def programmatic_launches():
     """The block in which the decode kernels launch with programmatic dependent launch where the GPU has it
     (`kernels/pdl.py`); a no-op on the torch path."""
@@ -84,6 +100,8 @@ def kernel_status(device: Optional[torch.device] = None) -> Dict[str, Any]:
     device = torch.device(device)
     tinynet_path = "torch" if tinynet_ops("auto", device) is torch_ops else "triton"
     decode_path = "triton" if decode_ops() is not torch_ops and device.type == "cuda" else "torch"
+    compact_path = ("triton (steps replayed as CUDA graphs)" if device.type == "cuda"
+                    and early_exit_kernels().attention is not torch_ops.compact_attention else "torch")
     pdl = decode_path == "triton" and importlib.import_module("trm_fast.kernels.pdl").active(device)
     return {
         "torch": torch.__version__,
@@ -95,6 +113,9 @@ def kernel_status(device: Optional[torch.device] = None) -> Dict[str, Any]:
         "ops": {
             **{f"tinynet.{name}": tinynet_path for name in TINYNET_OPS},
             **{f"decode.{name}": decode_path for name in DECODE_OPS},
+            "early_exit.compact_attention": compact_path,
+            "early_exit.confidence": ("triton" if device.type == "cuda" and early_exit_kernels().confidence
+                                      is not extension_ops.hidden_confidence else "hidden_confidence"),
             **{name: extension_ops.op_backend(name, device) for name in extension_ops.FALLBACKS},
         },
     }

@@ -9,7 +9,9 @@ no dropout.
 after each call. `compacted_early_exit` realizes the saving: projections, attention queries, FFN and
 the output head run on the active rows only (`route_tokens` lists them, `gather_rows` / `scatter_rows`
 compact the states and write them back), with the keys / values of frozen tokens cached when they exit.
-The two agree (tests, fp32).
+The two agree (tests, fp32). On CUDA with the Triton kernels (`compact_attention`, one-launch confidence)
+nothing in a step reads back to the host, so each step, routing and exit is a CUDA graph captured per row
+count (padded to GRAPH_ROWS) and replayed; the host reads only the counts after each routed step.
 """
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from . import cuda_graphs
 from .data import dataset_batches
+from .dispatch import early_exit_kernels, tinynet_ops
 from .ops import gather_rows, hidden_confidence, route_tokens, scatter_rows
 
 CRITERIA = ("max_prob", "q_head")
@@ -43,8 +47,10 @@ class EarlyExit:
 
 def _confidence(model, y: torch.Tensor, criterion: str) -> torch.Tensor:
     """[..., D] -> float32 [...]: max softmax probability of the output head (without materializing the
-    logits: hidden_confidence), or the q head applied per token."""
+    logits: hidden_confidence; one Triton launch for [N, D] on CUDA), or the q head applied per token."""
     if criterion == "max_prob":
+        if y.is_cuda and y.dim() == 2:
+            return early_exit_kernels().confidence(y, model.output_head.weight)
         return hidden_confidence(y, model.output_head.weight)
     return torch.sigmoid(model.q_head(y)).squeeze(-1).float()
 
@@ -114,108 +120,197 @@ def masked_early_exit(model, input_ids: torch.Tensor, config: EarlyExit, attenti
     return _result(logits, exit_step, valid, steps, active_per_step)
 
 
-class _CompactBlock:
-    """One TinyNet call on the active rows: projection, attention of the active queries over all keys
-    (frozen tokens' keys / values cached per call kind), output projection, LayerNorms and FFN."""
+GRAPH_ROWS = 128  # CUDA-graph runs pad the active rows to a multiple of this: one captured graph per size
 
-    def __init__(self, model, batch: int, length: int):
-        net = model.tiny_net
-        self.net, self.block, self.B, self.L = net, net.block, batch, length
-        self.H = self.block.attn.num_heads
-        D = model.config.d_model
+
+def compact_index(mask: torch.Tensor, out: torch.Tensor) -> None:
+    """out[:k] = the indices where `mask` [N] holds, ascending; out[k:] = -1. No host sync."""
+    n = mask.numel()
+    slot = torch.where(mask, mask.long().cumsum(0) - 1, n)
+    spill = torch.full((n + 1,), -1, dtype=torch.long, device=mask.device)
+    spill.index_copy_(0, slot, torch.arange(n, device=mask.device))  # unlisted entries all land on slot n
+    out.copy_(spill[:n])
+
+
+class _Run:
+    """Static buffers of an early-exit forward over [B, L] tokens, and the pieces of a step, written without
+    host syncs where the attention op allows it, so that on CUDA each piece is captured once per row count
+    and replayed (`use_graphs`). A piece takes a number of rows and reads the row list from a buffer:
+    `rows` (active, ascending, -1 padded, from route_tokens) or `exited_rows`."""
+
+    def __init__(self, model, batch: int, length: int, use_graphs: bool):
+        self.model, self.net, self.B, self.L = model, model.tiny_net, batch, length
+        self.H = self.net.block.attn.num_heads
         w = model.token_embed.weight
-        self.kv = {kind: torch.zeros(batch * length, 2, D, device=w.device, dtype=w.dtype) for kind in ("xyz", "yz")}
+        N, D, V = batch * length, model.config.d_model, model.config.vocab_size
 
-    def project(self, kind, x, y, z):
-        if kind == "xyz":
-            return F.linear(torch.cat([x, y, z], dim=-1), self.net.xyz_proj.weight, self.net.xyz_proj.bias)
-        return F.linear(torch.cat([y, z], dim=-1), self.net.yz_proj.weight, self.net.yz_proj.bias)
+        def zeros(*shape, dtype=w.dtype):
+            return torch.zeros(*shape, device=w.device, dtype=dtype)
+        self.x, self.y, self.z = zeros(N, D), zeros(N, D), zeros(N, D)
+        self.kv = {kind: zeros(N, 2 * D) for kind in ("xyz", "yz")}  # key | value per token and call kind
+        self.input_ids = zeros(batch, length, dtype=torch.long)
+        self.key_valid, self.active = zeros(batch, length, dtype=torch.bool), zeros(N, dtype=torch.bool)
+        self.rows, self.exited_rows = zeros(N, dtype=torch.long), zeros(N, dtype=torch.long)
+        self.counts, self.step = zeros(2, dtype=torch.long), zeros(1, dtype=torch.long)
+        self.logits, self.exit_step = zeros(N, V), zeros(N, 1, dtype=torch.long)
+        self.ops = tinynet_ops(getattr(self.net, "kernels", "torch"), w.device)
+        self.use_graphs = use_graphs
+        self.row_multiple = GRAPH_ROWS if use_graphs else 1
+        self.graphs: Dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
+
+    def load(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+        """Start on a batch (embedding, states, row list; a graph piece after the id copies); returns its
+        number of valid tokens."""
+        self.input_ids.copy_(input_ids)
+        self.key_valid.copy_(attention_mask.bool())
+        self.launch(("load",), self._load)
+        return int(self.counts[1])
+
+    def _load(self) -> None:
+        x = self.model._embed(self.input_ids).reshape(self.B * self.L, -1)
+        y, z = self.model._init_states(x)
+        for buffer, value in ((self.x, x), (self.y, y), (self.z, z), (self.active, self.key_valid.flatten())):
+            buffer.copy_(value)
+        compact_index(self.active, self.rows)
+        self.counts[1] = self.active.sum()
+        for buffer in (*self.kv.values(), self.logits, self.exit_step):
+            buffer.zero_()
+
+    def size(self, rows: int) -> int:
+        """The row count a piece runs at: padded to `row_multiple` (GRAPH_ROWS with graphs, else 1)."""
+        return min(-(-rows // self.row_multiple) * self.row_multiple, self.B * self.L)
+
+    def launch(self, key: tuple, piece) -> None:
+        """Run `piece()`; with graphs, the first time as the warm-up of its capture (a real run, on a side
+        stream), afterwards as a replay of that graph."""
+        if not self.use_graphs:
+            return piece()
+        if key in self.graphs:
+            return self.graphs[key].replay()
+        self.graphs[key] = cuda_graphs.capture(piece, pool=self.pool)
+
+    def _project(self, kind, x, y, z):
+        proj = self.net.xyz_proj if kind == "xyz" else self.net.yz_proj
+        return self.ops.concat_linear((x, y, z) if kind == "xyz" else (y, z), proj.weight, proj.bias)
 
     def _qkv(self, h):
-        return F.linear(h, self.block.attn.in_proj_weight, self.block.attn.in_proj_bias).chunk(3, dim=-1)
+        attn = self.net.block.attn
+        return F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
 
-    def freeze(self, rows, x, y, z):
-        """Cache the keys / values that the tokens at `rows` (flat indices) show from now on."""
-        for kind in self.kv:
-            _, k, v = self._qkv(self.project(kind, x, y, z))
-            scatter_rows(self.kv[kind].view(self.B * self.L, -1), rows, torch.cat([k, v], dim=-1))
+    def _call(self, kind, rows, starts, x, y, z):
+        """One TinyNet call on the listed rows: projection, attention of their queries over all keys (theirs
+        written into the call kind's key / value table, the frozen tokens' kept there), output projection,
+        LayerNorms, FFN (on the model's TinyNet ops)."""
+        block, D, ops = self.net.block, x.size(-1), self.ops
+        h = self._project(kind, x, y, z)
+        qkv = self._qkv(h)
+        scatter_rows(self.kv[kind], rows, qkv[:, D:].contiguous())
+        a = early_exit_kernels().attention(qkv[:, :D], self.kv[kind], rows, starts, self.key_valid, self.H)
+        a = F.linear(a, block.attn.out_proj.weight, block.attn.out_proj.bias)
+        h = ops.add_layer_norm(h, a, block.ln1.weight, block.ln1.bias, block.ln1.eps, 0.0)
+        f = ops.feed_forward(h, block.ffn[0].weight, block.ffn[0].bias, block.ffn[2].weight, block.ffn[2].bias)
+        return ops.add_layer_norm(h, f, block.ln2.weight, block.ln2.bias, block.ln2.eps, 0.0)
 
-    def route(self, rows: torch.Tensor, key_valid: torch.Tensor):
-        """Per-sequence layout of the active rows for attention (one host sync per supervision step)."""
-        batch, pos = rows // self.L, rows % self.L
-        counts = torch.bincount(batch, minlength=self.B)
-        slot = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[batch]
-        width = max(int(counts.max()), 1)
-        query_pos = torch.full((self.B, width), -1, dtype=torch.long, device=rows.device)
-        query_pos[batch, slot] = pos
-        keys = torch.arange(self.L, device=rows.device)
-        mask = (keys <= query_pos.unsqueeze(-1)) & key_valid.unsqueeze(1)  # [B, width, L]
-        mask[query_pos < 0] = True  # padding slots: any finite row, dropped afterwards
-        self.layout = (batch, slot, width, mask.unsqueeze(1))
+    def recurse(self, size: int, threshold: Optional[float], criterion: str) -> None:
+        """One supervision step of the rows listed in `rows[:size]`, their y / z written back, then, with a
+        `threshold`, their routing."""
+        rows = self.rows[:size]
+        starts = torch.searchsorted(torch.where(rows >= 0, rows, self.B * self.L),
+                                    torch.arange(self.B + 1, device=rows.device) * self.L)
+        x, y, z = (gather_rows(t, rows) for t in (self.x, self.y, self.z))
+        for _ in range(self.model.config.deep_steps):
+            for _ in range(self.model.config.latent_steps):
+                z = self._call("xyz", rows, starts, x, y, z)
+                y = self._call("yz", rows, starts, x, y, z)
+        scatter_rows(self.y, rows, y)
+        scatter_rows(self.z, rows, z)
+        if threshold is not None:
+            self.route(rows, y, threshold, criterion)
 
-    def __call__(self, kind, rows, x, y, z):
-        D, H = x.size(-1), self.H
-        h = self.project(kind, x, y, z)
-        q, k, v = self._qkv(h)
-        kv = self.kv[kind].index_copy(0, rows, torch.stack([k, v], dim=1)).view(self.B, self.L, 2, H, D // H)
-        batch, slot, width, mask = self.layout
-        queries = q.new_zeros(self.B, width, H, D // H)
-        queries[batch, slot] = q.view(-1, H, D // H)
-        a = F.scaled_dot_product_attention(queries.transpose(1, 2), kv[:, :, 0].transpose(1, 2),
-                                           kv[:, :, 1].transpose(1, 2), attn_mask=mask)
-        a = a.transpose(1, 2)[batch, slot].reshape(-1, D)
-        attn, block = self.block.attn, self.block
-        h = block.ln1(h + F.linear(a, attn.out_proj.weight, attn.out_proj.bias))
-        return block.ln2(h + block.ffn(h))
+    def route(self, rows: torch.Tensor, y: torch.Tensor, threshold: float, criterion: str) -> None:
+        """The routing of the listed rows by the confidence of their y: exited tokens listed in
+        `exited_rows`, the rest in `rows`, `counts` = [exited, still active]."""
+        confidence = torch.zeros(self.B * self.L + 1, device=y.device)
+        confidence.index_copy_(0, torch.where(rows >= 0, rows, self.B * self.L), _confidence(self.model, y, criterion))
+        exited, index, counts = route_tokens(confidence[:-1], self.active, threshold)
+        compact_index(exited, self.exited_rows)
+        self.rows.copy_(index)
+        self.counts.copy_(counts)
+        self.active.logical_and_(~exited)
+
+    def finish(self, size: int, freeze: bool) -> None:
+        """The tokens listed in `exited_rows[:size]` exit at `step`: their logits, and (`freeze`) the keys /
+        values of both call kinds that they show from now on."""
+        rows = self.exited_rows[:size]
+        x, y, z = (gather_rows(t, rows) for t in (self.x, self.y, self.z))
+        scatter_rows(self.logits, rows, self.model._output_logits(y))
+        scatter_rows(self.exit_step, rows, self.step.expand(size, 1).contiguous())
+        D = y.size(-1)
+        for kind in self.kv if freeze else ():
+            scatter_rows(self.kv[kind], rows, self._qkv(self._project(kind, x, y, z))[:, D:].contiguous())
+
+
+_RUNS_ATTRIBUTE = "_early_exit_runs"
+
+
+def reset_runs(model) -> None:
+    """Drop the early-exit buffers and captured graphs kept on `model`."""
+    model.__dict__.pop(_RUNS_ATTRIBUTE, None)
+
+
+def _run_for(model, batch: int, length: int) -> _Run:
+    """The model's buffers (and captured graphs) for [batch, length] inputs, kept between calls."""
+    w = model.token_embed.weight
+    use_graphs = w.is_cuda and not early_exit_kernels().syncs(w.device, model.config.d_model // model.config.n_heads)
+    runs = model.__dict__.setdefault(_RUNS_ATTRIBUTE, {})
+    key = (batch, length, w.device, w.dtype, getattr(model.tiny_net, "kernels", None),
+           tuple(p.data_ptr() for p in model.parameters()))
+    if key not in runs:
+        runs.clear()  # other shapes or reallocated weights: their graphs would point at stale memory
+        runs[key] = _Run(model, batch, length, use_graphs)
+    return runs[key]
 
 
 @torch.no_grad()
 def compacted_early_exit(model, input_ids: torch.Tensor, config: EarlyExit, attention_mask: Optional[torch.Tensor] = None,
                          supervision_steps: Optional[int] = None) -> Dict:
-    """The same results as `masked_early_exit`, computing only the active tokens' rows."""
+    """The same results as `masked_early_exit`, computing only the active tokens' rows. On CUDA with the
+    Triton attention op, each step and each exit is a CUDA graph replay (captured per row count, padded to
+    GRAPH_ROWS), with one host read per routed step (the counts)."""
     attention_mask = _check(input_ids, attention_mask, config, model)
     steps = supervision_steps or model.config.supervision_steps
     was_training = model.training
     model.eval()
     B, L = input_ids.shape
-    x_all = model._embed(input_ids).reshape(B * L, -1)
-    y_all, z_all = model._init_states(x_all)
-    valid = attention_mask.bool().reshape(-1)
-    active = valid.clone()
-    rows = valid.nonzero().flatten()
-    logits = torch.zeros(B * L, model.config.vocab_size, device=x_all.device, dtype=x_all.dtype)
-    exit_step = torch.zeros(B * L, dtype=torch.long, device=x_all.device)
-    call = _CompactBlock(model, B, L)
-    active_per_step = []
+    run = _run_for(model, B, L)
+    active = valid_tokens = run.load(input_ids, attention_mask)
+    threshold, criterion = float(config.threshold), config.criterion
+    active_per_step, exit_counts = [], []
     for step in range(1, steps + 1):
-        active_per_step.append(rows.numel())
-        if rows.numel() == 0:
-            continue
-        call.route(rows, attention_mask.bool())
-        x, y, z = (gather_rows(t, rows) for t in (x_all, y_all, z_all))
-        for _ in range(model.config.deep_steps):
-            for _ in range(model.config.latent_steps):
-                z = call("xyz", rows, x, y, z)
-                y = call("yz", rows, x, y, z)
-        scatter_rows(y_all, rows, y)
-        scatter_rows(z_all, rows, z)
-        if step == steps:
-            logits[rows] = model._output_logits(y)
-            exit_step[rows] = step
-            break
-        if step < config.min_steps:
-            continue
-        confidence = torch.zeros(B * L, device=x_all.device)
-        confidence[rows] = _confidence(model, y, config.criterion)
-        exited, index, counts = route_tokens(confidence, active, float(config.threshold))
-        exited_rows = exited[rows]
-        logits[rows[exited_rows]] = model._output_logits(y[exited_rows])  # the head runs on exiting rows only
-        exit_step[exited] = step
-        active &= ~exited
-        call.freeze(rows[exited_rows], x[exited_rows], y[exited_rows], z[exited_rows])
-        rows = index[: int(counts[1])]
+        active_per_step.append(active)
+        exited = 0
+        if active:
+            run.step.fill_(step)
+            size = run.size(active)
+            if step == steps:
+                run.launch(("step", size), lambda: run.recurse(size, None, criterion))
+                run.exited_rows.copy_(run.rows)
+                run.launch(("exit", size, False), lambda: run.finish(size, freeze=False))
+                exited = active
+            elif step < config.min_steps:
+                run.launch(("step", size), lambda: run.recurse(size, None, criterion))
+            else:
+                run.launch(("route", size, threshold, criterion), lambda: run.recurse(size, threshold, criterion))
+                exited, active = run.counts.tolist()
+                if exited:
+                    exited_size = run.size(exited)
+                    run.launch(("exit", exited_size, True), lambda: run.finish(exited_size, freeze=True))
+        exit_counts.append(exited)
     model.train(was_training)
-    return _result(logits.view(B, L, -1), exit_step.view(B, L), valid.view(B, L), steps, active_per_step)
+    return {"logits": run.logits.view(B, L, -1).clone(), "exit_step": run.exit_step.view(B, L).clone(),
+            "exit_counts": exit_counts, "shallow_ratio": sum(exit_counts[:-1]) / max(valid_tokens, 1),
+            "compute_cost": sum(active_per_step) / max(steps * valid_tokens, 1)}
 
 
 def calibrate_threshold(model, batches, hard_ratio: float, criterion: str = "max_prob", exit_step: int = 1) -> float:

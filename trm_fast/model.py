@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from . import decoding, reference
 from .early_exit import EarlyExit, compacted_early_exit
+from .early_exit import reset_runs as reset_early_exit_runs
 from .dispatch import check_kernels_choice, tinynet_ops
 from .linear_cross_entropy import linear_cross_entropy
 from .reference import TRMConfig
@@ -252,8 +253,9 @@ class TRMModel(reference.TRMModel):
                 yield token
 
     def reset_state(self) -> None:
-        """Drop the decoding caches and captured CUDA graphs kept between generation calls."""
+        """Drop the decoding and early-exit caches and captured CUDA graphs kept between calls."""
         decoding.reset_decoders(self)
+        reset_early_exit_runs(self)
 
     def _stop_ids(self, eos_token_id: Optional[int]) -> List[int]:
         eos = self.config.eos_token_id if eos_token_id is None else eos_token_id

@@ -145,3 +145,30 @@ def decode_emit(logits, stop_ids, greedy, first_pos, token, out, active, pos, lo
     active &= ~(greedy & torch.isin(token, stop_ids))
     out[pos - first_pos, torch.arange(token.size(0), device=token.device)] = token
     pos.add_(1)
+
+
+def compact_attention(q, kv, rows, starts, key_valid, n_heads: int) -> torch.Tensor:
+    """Causal attention of compacted queries over every key of their sequences (early exit's active tokens
+    attending to all tokens, frozen ones included). q [M, D]: the query of token rows[i] = b * L + position;
+    rows ascending, -1 padding at the end; starts [B + 1]: where each sequence's queries begin in rows; kv
+    [B * L, 2D]: every token's key | value; key_valid [B, L]. Out [M, D], zero at padding. Lays the queries
+    out per sequence for SDPA (one host sync, for the widest sequence)."""
+    B, L = key_valid.shape
+    M, D = q.shape
+    H, Dh = n_heads, D // n_heads
+    listed = (rows >= 0).nonzero().flatten()
+    batch, pos = rows[listed] // L, rows[listed] % L
+    slot = listed - starts[batch]
+    width = max(int((starts[1:] - starts[:-1]).max()), 1)
+    queries = q.new_zeros(B, width, H, Dh)
+    queries[batch, slot] = q[listed].view(-1, H, Dh)
+    query_pos = torch.full((B, width), -1, dtype=torch.long, device=q.device)
+    query_pos[batch, slot] = pos
+    mask = (torch.arange(L, device=q.device) <= query_pos.unsqueeze(-1)) & key_valid.unsqueeze(1)
+    mask[query_pos < 0] = True  # padding slots: any finite row, dropped below
+    keys, values = kv.view(B, L, 2, H, Dh).unbind(2)
+    a = F.scaled_dot_product_attention(queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                       attn_mask=mask.unsqueeze(1))
+    out = q.new_zeros(M, D)
+    out[listed] = a.transpose(1, 2)[batch, slot].reshape(-1, D)
+    return out
