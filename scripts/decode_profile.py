@@ -11,14 +11,14 @@ import argparse
 import json
 import statistics
 import time
-from collections import Counter
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import trm_fast
 from trm_fast import cuda_graphs, decoding, torch_ops
 from trm_fast.kernels import decode_linear, pdl
+
+from profiling import kernel_times
 
 
 def host_phases(model, prompts):
@@ -70,22 +70,16 @@ def measure(model, prompts, label):
             decoder.graph.replay()
         end.record()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            decoder.graph.replay()
-            torch.cuda.synchronize()
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        by_name = Counter()
-        for e in kernels:
-            by_name[e.name[:70]] += e.device_time
+        kernels, busy_us, by_name, _ = kernel_times(decoder.graph.replay)
         step_us = begin.elapsed_time(end) * 10
         phases = host_phases(model, p)
         rows[f"B{batch}"] = {"generate_ms": median * 1e3, "tokens_per_s": batch * 256 / median,
-                             "replay_us_per_step": step_us, "kernels_per_step": len(kernels),
-                             "busy_us": sum(e.device_time for e in kernels),
+                             "replay_us_per_step": step_us, "kernels_per_step": kernels,
+                             "busy_us": busy_us,
                              "outside_replays_ms": median * 1e3 - 255 * step_us / 1e3, "phases_ms": phases,
                              "heaviest_us": dict(by_name.most_common(8))}
         print(f"{label} B{batch}: generate {median * 1e3:.1f} ms = {batch * 256 / median:.0f} tokens/s; "
-              f"replay {step_us:.1f} us/step; {len(kernels)} kernels/step, {rows[f'B{batch}']['busy_us']:.1f} us busy",
+              f"replay {step_us:.1f} us/step; {kernels} kernels/step, {rows[f'B{batch}']['busy_us']:.1f} us busy",
               flush=True)
         print("    phases: " + ", ".join(f"{k} {v:.1f} ms" for k, v in phases.items()))
         for name, t in by_name.most_common(8):

@@ -29,6 +29,8 @@ from trm_fast.early_exit import (EarlyExit, _run_for, calibrate_threshold, compa
 from trm_fast.ops import gather_rows, route_tokens, scatter_rows
 from trm_fast.training import evaluate
 
+from profiling import kernel_times
+
 
 def median_ms(fn, repeats: int, device: torch.device) -> float:
     """Median wall time of `fn` in ms (synchronized on CUDA), after 3 warm-up calls."""
@@ -154,6 +156,13 @@ def main():
             "ms_early_exit": median_ms(lambda: compacted_early_exit(model, ids, config, mask), args.repeats, device),
             "ms_step_gpu_by_rows": {n: events_ms(lambda: run.launch(("step", n), lambda: run.recurse(
                 n, None, args.criterion)), args.repeats, device) for n in (rows, rows // 2, rows // 4, rows // 8)}}
+        if device.type == "cuda":  # where a step's time goes, at all rows and at 1/8
+            by_ops[kernels]["step_kernels_by_rows"] = {}
+            for n in (rows, rows // 8):
+                count, busy_us, by_name, calls = kernel_times(run.graphs[("step", n)].replay)
+                by_ops[kernels]["step_kernels_by_rows"][n] = {
+                    "kernels": count, "busy_us": busy_us,
+                    "heaviest_us": {f"{name} ({calls[name]}x)": t for name, t in by_name.most_common(12)}}
         print(f"TinyNet ops {kernels}: {json.dumps(by_ops[kernels])}", flush=True)
     t_plain = min(v["ms_no_exit"] for v in by_ops.values())  # the faster of each, against each other
     fastest = min(by_ops, key=lambda k: by_ops[k]["ms_early_exit"])

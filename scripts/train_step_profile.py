@@ -8,14 +8,14 @@ import os
 import statistics
 import sys
 import time
-from collections import Counter
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from bench_cases import CASES  # noqa: E402
 from test_bench_model import autocast, build  # noqa: E402
+
+from profiling import kernel_times  # noqa: E402
 
 IMPLS = {"eager": "eager", "compiled": "compiled", "torch": "trm_fast", "triton": "trm_fast-triton",
          "triton-nologits": "trm_fast-triton-nologits"}
@@ -58,15 +58,8 @@ def time_step(step, rounds: int = 20):
 
 
 def top_kernels(step, count: int = 25):
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    by_name, calls = Counter(), Counter()
-    for e in kernels:
-        by_name[e.name[:90]] += e.device_time
-        calls[e.name[:90]] += 1
-    print(f"  {len(kernels)} kernels, {sum(by_name.values()) / 1e3:.2f} ms busy")
+    kernels, busy_us, by_name, calls = kernel_times(step, name_width=90)
+    print(f"  {kernels} kernels, {busy_us / 1e3:.2f} ms busy")
     for name, t in by_name.most_common(count):
         print(f"  {t / 1e3:7.3f} ms {calls[name]:4d}x  {name}")
 
