@@ -152,7 +152,7 @@ def compact_attention(q, kv, rows, starts, key_valid, n_heads: int) -> torch.Ten
     attending to all tokens, frozen ones included). q [M, D]: the query of token rows[i] = b * L + position;
     rows ascending, -1 padding at the end; starts [B + 1]: where each sequence's queries begin in rows; kv
     [B * L, 2D]: every token's key | value; key_valid [B, L]. Out [M, D], zero at padding. Lays the queries
-    out per sequence for SDPA (one host sync, for the widest sequence)."""
+    out per sequence for SDPA, which reads back from the device (the listed rows, the widest sequence)."""
     B, L = key_valid.shape
     M, D = q.shape
     H, Dh = n_heads, D // n_heads
