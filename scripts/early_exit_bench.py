@@ -154,12 +154,12 @@ def main():
         by_ops[kernels] = {
             "ms_no_exit": median_ms(lambda: compacted_early_exit(model, ids, no_exit, mask), args.repeats, device),
             "ms_early_exit": median_ms(lambda: compacted_early_exit(model, ids, config, mask), args.repeats, device),
-            "ms_step_gpu_by_rows": {n: events_ms(lambda: run.launch(("step", n), lambda: run.recurse(
-                n, None, args.criterion)), args.repeats, device) for n in (rows, rows // 2, rows // 4, rows // 8)}}
+            "ms_step_gpu_by_rows": {n: events_ms(lambda: run.launch(("step", n, None), lambda: run.recurse(n)),
+                                       args.repeats, device) for n in (rows, rows // 2, rows // 4, rows // 8)}}
         if device.type == "cuda":  # where a step's time goes, at all rows and at 1/8
             by_ops[kernels]["step_kernels_by_rows"] = {}
             for n in (rows, rows // 8):
-                count, busy_us, by_name, calls = kernel_times(run.graphs[("step", n)].replay)
+                count, busy_us, by_name, calls = kernel_times(run.graphs[("step", n, None)].replay)
                 by_ops[kernels]["step_kernels_by_rows"][n] = {
                     "kernels": count, "busy_us": busy_us,
                     "heaviest_us": {f"{name} ({calls[name]}x)": t for name, t in by_name.most_common(12)}}

@@ -16,7 +16,7 @@ count (padded to GRAPH_ROWS) and replayed; the host reads only the counts after 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -198,6 +198,10 @@ class _Run:
         attn = self.net.block.attn
         return F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
 
+    def _store_kv(self, kind, rows, qkv):
+        """Write the keys / values of `qkv` [rows, 3D] into the call kind's table at the listed rows."""
+        scatter_rows(self.kv[kind], rows, qkv[:, qkv.size(1) // 3:].contiguous())
+
     def _call(self, kind, rows, starts, x, y, z):
         """One TinyNet call on the listed rows: projection, attention of their queries over all keys (theirs
         written into the call kind's key / value table, the frozen tokens' kept there), output projection,
@@ -205,16 +209,16 @@ class _Run:
         block, D, ops = self.net.block, x.size(-1), self.ops
         h = self._project(kind, x, y, z)
         qkv = self._qkv(h)
-        scatter_rows(self.kv[kind], rows, qkv[:, D:].contiguous())
+        self._store_kv(kind, rows, qkv)
         a = early_exit_kernels().attention(qkv[:, :D], self.kv[kind], rows, starts, self.key_valid, self.H)
         a = F.linear(a, block.attn.out_proj.weight, block.attn.out_proj.bias)
         h = ops.add_layer_norm(h, a, block.ln1.weight, block.ln1.bias, block.ln1.eps, 0.0)
         f = ops.feed_forward(h, block.ffn[0].weight, block.ffn[0].bias, block.ffn[2].weight, block.ffn[2].bias)
         return ops.add_layer_norm(h, f, block.ln2.weight, block.ln2.bias, block.ln2.eps, 0.0)
 
-    def recurse(self, size: int, threshold: Optional[float], criterion: str) -> None:
-        """One supervision step of the rows listed in `rows[:size]`, their y / z written back, then, with a
-        `threshold`, their routing."""
+    def recurse(self, size: int, routing: Optional[Tuple[float, str]] = None) -> None:
+        """One supervision step of the rows listed in `rows[:size]`, their y / z written back, then, given
+        `routing` = (threshold, criterion), their routing."""
         rows = self.rows[:size]
         starts = torch.searchsorted(torch.where(rows >= 0, rows, self.B * self.L),
                                     torch.arange(self.B + 1, device=rows.device) * self.L)
@@ -225,8 +229,8 @@ class _Run:
                 y = self._call("yz", rows, starts, x, y, z)
         scatter_rows(self.y, rows, y)
         scatter_rows(self.z, rows, z)
-        if threshold is not None:
-            self.route(rows, y, threshold, criterion)
+        if routing is not None:
+            self.route(rows, y, *routing)
 
     def route(self, rows: torch.Tensor, y: torch.Tensor, threshold: float, criterion: str) -> None:
         """The routing of the listed rows by the confidence of their y: exited tokens listed in
@@ -246,9 +250,8 @@ class _Run:
         x, y, z = (gather_rows(t, rows) for t in (self.x, self.y, self.z))
         scatter_rows(self.logits, rows, self.model._output_logits(y))
         scatter_rows(self.exit_step, rows, self.step.expand(size, 1).contiguous())
-        D = y.size(-1)
         for kind in self.kv if freeze else ():
-            scatter_rows(self.kv[kind], rows, self._qkv(self._project(kind, x, y, z))[:, D:].contiguous())
+            self._store_kv(kind, rows, self._qkv(self._project(kind, x, y, z)))
 
 
 _RUNS_ATTRIBUTE = "_early_exit_runs"
@@ -285,7 +288,6 @@ def compacted_early_exit(model, input_ids: torch.Tensor, config: EarlyExit, atte
     B, L = input_ids.shape
     run = _run_for(model, B, L)
     active = valid_tokens = run.load(input_ids, attention_mask)
-    threshold, criterion = float(config.threshold), config.criterion
     active_per_step, exit_counts = [], []
     for step in range(1, steps + 1):
         active_per_step.append(active)
@@ -293,15 +295,13 @@ def compacted_early_exit(model, input_ids: torch.Tensor, config: EarlyExit, atte
         if active:
             run.step.fill_(step)
             size = run.size(active)
+            routing = (float(config.threshold), config.criterion) if config.min_steps <= step < steps else None
+            run.launch(("step", size, routing), lambda: run.recurse(size, routing))
             if step == steps:
-                run.launch(("step", size), lambda: run.recurse(size, None, criterion))
                 run.exited_rows.copy_(run.rows)
                 run.launch(("exit", size, False), lambda: run.finish(size, freeze=False))
                 exited = active
-            elif step < config.min_steps:
-                run.launch(("step", size), lambda: run.recurse(size, None, criterion))
-            else:
-                run.launch(("route", size, threshold, criterion), lambda: run.recurse(size, threshold, criterion))
+            elif routing is not None:
                 exited, active = run.counts.tolist()
                 if exited:
                     exited_size = run.size(exited)
