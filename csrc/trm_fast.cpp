@@ -95,11 +95,18 @@ void check_rows_inputs(const char* op, const at::Tensor& table, const at::Tensor
   TORCH_CHECK(table.device() == index.device(), op, ": the rows and the index are on different devices");
 }
 
-// Copy rows between an [N, D] table and a compact [M, D] block along an index list (-1 entries: padding,
-// as route_tokens writes them). Both directions share this loop; `gather` picks which side is indexed.
+// `src` itself where its rows are unit-stride (the row pitch is free), else a contiguous copy.
+at::Tensor rows_view(const at::Tensor& src) {
+  return src.size(1) <= 1 || src.stride(1) == 1 ? src : src.contiguous();
+}
+
+// Copy rows between a contiguous [N, D] table and a compact [M, D] block (rows of any stride, unit column
+// stride) along an index list (-1 entries: padding, as route_tokens writes them). Both directions share this
+// loop; `gather` picks which side is indexed.
 void copy_rows_cpu(const char* op, const at::Tensor& table, const at::Tensor& index, const at::Tensor& block,
                    bool gather) {
   const int64_t n = table.size(0), width = table.size(1) * table.element_size();
+  const int64_t pitch = block.stride(0) * block.element_size();
   const int64_t* idx = index.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < index.numel(); ++i) {
     TORCH_CHECK(idx[i] < n, op, ": index ", idx[i], " out of range for ", n, " rows");
@@ -109,11 +116,11 @@ void copy_rows_cpu(const char* op, const at::Tensor& table, const at::Tensor& in
   at::parallel_for(0, index.numel(), 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       if (idx[i] < 0) {
-        if (gather) std::memset(b + i * width, 0, width);
+        if (gather) std::memset(b + i * pitch, 0, width);
         continue;
       }
-      if (gather) std::memcpy(b + i * width, t + idx[i] * width, width);
-      else std::memcpy(t + idx[i] * width, b + i * width, width);
+      if (gather) std::memcpy(b + i * pitch, t + idx[i] * width, width);
+      else std::memcpy(t + idx[i] * width, b + i * pitch, width);
     }
   });
 }
@@ -127,14 +134,14 @@ at::Tensor gather_rows_cpu(const at::Tensor& src, const at::Tensor& index) {
   return out;
 }
 
-// dst[index[i]] = src[i] for index[i] >= 0, in place.
+// dst[index[i]] = src[i] for index[i] >= 0, in place; src may be a column block of a wider tensor (no copy).
 void scatter_rows_cpu(at::Tensor& dst, const at::Tensor& index, const at::Tensor& src) {
   check_rows_inputs("scatter_rows", dst, index);
   TORCH_CHECK(dst.is_contiguous(), "scatter_rows: dst must be contiguous");
   TORCH_CHECK(src.dim() == 2 && src.size(0) == index.size(0) && src.size(1) == dst.size(1) &&
               src.scalar_type() == dst.scalar_type(), "scatter_rows: src must be [len(index), D] of dst's dtype, got ",
               src.scalar_type(), " ", src.sizes());
-  copy_rows_cpu("scatter_rows", dst, index.contiguous(), src.contiguous(), false);
+  copy_rows_cpu("scatter_rows", dst, index.contiguous(), rows_view(src), false);
 }
 
 // Max softmax probability of hidden [N, D] @ weight[V, D]^T per row without the [N, V] logits: the vocab

@@ -6,7 +6,9 @@ value of every token), rows [M] (b * L + position, ascending, -1 padding at the 
 each sequence's queries begin in rows), key_valid [B, L]. A program takes up to BLOCK_M consecutive queries of
 one sequence and one head; its keys run from 0 to the last query's position, the tiles at or after the first
 query's tile with the causal test (the flash forward's `_attend`). The grid is fixed by B and L and nothing is
-read back by the host, so the op runs inside a CUDA graph. Triton on CUDA for the head dims of the attention
+read back by the host, so the op runs inside a CUDA graph. Tiles are fixed per share of listed rows
+(TILES_BY_QUARTERS). One more program per head writes
+the zeros of the padding rows (no separate fill). Triton on CUDA for the head dims of the attention
 kernels; the torch path elsewhere.
 """
 import math
@@ -16,50 +18,76 @@ import triton
 import triton.language as tl
 
 from trm_fast import torch_ops
-from trm_fast.kernels.attention import _FWD_TILES, LOG2E, TRITON_HEAD_DIMS, _attend
-from trm_fast.kernels.matmul import dot_config
+from trm_fast.kernels.attention import LOG2E, TRITON_HEAD_DIMS, _attend
+from trm_fast.kernels.matmul import INTERPRET, dot_config
 
 
-@triton.autotune(configs=_FWD_TILES, key=["L", "HEAD_DIM"])
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by the share of listed rows, in quarters (1: up to a quarter of the
+# batch's tokens, ..., 4: more than three quarters). Fixed, not autotuned: Triton's autotuner times a kernel
+# call by call, and for this ~25 us kernel the host launch dominates those timings, so its picks were noise
+# (a step's 8 calls took 193 us in session 10, 205 and 335 us in two processes of session 11, per tile luck).
+# Measured inside step graphs on the H100 (B16 L512 H8 Dh64, benchmarks/NOTES.md): (128, 64, 4, 3) 335 us at all
+# rows, (128, 32, 4, 3) 340; at half the rows (64, 64, 4, 3) 220-238, (16, 64, 4, 3) 420-460. (128, 64, 8, 3),
+# the remaining tile of session 10's autotuning set, is the likely source of its 193 us; it is not yet timed
+# alone: `scripts/early_exit_profile.py --sweep-attention-tiles` times every candidate in a CUDA graph.
+CANDIDATE_TILES = ((128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 8, 3),
+                   (32, 64, 4, 3), (16, 64, 4, 3))
+TILES_BY_QUARTERS = {quarters: (128, 64, 8, 3) for quarters in (1, 2, 3, 4)}
+INTERPRETED_TILES = (32, 16, 4, 1)
+
+
 @triton.jit
 def _compact_attention_kernel(q_ptr, kv_ptr, rows_ptr, starts_ptr, key_valid_ptr, o_ptr, stride_q, stride_kv,
-                              stride_o, H, L, qk_scale, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                              stride_o, M, H, L, qk_scale, PRECISION: tl.constexpr,
+                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tiles = tl.cdiv(L, BLOCK_M)
     b, first = tl.program_id(0) // tiles, (tl.program_id(0) % tiles) * BLOCK_M
     h = tl.program_id(1)
-    start, end = tl.load(starts_ptr + b), tl.load(starts_ptr + b + 1)
-    if start + first < end:
-        i = start + first + tl.arange(0, BLOCK_M)
-        listed = i < end
-        pos = tl.where(listed, tl.load(rows_ptr + i, mask=listed, other=0) - b * L, -1)
-        dims = tl.arange(0, HEAD_DIM)
-        q = tl.load(q_ptr + i[:, None] * stride_q + h * HEAD_DIM + dims[None, :], mask=listed[:, None], other=0.0)
-        k_ptr = kv_ptr + b * L * stride_kv + h * HEAD_DIM
-        v_ptr = k_ptr + H * HEAD_DIM
-        # keys before the tile holding the first query precede every query of the program: no causal test
-        split = (tl.min(tl.where(listed, pos, L), axis=0) // BLOCK_N) * BLOCK_N
-        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_ptr, v_ptr, key_valid_ptr + b * L, pos, dims, 0, split,
-                                stride_kv, L, qk_scale, 0.0, 0, 0, False, False, PRECISION, BLOCK_N)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_ptr, v_ptr, key_valid_ptr + b * L, pos, dims, split,
-                                tl.max(pos, axis=0) + 1, stride_kv, L, qk_scale, 0.0, 0, 0, True, False, PRECISION,
-                                BLOCK_N)
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(o_ptr + i[:, None] * stride_o + h * HEAD_DIM + dims[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=listed[:, None])
+    dims = tl.arange(0, HEAD_DIM)
+    B = (tl.num_programs(0) - 1) // tiles
+    if b == B:  # the last program of each head: zeros into its columns of the padding rows
+        for r in range(tl.load(starts_ptr + B), M, BLOCK_M):
+            i = r + tl.arange(0, BLOCK_M)
+            tl.store(o_ptr + i[:, None] * stride_o + h * HEAD_DIM + dims[None, :],
+                     tl.zeros((BLOCK_M, HEAD_DIM), dtype=o_ptr.dtype.element_ty), mask=(i < M)[:, None])
+    else:
+        start, end = tl.load(starts_ptr + b), tl.load(starts_ptr + b + 1)
+        if start + first < end:
+            i = start + first + tl.arange(0, BLOCK_M)
+            listed = i < end
+            pos = tl.where(listed, tl.load(rows_ptr + i, mask=listed, other=0) - b * L, -1)
+            q = tl.load(q_ptr + i[:, None] * stride_q + h * HEAD_DIM + dims[None, :], mask=listed[:, None],
+                        other=0.0)
+            k_ptr = kv_ptr + b * L * stride_kv + h * HEAD_DIM
+            v_ptr = k_ptr + H * HEAD_DIM
+            # keys before the tile holding the first query precede every query of the program: no causal test
+            split = (tl.min(tl.where(listed, pos, L), axis=0) // BLOCK_N) * BLOCK_N
+            m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_ptr, v_ptr, key_valid_ptr + b * L, pos, dims, 0, split,
+                                    stride_kv, L, qk_scale, 0.0, 0, 0, False, False, PRECISION, BLOCK_N)
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_ptr, v_ptr, key_valid_ptr + b * L, pos, dims, split,
+                                    tl.max(pos, axis=0) + 1, stride_kv, L, qk_scale, 0.0, 0, 0, True, False,
+                                    PRECISION, BLOCK_N)
+            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(o_ptr + i[:, None] * stride_o + h * HEAD_DIM + dims[None, :],
+                     out.to(o_ptr.dtype.element_ty), mask=listed[:, None])
 
 
 def compact_attention_triton(q, kv, rows, starts, key_valid, n_heads: int) -> torch.Tensor:
     B, L = key_valid.shape
     M, D = q.shape
-    out = torch.zeros(M, D, device=q.device, dtype=q.dtype)  # padding rows stay zero
+    out = torch.empty(M, D, device=q.device, dtype=q.dtype)
     Dh = D // n_heads
-    _compact_attention_kernel[lambda m: (B * triton.cdiv(L, m["BLOCK_M"]), n_heads)](
-        q, kv, rows, starts, key_valid, out, q.stride(0), kv.stride(0), out.stride(0), n_heads, L,
-        LOG2E / math.sqrt(Dh), PRECISION=dot_config(q.dtype)[1], HEAD_DIM=Dh)
+    if M == 0:
+        return out
+    quarters = min(-(-4 * M // (B * L)), 4)
+    block_m, block_n, warps, stages = INTERPRETED_TILES if INTERPRET else TILES_BY_QUARTERS[quarters]
+    _compact_attention_kernel[(B * triton.cdiv(L, block_m) + 1, n_heads)](
+        q, kv, rows, starts, key_valid, out, q.stride(0), kv.stride(0), out.stride(0), M, n_heads, L,
+        LOG2E / math.sqrt(Dh), PRECISION=dot_config(q.dtype)[1], HEAD_DIM=Dh, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=warps, num_stages=stages)
     return out
 
 

@@ -68,6 +68,20 @@ def no_exit_logits(model, ids, mask, steps):
     return model._output_logits(states_after(model, ids, mask, steps))
 
 
+def loaded_run(model, ids, mask):
+    """The model's early-exit run for this batch shape, loaded with the batch (every valid token listed)."""
+    run = _run_for(model, *ids.shape)
+    run.input_ids.copy_(ids)
+    run.key_valid.copy_(mask.bool())
+    run.load()
+    return run
+
+
+def plain_step(rows: int) -> tuple:
+    """The graph key of `run.recurse(rows)`: a middle step of `rows` rows, no exits, no routing."""
+    return ("step", rows, False, None, False)
+
+
 def graphed(fn, device: torch.device):
     """`fn` (on fixed inputs) captured in a CUDA graph after a warm-up on a side stream: its replay (on the
     CPU: `fn`)."""
@@ -149,17 +163,16 @@ def main():
     by_ops = {}
     for kernels in ("torch", "triton"):  # the compacted run's TinyNet ops (the model's `kernels` choice)
         model.tiny_net.kernels = kernels
-        run = _run_for(model, B, L)
-        run.load(ids, mask)
+        run = loaded_run(model, ids, mask)
         by_ops[kernels] = {
             "ms_no_exit": median_ms(lambda: compacted_early_exit(model, ids, no_exit, mask), args.repeats, device),
             "ms_early_exit": median_ms(lambda: compacted_early_exit(model, ids, config, mask), args.repeats, device),
-            "ms_step_gpu_by_rows": {n: events_ms(lambda: run.launch(("step", n, None), lambda: run.recurse(n)),
-                                       args.repeats, device) for n in (rows, rows // 2, rows // 4, rows // 8)}}
+            "ms_step_gpu_by_rows": {n: events_ms(lambda: run.launch(plain_step(n), lambda: run.recurse(n)),
+                                                 args.repeats, device) for n in (rows, rows // 2, rows // 4, rows // 8)}}
         if device.type == "cuda":  # where a step's time goes, at all rows and at 1/8
             by_ops[kernels]["step_kernels_by_rows"] = {}
             for n in (rows, rows // 8):
-                count, busy_us, by_name, calls = kernel_times(run.graphs[("step", n, None)].replay)
+                count, busy_us, by_name, calls = kernel_times(run.graphs[plain_step(n)].replay)
                 by_ops[kernels]["step_kernels_by_rows"][n] = {
                     "kernels": count, "busy_us": busy_us,
                     "heaviest_us": {f"{name} ({calls[name]}x)": t for name, t in by_name.most_common(12)}}
@@ -172,8 +185,7 @@ def main():
     t_graph = median_ms(graphed(lambda: no_exit_logits(model, ids, mask, steps), device), args.repeats, device)
     t_forward = median_ms(lambda: model(ids, mask), args.repeats, device)
 
-    run = _run_for(model, B, L)
-    run.load(ids, mask)
+    run = loaded_run(model, ids, mask)
     t_step = by_ops[fastest]["ms_step_gpu_by_rows"][rows]
     t_routing = events_ms(lambda: run.launch(("routing", rows, threshold, args.criterion), lambda: run.route(
         run.rows[:rows], gather_rows(run.y, run.rows[:rows]), threshold, args.criterion)), args.repeats, device)

@@ -143,15 +143,15 @@ def test_cuda_equals_cpu(criterion):
     _assert_same(cpu, {k: v.cpu() if torch.is_tensor(v) else v for k, v in gpu.items()})
 
 
-def _compact_case(B, L, H, Dh, dtype=torch.float32, device="cpu"):
-    """Queries of a random subset of valid tokens (as route_tokens lists them, with -1 padding) over a
-    key / value table of every token, with left and right padding."""
+def _compact_case(B, L, H, Dh, dtype=torch.float32, device="cpu", padding=5):
+    """Queries of a random subset of valid tokens (as route_tokens lists them, with `padding` -1 entries) over
+    a key / value table of every token, with left and right padding."""
     g = torch.Generator().manual_seed(B * L + Dh)
     key_valid = torch.ones(B, L, dtype=torch.bool)
     key_valid[0, L - 3:] = False
     key_valid[-1, :2] = False
     listed = (key_valid.flatten() & (torch.rand(B * L, generator=g) < 0.6)).nonzero().flatten()
-    rows = torch.cat([listed, torch.full((5,), -1)])
+    rows = torch.cat([listed, torch.full((padding,), -1)])
     starts = torch.searchsorted(torch.where(rows >= 0, rows, B * L), torch.arange(B + 1) * L)
     q = torch.randn(rows.numel(), 3 * H * Dh, generator=g)[:, : H * Dh]  # a strided view, as in the model
     kv = torch.randn(B * L, 2 * H * Dh, generator=g)
@@ -175,18 +175,18 @@ def _compact_attention_by_hand(q, kv, rows, key_valid, H):
     return out
 
 
-@pytest.mark.parametrize("B, L, H, Dh", [(3, 37, 2, 16), (2, 70, 4, 32), (1, 9, 1, 64)])
-def test_compact_attention(B, L, H, Dh):
+@pytest.mark.parametrize("B, L, H, Dh, padding", [(3, 37, 2, 16, 5), (2, 70, 4, 32, 5), (1, 9, 1, 64, 70)])
+def test_compact_attention(B, L, H, Dh, padding):
+    """Against float64 by hand, the padding rows zero (also where they outnumber a program row's tiles)."""
     from trm_fast import torch_ops
     kernels = pytest.importorskip("trm_fast.kernels.compact_attention")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    q, kv, rows, starts, key_valid = _compact_case(B, L, H, Dh, device=device)
+    q, kv, rows, starts, key_valid = _compact_case(B, L, H, Dh, device=device, padding=padding)
     expected = _compact_attention_by_hand(q.cpu(), kv.cpu(), rows.cpu(), key_valid.cpu(), H)
     for out in (kernels.compact_attention_triton(q, kv, rows, starts, key_valid, H),
                 torch_ops.compact_attention(q, kv, rows, starts, key_valid, H),
                 torch.ops.trm_fast.compact_attention(q, kv, rows, starts, key_valid, H)):
         torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-4, atol=1e-5)
-    assert bool((out[rows < 0] == 0).all())
     torch.library.opcheck(torch.ops.trm_fast.compact_attention, (q, kv, rows, starts, key_valid, H))
 
 
@@ -216,13 +216,15 @@ def test_compact_index():
 
 @pytest.mark.parametrize("row_multiple", [4, 64])
 def test_compacted_with_padded_row_lists(row_multiple):
-    """Row lists padded with -1 (as the CUDA-graph runs pad them to a captured size) change nothing."""
+    """Row lists padded with -1 (as the CUDA-graph runs pad them to a captured size) change nothing: some
+    tokens exiting, every token exiting at step 2 (its exits then run alone), none exiting."""
     from trm_fast.early_exit import _run_for
     model, ids = _model(), _ids()
-    config = EarlyExit(calibrate_threshold(model, [ids], 0.5), min_steps=1)
-    expected = masked_early_exit(model, ids, config)
     _run_for(model, *ids.shape).row_multiple = row_multiple
-    _assert_same(expected, compacted_early_exit(model, ids, config))
+    for config in (EarlyExit(calibrate_threshold(model, [ids], 0.5)), EarlyExit(0.0, min_steps=2), EarlyExit(1.0)):
+        expected = masked_early_exit(model, ids, config)
+        _assert_same(expected, compacted_early_exit(model, ids, config))
+    assert expected["exit_counts"] == [0, 0, int((ids != 0).sum())]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -156,6 +156,14 @@ def test_gather_and_scatter_rows(device, dtype, width):
     ops._scatter_rows_torch(reference, rows, block)
     assert torch.equal(dst, reference)
     assert ops.gather_rows(src, index[:0]).shape == (0, width)
+    # src as a column block of a wider tensor (read in place, also off 4-byte alignment), or strided columns
+    wide = torch.randn(3, 2 * width + 3, device=device).to(dtype)
+    for block in (wide[:, 1:1 + width], wide[:, width + 2:2 * width + 2], wide[:, ::2][:, :width]):
+        dst.zero_()
+        reference.zero_()
+        ops.scatter_rows(dst, rows, block)
+        ops._scatter_rows_torch(reference, rows, block)
+        assert torch.equal(dst, reference) and torch.equal(dst[7], block[0])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -10,8 +10,9 @@ after each call. `compacted_early_exit` realizes the saving: projections, attent
 the output head run on the active rows only (`route_tokens` lists them, `gather_rows` / `scatter_rows`
 compact the states and write them back), with the keys / values of frozen tokens cached when they exit.
 The two agree (tests, fp32). On CUDA with the Triton kernels (`compact_attention`, one-launch confidence)
-nothing in a step reads back to the host, so each step, routing and exit is a CUDA graph captured per row
-count (padded to GRAPH_ROWS) and replayed; the host reads only the counts after each routed step.
+and the extension's CUDA row ops, nothing in a step reads back to the host, so each step (with its
+routing) and each routed step's exits is a CUDA graph captured per row count (padded to GRAPH_ROWS) and
+replayed; the host reads only the counts after each routed step.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from . import cuda_graphs
 from .data import dataset_batches
 from .dispatch import early_exit_kernels, tinynet_ops
-from .ops import gather_rows, hidden_confidence, route_tokens, scatter_rows
+from .ops import CUDA_FALLBACK, gather_rows, hidden_confidence, route_tokens, scatter_rows
 
 CRITERIA = ("max_prob", "q_head")
 
@@ -133,10 +134,13 @@ def compact_index(mask: torch.Tensor, out: torch.Tensor) -> None:
 
 
 class _Run:
-    """Static buffers of an early-exit forward over [B, L] tokens, and the pieces of a step, written without
-    host syncs where the attention op allows it, so that on CUDA each piece is captured once per row count
-    and replayed (`use_graphs`). A piece takes a number of rows and reads the row list from a buffer:
-    `rows` (active, ascending, -1 padded, from route_tokens) or `exited_rows`."""
+    """Static buffers of an early-exit forward over [B, L] tokens, and its pieces, written without host syncs
+    where the attention op allows it, so that on CUDA each piece is captured once per shape and replayed
+    (`use_graphs`). A step is one piece: on the first step the batch's embedding and row list, then the
+    recursion of the rows listed in `rows`, and their routing, or on the last step their logits. The exits
+    of a routed step (their logits and frozen keys / values) are a piece of their own, launched before the
+    next step: a small graph, whose run hides the launch of the step's large one. The host reads only the
+    counts of a routed step, which size the next one."""
 
     def __init__(self, model, batch: int, length: int, use_graphs: bool):
         self.model, self.net, self.B, self.L = model, model.tiny_net, batch, length
@@ -151,31 +155,14 @@ class _Run:
         self.input_ids = zeros(batch, length, dtype=torch.long)
         self.key_valid, self.active = zeros(batch, length, dtype=torch.bool), zeros(N, dtype=torch.bool)
         self.rows, self.exited_rows = zeros(N, dtype=torch.long), zeros(N, dtype=torch.long)
-        self.counts, self.step = zeros(2, dtype=torch.long), zeros(1, dtype=torch.long)
-        self.logits, self.exit_step = zeros(N, V), zeros(N, 1, dtype=torch.long)
+        self.counts, self.valid = zeros(2, dtype=torch.long), zeros((), dtype=torch.long)
+        self.step = zeros((), dtype=torch.long)
+        self.logits, self.exit_step = zeros(N, V), zeros(N, dtype=torch.long)
         self.ops = tinynet_ops(getattr(self.net, "kernels", "torch"), w.device)
         self.use_graphs = use_graphs
         self.row_multiple = GRAPH_ROWS if use_graphs else 1
         self.graphs: Dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
-
-    def load(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
-        """Start on a batch (embedding, states, row list; a graph piece after the id copies); returns its
-        number of valid tokens."""
-        self.input_ids.copy_(input_ids)
-        self.key_valid.copy_(attention_mask.bool())
-        self.launch(("load",), self._load)
-        return int(self.counts[1])
-
-    def _load(self) -> None:
-        x = self.model._embed(self.input_ids).reshape(self.B * self.L, -1)
-        y, z = self.model._init_states(x)
-        for buffer, value in ((self.x, x), (self.y, y), (self.z, z), (self.active, self.key_valid.flatten())):
-            buffer.copy_(value)
-        compact_index(self.active, self.rows)
-        self.counts[1] = self.active.sum()
-        for buffer in (*self.kv.values(), self.logits, self.exit_step):
-            buffer.zero_()
 
     def size(self, rows: int) -> int:
         """The row count a piece runs at: padded to `row_multiple` (GRAPH_ROWS with graphs, else 1)."""
@@ -190,6 +177,17 @@ class _Run:
             return self.graphs[key].replay()
         self.graphs[key] = cuda_graphs.capture(piece, pool=self.pool)
 
+    def load(self) -> None:
+        """The batch in `input_ids` / `key_valid`: embedding, initial states, every valid token listed."""
+        x = self.model._embed(self.input_ids).reshape(self.B * self.L, -1)
+        y, z = self.model._init_states(x)
+        for buffer, value in ((self.x, x), (self.y, y), (self.z, z), (self.active, self.key_valid.flatten())):
+            buffer.copy_(value)
+        compact_index(self.active, self.rows)
+        self.valid.copy_(self.active.sum())
+        for buffer in (*self.kv.values(), self.logits, self.exit_step):
+            buffer.zero_()
+
     def _project(self, kind, x, y, z):
         proj = self.net.xyz_proj if kind == "xyz" else self.net.yz_proj
         return self.ops.concat_linear((x, y, z) if kind == "xyz" else (y, z), proj.weight, proj.bias)
@@ -200,7 +198,7 @@ class _Run:
 
     def _store_kv(self, kind, rows, qkv):
         """Write the keys / values of `qkv` [rows, 3D] into the call kind's table at the listed rows."""
-        scatter_rows(self.kv[kind], rows, qkv[:, qkv.size(1) // 3:].contiguous())
+        scatter_rows(self.kv[kind], rows, qkv[:, qkv.size(1) // 3:])
 
     def _call(self, kind, rows, starts, x, y, z):
         """One TinyNet call on the listed rows: projection, attention of their queries over all keys (theirs
@@ -216,9 +214,13 @@ class _Run:
         f = ops.feed_forward(h, block.ffn[0].weight, block.ffn[0].bias, block.ffn[2].weight, block.ffn[2].bias)
         return ops.add_layer_norm(h, f, block.ln2.weight, block.ln2.bias, block.ln2.eps, 0.0)
 
-    def recurse(self, size: int, routing: Optional[Tuple[float, str]] = None) -> None:
-        """One supervision step of the rows listed in `rows[:size]`, their y / z written back, then, given
-        `routing` = (threshold, criterion), their routing."""
+    def recurse(self, size: int, first: bool = False, routing: Optional[Tuple[float, str]] = None,
+                last: bool = False) -> None:
+        """One supervision step (the number in `step`) as one piece: `first`: load the batch; then the rows
+        listed in `rows[:size]` recurse and, given `routing` = (threshold, criterion), are routed, or, `last`,
+        all exit with this step's logits."""
+        if first:
+            self.load()
         rows = self.rows[:size]
         starts = torch.searchsorted(torch.where(rows >= 0, rows, self.B * self.L),
                                     torch.arange(self.B + 1, device=rows.device) * self.L)
@@ -227,6 +229,10 @@ class _Run:
             for _ in range(self.model.config.latent_steps):
                 z = self._call("xyz", rows, starts, x, y, z)
                 y = self._call("yz", rows, starts, x, y, z)
+        if last:
+            scatter_rows(self.logits, rows, self.model._output_logits(y))
+            self.exit_step.copy_(torch.where(self.active, self.step, self.exit_step))
+            return
         scatter_rows(self.y, rows, y)
         scatter_rows(self.z, rows, z)
         if routing is not None:
@@ -234,7 +240,7 @@ class _Run:
 
     def route(self, rows: torch.Tensor, y: torch.Tensor, threshold: float, criterion: str) -> None:
         """The routing of the listed rows by the confidence of their y: exited tokens listed in
-        `exited_rows`, the rest in `rows`, `counts` = [exited, still active]."""
+        `exited_rows` and marked with this step, the rest listed in `rows`, `counts` = [exited, still active]."""
         confidence = torch.zeros(self.B * self.L + 1, device=y.device)
         confidence.index_copy_(0, torch.where(rows >= 0, rows, self.B * self.L), _confidence(self.model, y, criterion))
         exited, index, counts = route_tokens(confidence[:-1], self.active, threshold)
@@ -242,15 +248,15 @@ class _Run:
         self.rows.copy_(index)
         self.counts.copy_(counts)
         self.active.logical_and_(~exited)
+        self.exit_step.copy_(torch.where(exited, self.step, self.exit_step))
 
-    def finish(self, size: int, freeze: bool) -> None:
-        """The tokens listed in `exited_rows[:size]` exit at `step`: their logits, and (`freeze`) the keys /
+    def finish(self, size: int) -> None:
+        """The tokens listed in `exited_rows[:size]` exit: their logits (from their frozen y), and the keys /
         values of both call kinds that they show from now on."""
         rows = self.exited_rows[:size]
         x, y, z = (gather_rows(t, rows) for t in (self.x, self.y, self.z))
         scatter_rows(self.logits, rows, self.model._output_logits(y))
-        scatter_rows(self.exit_step, rows, self.step.expand(size, 1).contiguous())
-        for kind in self.kv if freeze else ():
+        for kind in self.kv:
             self._store_kv(kind, rows, self._qkv(self._project(kind, x, y, z)))
 
 
@@ -265,7 +271,8 @@ def reset_runs(model) -> None:
 def _run_for(model, batch: int, length: int) -> _Run:
     """The model's buffers (and captured graphs) for [batch, length] inputs, kept between calls."""
     w = model.token_embed.weight
-    use_graphs = w.is_cuda and not early_exit_kernels().syncs(w.device, model.config.d_model // model.config.n_heads)
+    use_graphs = (w.is_cuda and not early_exit_kernels().syncs(w.device, model.config.d_model // model.config.n_heads)
+                  and not {"gather_rows", "scatter_rows", "route_tokens"} & CUDA_FALLBACK)  # (fallbacks read back)
     runs = model.__dict__.setdefault(_RUNS_ATTRIBUTE, {})
     key = (batch, length, w.device, w.dtype, getattr(model.tiny_net, "kernels", None),
            tuple(p.data_ptr() for p in model.parameters()))
@@ -279,38 +286,47 @@ def _run_for(model, batch: int, length: int) -> _Run:
 def compacted_early_exit(model, input_ids: torch.Tensor, config: EarlyExit, attention_mask: Optional[torch.Tensor] = None,
                          supervision_steps: Optional[int] = None) -> Dict:
     """The same results as `masked_early_exit`, computing only the active tokens' rows. On CUDA with the
-    Triton attention op, each step and each exit is a CUDA graph replay (captured per row count, padded to
-    GRAPH_ROWS), with one host read per routed step (the counts)."""
+    Triton attention op, each step (the first with the batch's load) and the exits of each routed step are
+    CUDA graph replays, captured per row count (padded to GRAPH_ROWS), with one host read per routed step
+    (the counts). Steps before the first routed one run every position of the batch (padding as empty rows)."""
     attention_mask = _check(input_ids, attention_mask, config, model)
     steps = supervision_steps or model.config.supervision_steps
     was_training = model.training
-    model.eval()
+    if was_training:  # (eval() walks every module: host time on each call otherwise)
+        model.eval()
     B, L = input_ids.shape
     run = _run_for(model, B, L)
-    active = valid_tokens = run.load(input_ids, attention_mask)
+    run.input_ids.copy_(input_ids)
+    run.key_valid.copy_(attention_mask.bool())
+    size, entering = B * L, None  # entering: the tokens active at a step (None: every valid one)
     active_per_step, exit_counts = [], []
     for step in range(1, steps + 1):
-        active_per_step.append(active)
-        exited = 0
-        if active:
-            run.step.fill_(step)
-            size = run.size(active)
-            routing = (float(config.threshold), config.criterion) if config.min_steps <= step < steps else None
-            run.launch(("step", size, routing), lambda: run.recurse(size, routing))
-            if step == steps:
-                run.exited_rows.copy_(run.rows)
-                run.launch(("exit", size, False), lambda: run.finish(size, freeze=False))
-                exited = active
-            elif routing is not None:
-                exited, active = run.counts.tolist()
-                if exited:
-                    exited_size = run.size(exited)
-                    run.launch(("exit", exited_size, True), lambda: run.finish(exited_size, freeze=True))
-        exit_counts.append(exited)
-    model.train(was_training)
+        if entering == 0:
+            active_per_step.append(0)
+            exit_counts.append(0)
+            continue
+        routing = (float(config.threshold), config.criterion) if config.min_steps <= step < steps else None
+        last = step == steps
+        run.step.fill_(step)
+        run.launch(("step", size, step == 1, routing, last), lambda: run.recurse(size, step == 1, routing, last))
+        active_per_step.append(entering)
+        if routing is not None:
+            exited, entering = run.counts.tolist()
+            exit_counts.append(exited)
+            size = run.size(entering)
+            if exited:
+                exited_size = run.size(exited)
+                run.launch(("exit", exited_size), lambda: run.finish(exited_size))
+        else:
+            exit_counts.append(entering if last else 0)
+    valid = int(run.valid)
+    active_per_step = [valid if n is None else n for n in active_per_step]
+    exit_counts = [valid if n is None else n for n in exit_counts]
+    if was_training:
+        model.train()
     return {"logits": run.logits.view(B, L, -1).clone(), "exit_step": run.exit_step.view(B, L).clone(),
-            "exit_counts": exit_counts, "shallow_ratio": sum(exit_counts[:-1]) / max(valid_tokens, 1),
-            "compute_cost": sum(active_per_step) / max(steps * valid_tokens, 1)}
+            "exit_counts": exit_counts, "shallow_ratio": sum(exit_counts[:-1]) / max(valid, 1),
+            "compute_cost": sum(active_per_step) / max(steps * valid, 1)}
 
 
 def calibrate_threshold(model, batches, hard_ratio: float, criterion: str = "max_prob", exit_step: int = 1) -> float:

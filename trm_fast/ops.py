@@ -146,7 +146,8 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def scatter_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
-    """In place: dst[index[i]] = src[i] where index[i] >= 0. The write-back of compacted rows."""
+    """In place: dst[index[i]] = src[i] where index[i] >= 0. The write-back of compacted rows; src may be a
+    column block of a wider tensor (unit column stride: read in place, no copy)."""
     _check_rows("scatter_rows", dst, index)
     if not isinstance(src, torch.Tensor) or src.shape != (index.numel(), dst.size(1)) or src.dtype != dst.dtype \
             or src.device != dst.device:
