@@ -13,8 +13,11 @@ import trm_fast
 from trm_fast import reference
 from bench_cases import CASES, CUDA, DTYPE
 
-# trm_fast-triton: kernels="triton" (issue 3); -nologits: also keep_logits=False (loss without [B, L, V] logits)
-IMPLS = ("eager", "compiled", "trm_fast", "trm_fast-triton", "trm_fast-triton-nologits")
+# compiled-graphs: torch.compile(mode="reduce-overhead"), which replays CUDA graphs; trm_fast-triton: kernels="triton"
+# (issue 3); -nologits: also keep_logits=False (loss without [B, L, V] logits); -graph: the forward replayed as
+# one CUDA graph (trm_fast.GraphedForward; forward only)
+IMPLS = ("eager", "compiled", "compiled-graphs", "trm_fast", "trm_fast-triton", "trm_fast-triton-nologits",
+         "trm_fast-triton-graph")
 CALL_KWARGS = {"trm_fast-triton-nologits": dict(keep_logits=False)}
 MODES = ("forward", "train_step")
 
@@ -29,7 +32,14 @@ def build(impl: str, case: dict):
         model = reference.TRMModel(reference.TRMConfig(**config))
     device = "cuda" if CUDA else "cpu"
     model = model.to(device)
-    runner = torch.compile(model) if impl == "compiled" else model
+    if impl == "compiled":
+        runner = torch.compile(model)
+    elif impl == "compiled-graphs":
+        runner = torch.compile(model, mode="reduce-overhead")
+    elif impl.endswith("-graph"):
+        runner = trm_fast.GraphedForward(model)
+    else:
+        runner = model
     g = torch.Generator(device=device).manual_seed(1)
     ids = torch.randint(1, case["vocab_size"], (case["batch"], case["length"]), device=device, generator=g)
     targets = torch.randint(1, case["vocab_size"], (case["batch"], case["length"]), device=device, generator=g)
@@ -49,6 +59,8 @@ def sync():
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_model(benchmark, case, impl, mode):
+    if impl.endswith("-graph") and mode != "forward":
+        pytest.skip("GraphedForward is inference only")
     spec = CASES[case]
     model, runner, ids, targets = build(impl, spec)
     if mode == "forward":
@@ -83,5 +95,6 @@ def test_model(benchmark, case, impl, mode):
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if CUDA else "cpu", dtype=str(DTYPE or torch.float32),
         tokens=tokens, kernels={"trm_fast": trm_fast.kernel_status()["ops"]["tinynet.causal_attention"],
-                 "trm_fast-triton": "triton", "trm_fast-triton-nologits": "triton"}.get(impl, "reference"),
+                 "trm_fast-triton": "triton", "trm_fast-triton-nologits": "triton",
+                 "trm_fast-triton-graph": "triton"}.get(impl, "reference"),
         peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9 if CUDA else None)

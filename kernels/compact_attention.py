@@ -23,9 +23,10 @@ from trm_fast.kernels.matmul import INTERPRET, dot_config
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by the share of listed rows, in quarters (1: up to a quarter of the
-# batch's tokens, ..., 4: more than three quarters). Fixed, not autotuned: Triton's autotuner times a kernel
-# call by call, and for this ~25 us kernel the host launch dominates those timings, so its picks were noise
-# (a step's 8 calls took 193 us in session 10, 205 and 335 us in two processes of session 11, per tile luck).
+# batch's tokens, ..., 4: more than three quarters). Fixed, not autotuned: Triton's autotuner times each
+# tile alone with the L2 cache flushed before every call, unlike a step, where the keys / values were just
+# written and sit in L2; its picks changed from process to process (a step's 8 calls took 193 us in session
+# 10, 205 and 335 us in two processes of session 11).
 # Measured inside step graphs on the H100 (B16 L512 H8 Dh64, benchmarks/NOTES.md): (128, 64, 4, 3) 335 us at all
 # rows, (128, 32, 4, 3) 340; at half the rows (64, 64, 4, 3) 220-238, (16, 64, 4, 3) 420-460. (128, 64, 8, 3),
 # the remaining tile of session 10's autotuning set, is the likely source of its 193 us; it is not yet timed

@@ -132,15 +132,7 @@ class TRMModel(reference.TRMModel):
         compute_cost, and ce_loss when target_ids are given. `keep_logits=False` (with target_ids) computes
         each step's loss with `linear_cross_entropy`, never holding [B, L, vocab] logits: the losses and
         q_hats as usual, "logits" None and "all_logits" empty."""
-        device = self.token_embed.weight.device
-        _check_ids("input_ids", input_ids, self.config.vocab_size, device)
-        for name, other in (("attention_mask", attention_mask), ("target_ids", target_ids)):
-            if other is not None and (not isinstance(other, torch.Tensor) or other.shape != input_ids.shape):
-                shape = tuple(other.shape) if isinstance(other, torch.Tensor) else type(other).__name__
-                raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}")
-        if target_ids is not None:
-            _check_ids("target_ids", target_ids, self.config.vocab_size, device)
-        _check_positive_int("supervision_steps", supervision_steps, allow_none=True)
+        self._check_inputs(input_ids, attention_mask, target_ids, supervision_steps)
         if early_exit is not None:
             result = compacted_early_exit(self, input_ids, early_exit, attention_mask, supervision_steps)
             if target_ids is not None:
@@ -158,6 +150,18 @@ class TRMModel(reference.TRMModel):
                 return self._forward_without_logits(input_ids, attention_mask, target_ids, supervision_steps)
         with self.tiny_net.memoized():
             return super().forward(input_ids, attention_mask, target_ids, supervision_steps, return_diagnostics)
+
+    def _check_inputs(self, input_ids, attention_mask, target_ids, supervision_steps) -> None:
+        """The forward's arguments: ids in range on the model's device, mask and targets of their shape."""
+        device = self.token_embed.weight.device
+        _check_ids("input_ids", input_ids, self.config.vocab_size, device)
+        for name, other in (("attention_mask", attention_mask), ("target_ids", target_ids)):
+            if other is not None and (not isinstance(other, torch.Tensor) or other.shape != input_ids.shape):
+                shape = tuple(other.shape) if isinstance(other, torch.Tensor) else type(other).__name__
+                raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}")
+        if target_ids is not None:
+            _check_ids("target_ids", target_ids, self.config.vocab_size, device)
+        _check_positive_int("supervision_steps", supervision_steps, allow_none=True)
 
     def _forward_without_logits(self, input_ids, attention_mask, target_ids, supervision_steps) -> Dict[str, Any]:
         """The seed's training forward with the output head and cross-entropy fused per step."""

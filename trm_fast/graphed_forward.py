@@ -1,0 +1,88 @@
+"""`GraphedForward`: a model's forward without gradients, replayed as one CUDA graph per input shape.
+
+Inference (and evaluation) of a fixed batch shape calls the same few hundred kernels every time; captured
+once, the whole recursion (every TinyNet call, the output heads, the losses) is one launch, so the host no
+longer paces the GPU. The graph reads the model's weights in place (updates to them are seen) and is
+captured under the autocast state of its first call; the model must stay in eval mode (dropout would be
+frozen into the graph). Off CUDA it calls the model under `torch.no_grad()`.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+
+from . import cuda_graphs
+
+
+class GraphedForward:
+    """`graphed(input_ids, attention_mask=None, target_ids=None, supervision_steps=None, keep_logits=True)`
+    returns what `model(...)` returns under `torch.no_grad()`. One graph per shape and argument set, captured
+    on its first call (a warm-up run, then the capture). Outputs are copied out of the graph's buffers, or,
+    with `clone_outputs=False`, are those buffers: valid until the next call of the same shape."""
+
+    def __init__(self, model: torch.nn.Module, clone_outputs: bool = True):
+        self.model, self.clone_outputs = model, clone_outputs
+        self.graphs: Dict[tuple, tuple] = {}  # key -> (graph, static inputs, static outputs)
+        self.pool = None
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 target_ids: Optional[torch.Tensor] = None, supervision_steps: Optional[int] = None,
+                 keep_logits: bool = True) -> Dict[str, Any]:
+        model = self.model
+        if model.training:
+            raise ValueError("GraphedForward needs the model in eval mode (dropout would be frozen into the graph)")
+        device = model.token_embed.weight.device
+        if not _graphs_on(device):
+            with torch.no_grad():
+                return model(input_ids, attention_mask, target_ids, supervision_steps, keep_logits=keep_logits)
+        model._check_inputs(input_ids, attention_mask, target_ids, supervision_steps)
+        if not keep_logits and target_ids is None:
+            raise ValueError("keep_logits=False needs target_ids")
+        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        inputs = (input_ids, attention_mask, target_ids)
+        key = (tuple((t.shape, t.dtype) if t is not None else None for t in inputs), supervision_steps, keep_logits,
+               autocast)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(inputs, supervision_steps, keep_logits, autocast)
+        graph, static_inputs, outputs = self.graphs[key]
+        for static, given in zip(static_inputs, inputs):
+            if given is not None:
+                static.copy_(given)
+        graph.replay()
+        return _cloned(outputs) if self.clone_outputs else outputs
+
+    def _capture(self, inputs, supervision_steps, keep_logits, autocast) -> tuple:
+        """(graph, static input buffers, static outputs) for inputs like `inputs`."""
+        model = self.model
+        device = model.token_embed.weight.device
+        static_inputs = tuple(t.to(device, copy=True) if t is not None else None for t in inputs)
+        ids, mask, targets = static_inputs
+        outputs: Dict[str, Any] = {}
+
+        def forward():
+            with torch.no_grad(), torch.autocast("cuda", dtype=autocast or torch.float32, enabled=autocast is not None,
+                                                 cache_enabled=False):  # (autocast's cast cache breaks capture)
+                attention_mask = mask if mask is not None else (ids != model.config.pad_token_id).long()
+                with model.tiny_net.memoized():
+                    if keep_logits:
+                        result = model._forward(ids, attention_mask, targets, supervision_steps)
+                    else:
+                        result = model._forward_without_logits(ids, attention_mask, targets, supervision_steps)
+            outputs.clear()
+            outputs.update(result)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        return cuda_graphs.capture(forward, pool=self.pool), static_inputs, outputs
+
+
+def _graphs_on(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _cloned(outputs: Dict[str, Any]) -> Dict[str, Any]:
+    """A copy of the forward's outputs (tensors and lists of tensors), "logits" kept as all_logits[-1]."""
+    out = {k: [t.clone() for t in v] if isinstance(v, list) else v.clone() if torch.is_tensor(v) else v
+           for k, v in outputs.items() if k != "logits"}
+    out["logits"] = out["all_logits"][-1] if out.get("all_logits") else None
+    return out
