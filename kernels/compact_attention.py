@@ -7,9 +7,8 @@ each sequence's queries begin in rows), key_valid [B, L]. A program takes up to 
 one sequence and one head; its keys run from 0 to the last query's position, the tiles at or after the first
 query's tile with the causal test (the flash forward's `_attend`). The grid is fixed by B and L and nothing is
 read back by the host, so the op runs inside a CUDA graph. Tiles are fixed per share of listed rows
-(TILES_BY_QUARTERS). One more program per head writes
-the zeros of the padding rows (no separate fill). Triton on CUDA for the head dims of the attention
-kernels; the torch path elsewhere.
+(TILES_BY_QUARTERS). One more program per head writes the zeros of the padding rows (no separate fill).
+Triton on CUDA for the head dims of the attention kernels; the torch path elsewhere.
 """
 import math
 

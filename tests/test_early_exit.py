@@ -217,7 +217,7 @@ def test_compact_index():
 @pytest.mark.parametrize("row_multiple", [4, 64])
 def test_compacted_with_padded_row_lists(row_multiple):
     """Row lists padded with -1 (as the CUDA-graph runs pad them to a captured size) change nothing: some
-    tokens exiting, every token exiting at step 2 (its exits then run alone), none exiting."""
+    tokens exiting, every token exiting at step 2 (no step runs after it), none exiting."""
     from trm_fast.early_exit import _run_for
     model, ids = _model(), _ids()
     _run_for(model, *ids.shape).row_multiple = row_multiple

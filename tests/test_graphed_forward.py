@@ -72,12 +72,17 @@ def test_capture_and_replay_logic(monkeypatch):
         assert torch.equal(first["logits"], model(ids)["logits"])
     with pytest.raises(ValueError, match="outside"):
         graphed(ids + 100)
+    model.double()  # reallocated weights: captured again
+    graphed(ids.clone())
+    assert len(graphed.graphs) == 1
 
 
-def test_needs_eval_mode():
+def test_needs_eval_mode_and_the_drop_in():
     model = _model().train()
     with pytest.raises(ValueError, match="eval mode"):
         GraphedForward(model)(_batch(0)[0])
+    with pytest.raises(TypeError, match="trm_fast.TRMModel"):
+        GraphedForward(trm_fast.reference.TRMModel(model.config))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -2,9 +2,10 @@
 
 Inference (and evaluation) of a fixed batch shape calls the same few hundred kernels every time; captured
 once, the whole recursion (every TinyNet call, the output heads, the losses) is one launch, so the host no
-longer paces the GPU. The graph reads the model's weights in place (updates to them are seen) and is
-captured under the autocast state of its first call; the model must stay in eval mode (dropout would be
-frozen into the graph). Off CUDA it calls the model under `torch.no_grad()`.
+longer paces the GPU. The graph reads the model's weights in place (in-place updates are seen; weights moved
+or reallocated, e.g. by `model.to`, are noticed and the graphs captured again) and is captured under the
+autocast state of its first call; the model must stay in eval mode (dropout would be frozen into the
+graph). Off CUDA it calls the model under `torch.no_grad()`.
 """
 from __future__ import annotations
 
@@ -13,18 +14,22 @@ from typing import Any, Dict, Optional
 import torch
 
 from . import cuda_graphs
+from .model import TRMModel
 
 
 class GraphedForward:
     """`graphed(input_ids, attention_mask=None, target_ids=None, supervision_steps=None, keep_logits=True)`
     returns what `model(...)` returns under `torch.no_grad()`. One graph per shape and argument set, captured
-    on its first call (a warm-up run, then the capture). Outputs are copied out of the graph's buffers, or,
+    on its first call (a warm-up run, then the capture). Each call checks its arguments as the model does
+    (the ids' range: one read-back before the replay). Outputs are copied out of the graph's buffers, or,
     with `clone_outputs=False`, are those buffers: valid until the next call of the same shape."""
 
-    def __init__(self, model: torch.nn.Module, clone_outputs: bool = True):
+    def __init__(self, model: TRMModel, clone_outputs: bool = True):
+        if not isinstance(model, TRMModel):
+            raise TypeError(f"GraphedForward takes a trm_fast.TRMModel, got {type(model).__name__}")
         self.model, self.clone_outputs = model, clone_outputs
         self.graphs: Dict[tuple, tuple] = {}  # key -> (graph, static inputs, static outputs)
-        self.pool = None
+        self.pool, self.weights = None, None
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  target_ids: Optional[torch.Tensor] = None, supervision_steps: Optional[int] = None,
@@ -39,6 +44,9 @@ class GraphedForward:
         model._check_inputs(input_ids, attention_mask, target_ids, supervision_steps)
         if not keep_logits and target_ids is None:
             raise ValueError("keep_logits=False needs target_ids")
+        weights = tuple(p.data_ptr() for p in model.parameters())
+        if weights != self.weights:  # first call, or weights moved: graphs would read stale memory
+            self.graphs, self.pool, self.weights = {}, None, weights
         autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         inputs = (input_ids, attention_mask, target_ids)
         key = (tuple((t.shape, t.dtype) if t is not None else None for t in inputs), supervision_steps, keep_logits,
