@@ -16,8 +16,6 @@ minimum steps; and whether the CPU gives the CUDA results (ops bit for bit; the 
 """
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
@@ -29,38 +27,7 @@ from trm_fast.early_exit import (EarlyExit, _run_for, calibrate_threshold, compa
 from trm_fast.ops import gather_rows, route_tokens, scatter_rows
 from trm_fast.training import evaluate
 
-from profiling import kernel_times
-
-
-def median_ms(fn, repeats: int, device: torch.device) -> float:
-    """Median wall time of `fn` in ms (synchronized on CUDA), after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
-
-
-def events_ms(fn, repeats: int, device: torch.device) -> float:
-    """GPU time per call of `fn` (a graph replay) over `repeats` back-to-back calls, after a warm-up call
-    (on the CPU: median_ms)."""
-    if device.type != "cuda":
-        return median_ms(fn, repeats, device)
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
+from profiling import events_ms, kernel_times, median_ms
 
 
 @torch.no_grad()
@@ -71,8 +38,7 @@ def no_exit_logits(model, ids, mask, steps):
 def loaded_run(model, ids, mask):
     """The model's early-exit run for this batch shape, loaded with the batch (every valid token listed)."""
     run = _run_for(model, *ids.shape)
-    run.input_ids.copy_(ids)
-    run.key_valid.copy_(mask.bool())
+    run.take(ids, mask)
     run.load()
     return run
 

@@ -1,4 +1,5 @@
-"""CUDA-graph capture after a warm-up, the pattern every graph of the package follows."""
+"""CUDA-graph capture after a warm-up, the pattern every graph of the package follows, and the key that
+tells when graphs over a model's weights went stale."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -20,3 +21,9 @@ def capture(fn: Callable[[], object], warmups: int = 1, pool: Optional[tuple] = 
     with torch.cuda.graph(graph, pool=pool):
         fn()
     return graph
+
+
+def weights_key(model: torch.nn.Module) -> tuple:
+    """The addresses of `model`'s parameters: graphs that read them stay valid while this is unchanged (a
+    move or reallocation, e.g. `model.to`, changes it; in-place updates do not)."""
+    return tuple(p.data_ptr() for p in model.parameters())

@@ -177,6 +177,11 @@ class _Run:
             return self.graphs[key].replay()
         self.graphs[key] = cuda_graphs.capture(piece, pool=self.pool)
 
+    def take(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Copy a batch into `input_ids` / `key_valid`, where the pieces read it."""
+        self.input_ids.copy_(input_ids)
+        self.key_valid.copy_(attention_mask.bool())
+
     def load(self) -> None:
         """The batch in `input_ids` / `key_valid`: embedding, initial states, every valid token listed."""
         x = self.model._embed(self.input_ids).reshape(self.B * self.L, -1)
@@ -271,13 +276,13 @@ def reset_runs(model) -> None:
 def _run_for(model, batch: int, length: int) -> _Run:
     """The model's buffers (and captured graphs) for [batch, length] inputs, kept between calls."""
     w = model.token_embed.weight
-    use_graphs = (w.is_cuda and not early_exit_kernels().syncs(w.device, model.config.d_model // model.config.n_heads)
-                  and not {"gather_rows", "scatter_rows", "route_tokens"} & CUDA_FALLBACK)  # (fallbacks read back)
     runs = model.__dict__.setdefault(_RUNS_ATTRIBUTE, {})
-    key = (batch, length, w.device, w.dtype, getattr(model.tiny_net, "kernels", None),
-           tuple(p.data_ptr() for p in model.parameters()))
+    key = (batch, length, w.device, w.dtype, getattr(model.tiny_net, "kernels", None), cuda_graphs.weights_key(model))
     if key not in runs:
         runs.clear()  # other shapes or reallocated weights: their graphs would point at stale memory
+        head_dim = model.config.d_model // model.config.n_heads
+        use_graphs = (w.is_cuda and not early_exit_kernels().syncs(w.device, head_dim)
+                      and not {"gather_rows", "scatter_rows", "route_tokens"} & CUDA_FALLBACK)  # (fallbacks read back)
         runs[key] = _Run(model, batch, length, use_graphs)
     return runs[key]
 
@@ -296,8 +301,7 @@ def compacted_early_exit(model, input_ids: torch.Tensor, config: EarlyExit, atte
         model.eval()
     B, L = input_ids.shape
     run = _run_for(model, B, L)
-    run.input_ids.copy_(input_ids)
-    run.key_valid.copy_(attention_mask.bool())
+    run.take(input_ids, attention_mask)
     size, entering = B * L, None  # entering: the tokens active at a step (None: every valid one)
     active_per_step, exit_counts = [], []
     for step in range(1, steps + 1):

@@ -44,7 +44,7 @@ class GraphedForward:
         model._check_inputs(input_ids, attention_mask, target_ids, supervision_steps)
         if not keep_logits and target_ids is None:
             raise ValueError("keep_logits=False needs target_ids")
-        weights = tuple(p.data_ptr() for p in model.parameters())
+        weights = cuda_graphs.weights_key(model)
         if weights != self.weights:  # first call, or weights moved: graphs would read stale memory
             self.graphs, self.pool, self.weights = {}, None, weights
         autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
