@@ -15,10 +15,10 @@ import time
 import torch
 
 import trm_fast
-from trm_fast import cuda_graphs, decoding, torch_ops
+from trm_fast import decoding, torch_ops
 from trm_fast.kernels import decode_linear, pdl
 
-from profiling import kernel_times
+from profiling import graph_us, kernel_times
 
 
 def host_phases(model, prompts):
@@ -86,19 +86,6 @@ def measure(model, prompts, label):
             print(f"    {t:8.1f} us  {name}")
     model.reset_state()
     return rows
-
-
-def graph_us(fn, calls=50):
-    """Microseconds per call of `fn` replayed from a CUDA graph of `calls` calls."""
-    graph = cuda_graphs.capture(lambda: [fn() for _ in range(calls)])
-    graph.replay()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(10):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return begin.elapsed_time(end) * 1e3 / (10 * calls)
 
 
 def kernel_table():

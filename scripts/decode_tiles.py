@@ -14,9 +14,10 @@ import json
 
 import torch
 
-from decode_profile import graph_us
 from trm_fast import torch_ops
 from trm_fast.kernels import add_layer_norm, decode_attention, decode_feed_forward, decode_linear
+
+from profiling import graph_us
 
 SHAPES = {"xyz_proj": (512, 1536), "yz_proj": (512, 1024), "qkv": (1536, 512), "out_proj": (512, 512),
           "ffn1+gelu": (2048, 512), "ffn2": (512, 2048), "head": (16000, 512)}

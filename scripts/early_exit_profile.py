@@ -16,7 +16,7 @@ from trm_fast.checkpoint import load_checkpoint
 from trm_fast.data import ByteTokenizer, TokenDataset, dataset_batches, read_texts
 from trm_fast.early_exit import EarlyExit, _run_for, calibrate_threshold, compacted_early_exit
 
-from profiling import kernel_times
+from profiling import graph_us, kernel_times
 
 
 def timed_pieces(model, ids, mask, config):
@@ -52,7 +52,6 @@ def sweep_attention_tiles(B, L, H, Dh, repeats=20):
     """Time every candidate tile of the compact attention at each share of listed rows as a step runs it: a
     CUDA graph of `repeats` calls (host launches would dominate a ~25 us kernel timed call by call; they did
     in session 11's first sweep), keep the fastest in TILES_BY_QUARTERS; returns the times (us) by share."""
-    from trm_fast import cuda_graphs
     from trm_fast.kernels import compact_attention as kernel
     generator = torch.Generator(device="cuda").manual_seed(0)
     kv = torch.randn(B * L, 2 * H * Dh, device="cuda", dtype=torch.bfloat16, generator=generator)
@@ -66,15 +65,8 @@ def sweep_attention_tiles(B, L, H, Dh, repeats=20):
         times[quarters] = {}
         for tiles in kernel.CANDIDATE_TILES:
             kernel.TILES_BY_QUARTERS[quarters] = tiles
-            graph = cuda_graphs.capture(lambda: [kernel.compact_attention_triton(q, kv, rows, starts, key_valid, H)
-                                                 for _ in range(repeats)])
-            graph.replay()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times[quarters][str(tiles)] = round(1e3 * start.elapsed_time(end) / repeats, 2)
+            times[quarters][str(tiles)] = round(graph_us(
+                lambda: kernel.compact_attention_triton(q, kv, rows, starts, key_valid, H), repeats), 2)
         best = min(kernel.CANDIDATE_TILES, key=lambda t: times[quarters][str(t)])
         kernel.TILES_BY_QUARTERS[quarters] = best
         print(f"compact attention, {quarters}/4 of rows: fastest {best}; us by tiles {times[quarters]}", flush=True)

@@ -1,8 +1,13 @@
-"""The GPU kernels of one call, for the profiling scripts (importable as `profiling` from scripts/)."""
+"""Timings and the GPU kernels of one call, for the profiling scripts (importable as `profiling` from
+scripts/)."""
+import statistics
+import time
 from collections import Counter
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from trm_fast import cuda_graphs
 
 
 def kernel_times(fn, name_width: int = 70):
@@ -17,3 +22,41 @@ def kernel_times(fn, name_width: int = 70):
         by_name[e.name[:name_width]] += e.device_time
         calls[e.name[:name_width]] += 1
     return len(kernels), sum(e.device_time for e in kernels), by_name, calls
+
+
+def median_ms(fn, repeats: int, device: torch.device) -> float:
+    """Median wall time of `fn` in ms (synchronized on CUDA), after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def events_ms(fn, repeats: int, device: torch.device) -> float:
+    """GPU time per call of `fn` (a graph replay) over `repeats` back-to-back calls, after a warm-up call
+    (on the CPU: median_ms)."""
+    if device.type != "cuda":
+        return median_ms(fn, repeats, device)
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def graph_us(fn, calls: int = 50) -> float:
+    """Microseconds per call of `fn` replayed from a CUDA graph of `calls` calls (launch cost on the host out
+    of the timing)."""
+    graph = cuda_graphs.capture(lambda: [fn() for _ in range(calls)])
+    return 1e3 * events_ms(graph.replay, 10, torch.device("cuda")) / calls
