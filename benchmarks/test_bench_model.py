@@ -16,8 +16,8 @@ from bench_cases import CASES, CUDA, DTYPE
 # compiled-graphs: torch.compile(mode="reduce-overhead"), which replays CUDA graphs; trm_fast-triton: kernels="triton"
 # (issue 3); -nologits: also keep_logits=False (loss without [B, L, V] logits); -graph: the forward replayed as
 # one CUDA graph (trm_fast.GraphedForward; forward only)
-IMPLS = ("eager", "compiled", "compiled-graphs", "trm_fast", "trm_fast-triton", "trm_fast-triton-nologits",
-         "trm_fast-triton-graph")
+IMPLS = ("eager", "compiled", "compiled-graphs", "trm_fast", "trm_fast-graph", "trm_fast-triton",
+         "trm_fast-triton-nologits", "trm_fast-triton-graph")
 CALL_KWARGS = {"trm_fast-triton-nologits": dict(keep_logits=False)}
 MODES = ("forward", "train_step")
 
@@ -94,7 +94,6 @@ def test_model(benchmark, case, impl, mode):
     tokens = spec["batch"] * spec["length"]
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if CUDA else "cpu", dtype=str(DTYPE or torch.float32),
-        tokens=tokens, kernels={"trm_fast": trm_fast.kernel_status()["ops"]["tinynet.causal_attention"],
-                 "trm_fast-triton": "triton", "trm_fast-triton-nologits": "triton",
-                 "trm_fast-triton-graph": "triton"}.get(impl, "reference"),
+        tokens=tokens, kernels=("triton" if "triton" in impl else "reference" if not impl.startswith("trm_fast")
+                                else trm_fast.kernel_status()["ops"]["tinynet.causal_attention"]),
         peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9 if CUDA else None)

@@ -8,6 +8,7 @@
 #include <torch/all.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 #include <tuple>
 #include <limits>
@@ -86,6 +87,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_tokens_cpu(const at::Tensor
   }
   at::Tensor counts = at::tensor({n_exited, n_active}, act.options().dtype(at::kLong));
   return {exited, index, counts};
+}
+
+void check_route_rows_inputs(const at::Tensor& confidence, const at::Tensor& rows, const at::Tensor& exited_rows,
+                             const at::Tensor& exit_step, const at::Tensor& counts, const at::Tensor& step,
+                             double threshold) {
+  const int64_t m = rows.numel();
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous(),
+              "route_rows: rows must be a contiguous 1-D int64 tensor, got ", rows.scalar_type(), " ", rows.sizes());
+  TORCH_CHECK(confidence.dim() == 1 && confidence.size(0) == m && confidence.scalar_type() == at::kFloat,
+              "route_rows: confidence must be float32 [", m, "], got ", confidence.scalar_type(), " ",
+              confidence.sizes());
+  TORCH_CHECK(exited_rows.dim() == 1 && exited_rows.size(0) == m && exited_rows.scalar_type() == at::kLong &&
+              exited_rows.is_contiguous(), "route_rows: exited_rows must be a contiguous int64 [", m, "], got ",
+              exited_rows.scalar_type(), " ", exited_rows.sizes());
+  TORCH_CHECK(exit_step.dim() == 1 && exit_step.scalar_type() == at::kLong && exit_step.is_contiguous(),
+              "route_rows: exit_step must be a contiguous 1-D int64 tensor");
+  TORCH_CHECK(counts.numel() == 2 && counts.scalar_type() == at::kLong && counts.is_contiguous(),
+              "route_rows: counts must be a contiguous int64 [2]");
+  TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kLong, "route_rows: step must be one int64");
+  for (const at::Tensor* t : {&rows, &exited_rows, &exit_step, &counts, &step}) {
+    TORCH_CHECK(t->device() == confidence.device(), "route_rows: all tensors must be on one device");
+  }
+  TORCH_CHECK(threshold >= 0.0 && threshold <= 1.0, "route_rows: threshold must be in [0, 1], got ", threshold);
+}
+
+// Early-exit routing of listed rows, in place: of the token ids in `rows` (ascending, -1 padding), those whose
+// `confidence` (one per entry) reaches `threshold` move to `exited_rows` and get exit_step[id] = step; the rest
+// stay in `rows`, both lists keep their order and are padded with -1; counts = [exited, still listed].
+void route_rows_cpu(const at::Tensor& confidence, at::Tensor& rows, at::Tensor& exited_rows, at::Tensor& exit_step,
+                    at::Tensor& counts, const at::Tensor& step, double threshold) {
+  check_route_rows_inputs(confidence, rows, exited_rows, exit_step, counts, step, threshold);
+  const int64_t m = rows.numel(), n = exit_step.numel(), step_value = step.item<int64_t>();
+  const float* c = confidence.contiguous().const_data_ptr<float>();
+  int64_t* kept = rows.data_ptr<int64_t>();
+  int64_t* exited = exited_rows.data_ptr<int64_t>();
+  int64_t* steps = exit_step.data_ptr<int64_t>();
+  for (int64_t i = 0; i < m; ++i) {
+    TORCH_CHECK(kept[i] < n, "route_rows: row ", kept[i], " out of range for ", n, " tokens");
+  }
+  int64_t n_exited = 0, n_kept = 0;
+  const float t = static_cast<float>(threshold);
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t id = kept[i];
+    if (id < 0) continue;
+    if (c[i] >= t) {
+      exited[n_exited++] = id;
+      steps[id] = step_value;
+    } else {
+      kept[n_kept++] = id;
+    }
+  }
+  std::fill(kept + n_kept, kept + m, -1);
+  std::fill(exited + n_exited, exited + m, -1);
+  int64_t* out = counts.data_ptr<int64_t>();
+  out[0] = n_exited;
+  out[1] = n_kept;
 }
 
 void check_rows_inputs(const char* op, const at::Tensor& table, const at::Tensor& index) {
@@ -171,6 +228,8 @@ at::Tensor hidden_confidence(const at::Tensor& hidden, const at::Tensor& weight,
 TORCH_LIBRARY(trm_fast, m) {
   m.def("token_confidence(Tensor logits) -> Tensor");
   m.def("route_tokens(Tensor confidence, Tensor active, float threshold) -> (Tensor, Tensor, Tensor)");
+  m.def("route_rows(Tensor confidence, Tensor(a!) rows, Tensor(b!) exited_rows, Tensor(c!) exit_step, "
+        "Tensor(d!) counts, Tensor step, float threshold) -> ()");
   m.def("gather_rows(Tensor src, Tensor index) -> Tensor");
   m.def("scatter_rows(Tensor(a!) dst, Tensor index, Tensor src) -> ()");
   m.def("hidden_confidence(Tensor hidden, Tensor weight, int chunk) -> Tensor");
@@ -183,6 +242,7 @@ TORCH_LIBRARY_IMPL(trm_fast, CompositeExplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(trm_fast, CPU, m) {
   m.impl("token_confidence", &token_confidence_cpu);
   m.impl("route_tokens", &route_tokens_cpu);
+  m.impl("route_rows", &route_rows_cpu);
   m.impl("gather_rows", &gather_rows_cpu);
   m.impl("scatter_rows", &scatter_rows_cpu);
 }

@@ -22,30 +22,29 @@ from trm_fast.kernels.matmul import INTERPRET, dot_config
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) by the share of listed rows, in quarters (1: up to a quarter of the
-# batch's tokens, ..., 4: more than three quarters). Fixed, not autotuned: Triton's autotuner times each
-# tile alone with the L2 cache flushed before every call, unlike a step, where the keys / values were just
-# written and sit in L2; its picks changed from process to process (a step's 8 calls took 193 us in session
-# 10, 205 and 335 us in two processes of session 11).
-# Measured inside step graphs on the H100 (B16 L512 H8 Dh64, benchmarks/NOTES.md): (128, 64, 4, 3) 335 us at all
-# rows, (128, 32, 4, 3) 340; at half the rows (64, 64, 4, 3) 220-238, (16, 64, 4, 3) 420-460. (128, 64, 8, 3),
-# the remaining tile of session 10's autotuning set, is the likely source of its 193 us; it is not yet timed
-# alone: `scripts/early_exit_profile.py --sweep-attention-tiles` times every candidate in a CUDA graph.
-CANDIDATE_TILES = ((128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 8, 3),
-                   (32, 64, 4, 3), (16, 64, 4, 3))
-TILES_BY_QUARTERS = {quarters: (128, 64, 8, 3) for quarters in (1, 2, 3, 4)}
+# batch's tokens, ..., 4: more than three quarters). Fixed, not autotuned: Triton's autotuner times each tile alone
+# with the L2 cache flushed before every call, unlike a step, where the keys / values were just written and sit
+# in L2; its picks changed from process to process (session 11). Picked by `scripts/early_exit_profile.py
+# --sweep-attention-tiles` (each candidate timed as a CUDA graph of 20 calls over random rows of each share, B16
+# L512 H8 Dh64, bf16, H100, session 12): (64, 32, 4, 3) took 25 / 31 / 35 us at 2-4 quarters, against 37 / 44 / 47
+# for session 11's (128, 64, 8, 3); (64, 64, 4, 3) took 21 us at one quarter.
+CANDIDATE_TILES = ((128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3),
+                   (64, 32, 4, 4), (128, 128, 8, 2), (32, 64, 4, 3), (32, 32, 4, 3), (16, 64, 4, 3))
+TILES_BY_QUARTERS = {1: (64, 64, 4, 3), 2: (64, 32, 4, 3), 3: (64, 32, 4, 3), 4: (64, 32, 4, 3)}
 INTERPRETED_TILES = (32, 16, 4, 1)
 
 
 @triton.jit
 def _compact_attention_kernel(q_ptr, kv_ptr, rows_ptr, starts_ptr, key_valid_ptr, o_ptr, stride_q, stride_kv,
-                              stride_o, M, H, L, qk_scale, PRECISION: tl.constexpr,
+                              stride_o, M, B, H, L, qk_scale, PRECISION: tl.constexpr,
                               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    tiles = tl.cdiv(L, BLOCK_M)
-    b, first = tl.program_id(0) // tiles, (tl.program_id(0) % tiles) * BLOCK_M
-    h = tl.program_id(1)
+    # Programs in order of falling work: the last query tiles of every sequence and head (the longest key ranges)
+    # first, so the short ones fill in behind them; then one program per head for the padding rows.
+    pid, tiles = tl.program_id(0), tl.cdiv(L, BLOCK_M)
+    first = (tiles - 1 - pid // (B * H)) * BLOCK_M
+    b, h = (pid // H) % B, pid % H
     dims = tl.arange(0, HEAD_DIM)
-    B = (tl.num_programs(0) - 1) // tiles
-    if b == B:  # the last program of each head: zeros into its columns of the padding rows
+    if pid >= tiles * B * H:  # zeros into this head's columns of the padding rows
         for r in range(tl.load(starts_ptr + B), M, BLOCK_M):
             i = r + tl.arange(0, BLOCK_M)
             tl.store(o_ptr + i[:, None] * stride_o + h * HEAD_DIM + dims[None, :],
@@ -75,6 +74,11 @@ def _compact_attention_kernel(q_ptr, kv_ptr, rows_ptr, starts_ptr, key_valid_ptr
                      out.to(o_ptr.dtype.element_ty), mask=listed[:, None])
 
 
+def quarters_of(rows: int, tokens: int) -> int:
+    """The key of TILES_BY_QUARTERS for `rows` listed rows of `tokens`: 1 up to a quarter, ..., 4."""
+    return max(1, min(-(-4 * rows // tokens), 4))
+
+
 def compact_attention_triton(q, kv, rows, starts, key_valid, n_heads: int) -> torch.Tensor:
     B, L = key_valid.shape
     M, D = q.shape
@@ -82,10 +86,9 @@ def compact_attention_triton(q, kv, rows, starts, key_valid, n_heads: int) -> to
     Dh = D // n_heads
     if M == 0:
         return out
-    quarters = min(-(-4 * M // (B * L)), 4)
-    block_m, block_n, warps, stages = INTERPRETED_TILES if INTERPRET else TILES_BY_QUARTERS[quarters]
-    _compact_attention_kernel[(B * triton.cdiv(L, block_m) + 1, n_heads)](
-        q, kv, rows, starts, key_valid, out, q.stride(0), kv.stride(0), out.stride(0), M, n_heads, L,
+    block_m, block_n, warps, stages = INTERPRETED_TILES if INTERPRET else TILES_BY_QUARTERS[quarters_of(M, B * L)]
+    _compact_attention_kernel[((B * triton.cdiv(L, block_m) + 1) * n_heads,)](
+        q, kv, rows, starts, key_valid, out, q.stride(0), kv.stride(0), out.stride(0), M, B, n_heads, L,
         LOG2E / math.sqrt(Dh), PRECISION=dot_config(q.dtype)[1], HEAD_DIM=Dh, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=warps, num_stages=stages)
     return out

@@ -8,7 +8,7 @@ at 1, 1/2, 1/4 and 1/8 of the rows, the speed-up taken as the faster no-exit run
 and, for reference, the model's plain forward eagerly and as one CUDA
 graph; the ideal speed-up 1 / compute_cost and the share of it realized; validation perplexity with and
 without exit (and with the exit steps' logits but no frozen states, which tells the two causes of the gap
-apart); the routing piece (confidence + route_tokens + index lists, a graph replay) against one supervision
+apart); the routing piece (confidence + route_rows, a graph replay) against one supervision
 step (a graph replay), both by CUDA events over back-to-back replays; the same for other criteria and
 minimum steps; and whether the CPU gives the CUDA results (ops bit for bit; the early-exit forward in fp32).
 
@@ -24,7 +24,7 @@ from trm_fast.checkpoint import load_checkpoint
 from trm_fast.data import ByteTokenizer, TokenDataset, dataset_batches, read_texts
 from trm_fast.early_exit import (EarlyExit, _run_for, calibrate_threshold, compacted_early_exit, evaluate_early_exit,
                                  states_after)
-from trm_fast.ops import gather_rows, route_tokens, scatter_rows
+from trm_fast.ops import gather_rows, route_rows, route_tokens, scatter_rows
 from trm_fast.training import evaluate
 
 from profiling import events_ms, kernel_times, median_ms
@@ -84,6 +84,11 @@ def cpu_equals_cuda(checkpoint, ids, mask, config):
     active = torch.rand(ids.numel(), generator=generator) < 0.7
     routed = [route_tokens(confidence.to(d), active.to(d), 0.5) for d in ("cpu", "cuda")]
     rows = routed[0][1][: int(routed[0][2][1])]
+    listed = [(confidence[:rows.numel()].to(d), rows.clone().to(d), torch.zeros_like(rows, device=d),
+               torch.zeros(ids.numel(), dtype=torch.long, device=d), torch.zeros(2, dtype=torch.long, device=d),
+               torch.tensor(2, device=d)) for d in ("cpu", "cuda")]
+    for args in listed:
+        route_rows(*args, 0.5)
     table = torch.randn(ids.numel(), cpu_model.config.d_model, generator=generator)
     gathered = [gather_rows(table.to(d), rows.to(d)) for d in ("cpu", "cuda")]
     scattered = [torch.zeros_like(table, device=d) for d in ("cpu", "cuda")]
@@ -93,6 +98,7 @@ def cpu_equals_cuda(checkpoint, ids, mask, config):
             "exit_counts_cpu": cpu["exit_counts"], "exit_counts_cuda": gpu["exit_counts"],
             "max_abs_logit_diff_same_exit": logits_diff,
             "route_tokens_equal": all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(*routed)),
+            "route_rows_equal": all(torch.equal(a, b.cpu()) for a, b in zip(*listed)),
             "gather_rows_equal": torch.equal(gathered[0], gathered[1].cpu()),
             "scatter_rows_equal": torch.equal(scattered[0], scattered[1].cpu())}
 
@@ -153,8 +159,9 @@ def main():
 
     run = loaded_run(model, ids, mask)
     t_step = by_ops[fastest]["ms_step_gpu_by_rows"][rows]
+    y = gather_rows(run.y, run.rows[:rows])  # (each replay routes the rows the last one left listed: same work)
     t_routing = events_ms(lambda: run.launch(("routing", rows, threshold, args.criterion), lambda: run.route(
-        run.rows[:rows], gather_rows(run.y, run.rows[:rows]), threshold, args.criterion)), args.repeats, device)
+        run.rows[:rows], y, threshold, args.criterion)), args.repeats, device)
     ideal = 1.0 / exit_out["compute_cost"]
     speedup = t_plain / t_exit
     ppl_plain = evaluate(model, val, args.batch_size)["ppl"]  # the final step's logits, no exit

@@ -14,7 +14,7 @@ import torch
 
 from trm_fast.checkpoint import load_checkpoint
 from trm_fast.data import ByteTokenizer, TokenDataset, dataset_batches, read_texts
-from trm_fast.early_exit import EarlyExit, _run_for, calibrate_threshold, compacted_early_exit
+from trm_fast.early_exit import GRAPH_ROWS, EarlyExit, _run_for, calibrate_threshold, compacted_early_exit
 
 from profiling import graph_us, kernel_times
 
@@ -57,9 +57,11 @@ def sweep_attention_tiles(B, L, H, Dh, repeats=20):
     kv = torch.randn(B * L, 2 * H * Dh, device="cuda", dtype=torch.bfloat16, generator=generator)
     key_valid = torch.ones(B, L, dtype=torch.bool, device="cuda")
     times = {}
-    for quarters in (1, 2, 3, 4):
-        listed = (torch.rand(B * L, device="cuda", generator=generator) < quarters / 4).nonzero().flatten()
-        rows = torch.cat([listed, listed.new_full((-(-listed.numel() // 128) * 128 - listed.numel(),), -1)])
+    for quarters in (1, 2, 3, 4):  # random tokens, as many as the share holds once padded as a run pads them
+        count = B * L * quarters // 4 - (GRAPH_ROWS if quarters < 4 else 0)
+        listed = torch.randperm(B * L, device="cuda", generator=generator)[:count].sort().values
+        rows = torch.cat([listed, listed.new_full((-(-count // GRAPH_ROWS) * GRAPH_ROWS - count,), -1)])
+        assert kernel.quarters_of(rows.numel(), B * L) == quarters
         starts = torch.searchsorted(torch.where(rows >= 0, rows, B * L), torch.arange(B + 1, device="cuda") * L)
         q = torch.randn(rows.numel(), 3 * H * Dh, device="cuda", dtype=torch.bfloat16, generator=generator)[:, :H * Dh]
         times[quarters] = {}

@@ -4,7 +4,8 @@
 #    MODEL ("d_model:lr", default d512 at lr 3e-4; at 6e-4 it diverged) for MINUTES, and keeps its EMA weights in
 #    bf16 as $OUT/model_d<d>.pt; with CHECKPOINT (such a file from an earlier call) it trains nothing;
 #  - meanwhile builds trm_fast._C with CUDA and runs the extension / early-exit tests on the GPU (TESTS=1; TESTS=quick:
-#    the CUDA graph runs, CUDA vs CPU, the early-exit kernels and the row ops on CUDA; TESTS=0: none);
+#    the CUDA graph runs, CUDA vs CPU, the early-exit kernels and the row ops on CUDA; TESTS=0: none; anything else:
+#    a pytest -k expression);
 #  - then (alone on the GPU) scripts/early_exit_profile.py (SWEEP=1: after timing the compact attention's tiles)
 #    and (BENCH=1) scripts/early_exit_bench.py.
 # usage: OUT=/some/dir DATA=.data MINUTES=3.3 bash scripts/gpu_early_exit.sh
@@ -29,7 +30,7 @@ python -m trm_fast doctor | tee -a "$OUT/setup.log"
 if [ "${TESTS:-1}" != 0 ]; then
   echo "== tests (CUDA)"
   quick="cuda_graph or cuda_equals or compact_attention or (rows and cuda) or hidden_confidence_kernel"
-  filter=$([ "${TESTS:-1}" = quick ] && echo "$quick" || echo "")
+  case "${TESTS:-1}" in 1) filter="" ;; quick) filter="$quick" ;; *) filter="$TESTS" ;; esac
   python -m pytest tests/test_extension.py tests/test_early_exit.py -q -p no:cacheprovider -k "$filter" \
     > "$OUT/tests.log" 2>&1
   tail -n 5 "$OUT/tests.log"

@@ -22,8 +22,8 @@ def test_doctor_reports_every_op(capsys):
                                   "decode.decode_ffn_add_norm", "decode.decode_attention",
                                   "decode.add_layer_norm_into", "decode.decode_append", "decode.decode_pool",
                                   "decode.decode_select", "decode.decode_emit", "token_confidence", "route_tokens",
-                                  "gather_rows", "scatter_rows", "hidden_confidence", "early_exit.compact_attention",
-                                  "early_exit.confidence"}
+                                  "route_rows", "gather_rows", "scatter_rows", "hidden_confidence",
+                                  "early_exit.compact_attention", "early_exit.confidence"}
     assert status["ops"]["tinynet.causal_attention"] in ("torch", "triton")
     assert status["ops"]["decode.decode_attention"] == ("triton" if status["device"].startswith("cuda") else "torch")
     assert status["ops"]["early_exit.compact_attention"].startswith(

@@ -128,11 +128,84 @@ def test_route_tokens_bad_input():
         trm_fast.route_tokens(conf, act[:4], 0.5)
 
 
+def route_rows_inputs(m, n_tokens, device, seed=0):
+    """A listed-rows routing case: ascending ids with -1 padding (about a tenth), one confidence per entry."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randperm(n_tokens, generator=g)[:m - m // 10].sort().values
+    rows = torch.cat([ids, torch.full((m - ids.numel(),), -1)])
+    confidence = torch.rand(m, generator=g)
+    confidence[::7] = 1.0
+    exit_step = torch.randint(0, 3, (n_tokens,), generator=g)
+    return [t.to(device) for t in (confidence, rows, torch.full((m,), 99), exit_step, torch.zeros(2, dtype=torch.long),
+                                   torch.tensor(4))]
+
+
+def expected_route_rows(confidence, rows, exit_step, step, threshold):
+    """route_rows by a plain loop: (rows, exited_rows, exit_step, counts) after the call."""
+    kept, exited, steps = [], [], exit_step.tolist()
+    for c, i in zip(confidence.tolist(), rows.tolist()):
+        if i >= 0:
+            (exited if c >= threshold else kept).append(i)
+            if c >= threshold:
+                steps[i] = step
+    m = rows.numel()
+    return kept + [-1] * (m - len(kept)), exited + [-1] * (m - len(exited)), steps, [len(exited), len(kept)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [0, 1, 33, 1024, 1025, 5000, 9000])
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
+def test_route_rows_matches_loop(device, m, threshold):
+    confidence, rows, exited_rows, exit_step, counts, step = route_rows_inputs(m, m + 100, device, seed=m)
+    want = expected_route_rows(confidence, rows, exit_step, 4, threshold)
+    ops.route_rows(confidence, rows, exited_rows, exit_step, counts, step, threshold)
+    assert (rows.tolist(), exited_rows.tolist(), exit_step.tolist(), counts.tolist()) == want
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_route_rows_all_and_none_exit(device):
+    for threshold, exited in ((0.0, True), (1.0, False)):
+        confidence, rows, exited_rows, exit_step, counts, step = route_rows_inputs(3000, 5000, device)
+        confidence.clamp_(max=0.99)
+        listed = rows[rows >= 0].clone()
+        ops.route_rows(confidence, rows, exited_rows, exit_step, counts, step, threshold)
+        moved, stayed = (exited_rows, rows) if exited else (rows, exited_rows)
+        assert torch.equal(moved[:listed.numel()], listed) and (moved[listed.numel():] == -1).all()
+        assert (stayed == -1).all()
+        assert counts.tolist() == ([listed.numel(), 0] if exited else [0, listed.numel()])
+        assert (exit_step[listed] == 4).all() == exited
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_route_rows_opcheck(device):
+    torch.library.opcheck(torch.ops.trm_fast.route_rows.default, (*route_rows_inputs(2048, 4000, device), 0.4))
+
+
+def test_route_rows_bad_input():
+    confidence, rows, exited_rows, exit_step, counts, step = route_rows_inputs(10, 20, "cpu")
+    good = dict(confidence=confidence, rows=rows, exited_rows=exited_rows, exit_step=exit_step, counts=counts,
+                step=step, threshold=0.5)
+    for change, error, match in [
+            (dict(threshold=1.5), ValueError, r"threshold must be in \[0, 1\], got 1.5"),
+            (dict(confidence=confidence.double()), TypeError, "confidence must be a torch.float32"),
+            (dict(rows=rows.int()), TypeError, "rows must be a torch.int64"),
+            (dict(confidence=confidence[:9]), ValueError, "one length"),
+            (dict(counts=counts[:1]), ValueError, "counts"),
+            (dict(exit_step=exit_step[::2]), ValueError, "contiguous"),
+            (dict(exit_step=exit_step[:5]), IndexError, "out of range for 5 tokens")]:
+        with pytest.raises(error, match=match):
+            ops.route_rows(**{**good, **change})
+
+
 def test_fallbacks_match_loop():
     """The pure-PyTorch fallbacks (used when _C is not built) compute the same as the reference loops."""
     confidence, active = torch.rand(2500), torch.rand(2500) > 0.4
     exited, index, counts = ops.FALLBACKS["route_tokens"](confidence, active, 0.6)
     assert (exited.tolist(), index.tolist(), counts.tolist()) == expected_route(confidence, active, 0.6)
+    confidence, rows, exited_rows, exit_step, counts, step = route_rows_inputs(1500, 3000, "cpu")
+    want = expected_route_rows(confidence, rows, exit_step, 4, 0.6)
+    ops.FALLBACKS["route_rows"](confidence, rows, exited_rows, exit_step, counts, step, 0.6)
+    assert (rows.tolist(), exited_rows.tolist(), exit_step.tolist(), counts.tolist()) == want
     logits = torch.randn(4, 300)
     torch.testing.assert_close(ops.FALLBACKS["token_confidence"](logits), expected_confidence(logits))
 

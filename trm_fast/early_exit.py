@@ -7,7 +7,7 @@ no dropout.
 
 `masked_early_exit` defines the semantics: every token runs every call and frozen states are restored
 after each call. `compacted_early_exit` realizes the saving: projections, attention queries, FFN and
-the output head run on the active rows only (`route_tokens` lists them, `gather_rows` / `scatter_rows`
+the output head run on the active rows only (`route_rows` lists them, `gather_rows` / `scatter_rows`
 compact the states and write them back), with the keys / values of frozen tokens cached when they exit.
 The two agree (tests, fp32). On CUDA with the Triton kernels (`compact_attention`, one-launch confidence)
 and the extension's CUDA row ops, nothing in a step reads back to the host, so each step (with its
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from . import cuda_graphs
 from .data import dataset_batches
 from .dispatch import early_exit_kernels, tinynet_ops
-from .ops import CUDA_FALLBACK, gather_rows, hidden_confidence, route_tokens, scatter_rows
+from .ops import CUDA_FALLBACK, gather_rows, hidden_confidence, route_rows, scatter_rows
 
 CRITERIA = ("max_prob", "q_head")
 
@@ -121,7 +121,7 @@ def masked_early_exit(model, input_ids: torch.Tensor, config: EarlyExit, attenti
     return _result(logits, exit_step, valid, steps, active_per_step)
 
 
-GRAPH_ROWS = 128  # CUDA-graph runs pad the active rows to a multiple of this: one captured graph per size
+GRAPH_ROWS = 64  # CUDA-graph runs pad the active rows to a multiple of this: one captured graph per size
 
 
 def compact_index(mask: torch.Tensor, out: torch.Tensor) -> None:
@@ -137,10 +137,11 @@ class _Run:
     """Static buffers of an early-exit forward over [B, L] tokens, and its pieces, written without host syncs
     where the attention op allows it, so that on CUDA each piece is captured once per shape and replayed
     (`use_graphs`). A step is one piece: on the first step the batch's embedding and row list, then the
-    recursion of the rows listed in `rows`, and their routing, or on the last step their logits. The exits
-    of a routed step (their logits and frozen keys / values) are a piece of their own, launched before the
-    next step: a small graph, whose run hides the launch of the step's large one. The host reads only the
-    counts of a routed step, which size the next one."""
+    recursion of the rows listed in `rows`, and their routing, or on the last step every valid token's logits
+    (from its y: the exited tokens' y stayed frozen). The keys / values that a routed step's exits show from
+    then on are a piece of their own, sized by the step's rows (known before the routing), so it is launched
+    before the host reads the counts and hides the launch of the next step; the host reads only those counts,
+    which size the next step."""
 
     def __init__(self, model, batch: int, length: int, use_graphs: bool):
         self.model, self.net, self.B, self.L = model, model.tiny_net, batch, length
@@ -153,8 +154,8 @@ class _Run:
         self.x, self.y, self.z = zeros(N, D), zeros(N, D), zeros(N, D)
         self.kv = {kind: zeros(N, 2 * D) for kind in ("xyz", "yz")}  # key | value per token and call kind
         self.input_ids = zeros(batch, length, dtype=torch.long)
-        self.key_valid, self.active = zeros(batch, length, dtype=torch.bool), zeros(N, dtype=torch.bool)
-        self.rows, self.exited_rows = zeros(N, dtype=torch.long), zeros(N, dtype=torch.long)
+        self.key_valid = zeros(batch, length, dtype=torch.bool)
+        self.rows, self.exited_rows, self.valid_rows = (zeros(N, dtype=torch.long) for _ in range(3))
         self.counts, self.valid = zeros(2, dtype=torch.long), zeros((), dtype=torch.long)
         self.step = zeros((), dtype=torch.long)
         self.logits, self.exit_step = zeros(N, V), zeros(N, dtype=torch.long)
@@ -163,6 +164,14 @@ class _Run:
         self.row_multiple = GRAPH_ROWS if use_graphs else 1
         self.graphs: Dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
+        self.host_counts = torch.zeros(2, dtype=torch.long, pin_memory=use_graphs)
+        self.counts_copied = torch.cuda.Event() if use_graphs else None
+
+    def read_counts(self) -> list:
+        """[exited, still active] of the last routing: copied as soon as it is written, waited for here."""
+        if self.counts_copied is not None:
+            self.counts_copied.synchronize()
+        return self.host_counts.tolist()
 
     def size(self, rows: int) -> int:
         """The row count a piece runs at: padded to `row_multiple` (GRAPH_ROWS with graphs, else 1)."""
@@ -186,10 +195,12 @@ class _Run:
         """The batch in `input_ids` / `key_valid`: embedding, initial states, every valid token listed."""
         x = self.model._embed(self.input_ids).reshape(self.B * self.L, -1)
         y, z = self.model._init_states(x)
-        for buffer, value in ((self.x, x), (self.y, y), (self.z, z), (self.active, self.key_valid.flatten())):
+        for buffer, value in ((self.x, x), (self.y, y), (self.z, z)):
             buffer.copy_(value)
-        compact_index(self.active, self.rows)
-        self.valid.copy_(self.active.sum())
+        compact_index(self.key_valid.flatten(), self.valid_rows)
+        self.rows.copy_(self.valid_rows)
+        self.valid.copy_(self.key_valid.sum())
+        self.step.fill_(1)
         for buffer in (*self.kv.values(), self.logits, self.exit_step):
             buffer.zero_()
 
@@ -201,9 +212,9 @@ class _Run:
         attn = self.net.block.attn
         return F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
 
-    def _store_kv(self, kind, rows, qkv):
-        """Write the keys / values of `qkv` [rows, 3D] into the call kind's table at the listed rows."""
-        scatter_rows(self.kv[kind], rows, qkv[:, qkv.size(1) // 3:])
+    def _store_kv(self, kind, rows, kv):
+        """Write keys / values `kv` [rows, 2D] into the call kind's table at the listed rows."""
+        scatter_rows(self.kv[kind], rows, kv)
 
     def _call(self, kind, rows, starts, x, y, z):
         """One TinyNet call on the listed rows: projection, attention of their queries over all keys (theirs
@@ -212,7 +223,7 @@ class _Run:
         block, D, ops = self.net.block, x.size(-1), self.ops
         h = self._project(kind, x, y, z)
         qkv = self._qkv(h)
-        self._store_kv(kind, rows, qkv)
+        self._store_kv(kind, rows, qkv[:, D:])
         a = early_exit_kernels().attention(qkv[:, :D], self.kv[kind], rows, starts, self.key_valid, self.H)
         a = F.linear(a, block.attn.out_proj.weight, block.attn.out_proj.bias)
         h = ops.add_layer_norm(h, a, block.ln1.weight, block.ln1.bias, block.ln1.eps, 0.0)
@@ -226,6 +237,8 @@ class _Run:
         all exit with this step's logits."""
         if first:
             self.load()
+        else:
+            self.step.add_(1)
         rows = self.rows[:size]
         starts = torch.searchsorted(torch.where(rows >= 0, rows, self.B * self.L),
                                     torch.arange(self.B + 1, device=rows.device) * self.L)
@@ -234,35 +247,37 @@ class _Run:
             for _ in range(self.model.config.latent_steps):
                 z = self._call("xyz", rows, starts, x, y, z)
                 y = self._call("yz", rows, starts, x, y, z)
-        if last:
-            scatter_rows(self.logits, rows, self.model._output_logits(y))
-            self.exit_step.copy_(torch.where(self.active, self.step, self.exit_step))
-            return
         scatter_rows(self.y, rows, y)
+        if last:
+            active = self.key_valid.flatten() & (self.exit_step == 0)
+            self.exit_step.copy_(torch.where(active, self.step, self.exit_step))  # (masked_fill_ would read step back)
+            self.write_logits()
+            return
         scatter_rows(self.z, rows, z)
         if routing is not None:
             self.route(rows, y, *routing)
 
     def route(self, rows: torch.Tensor, y: torch.Tensor, threshold: float, criterion: str) -> None:
-        """The routing of the listed rows by the confidence of their y: exited tokens listed in
-        `exited_rows` and marked with this step, the rest listed in `rows`, `counts` = [exited, still active]."""
-        confidence = torch.zeros(self.B * self.L + 1, device=y.device)
-        confidence.index_copy_(0, torch.where(rows >= 0, rows, self.B * self.L), _confidence(self.model, y, criterion))
-        exited, index, counts = route_tokens(confidence[:-1], self.active, threshold)
-        compact_index(exited, self.exited_rows)
-        self.rows.copy_(index)
-        self.counts.copy_(counts)
-        self.active.logical_and_(~exited)
-        self.exit_step.copy_(torch.where(exited, self.step, self.exit_step))
+        """The routing of the listed rows by the confidence of their y (two launches: confidence, `route_rows`):
+        exited tokens listed in `exited_rows` and marked with this step, the rest left in `rows`, `counts` =
+        [exited, still active]."""
+        route_rows(_confidence(self.model, y, criterion), rows, self.exited_rows[:rows.numel()], self.exit_step,
+                   self.counts, self.step, threshold)
 
     def finish(self, size: int) -> None:
-        """The tokens listed in `exited_rows[:size]` exit: their logits (from their frozen y), and the keys /
-        values of both call kinds that they show from now on."""
+        """The keys / values of both call kinds that the tokens listed in `exited_rows[:size]` show from now on,
+        from their frozen states."""
         rows = self.exited_rows[:size]
         x, y, z = (gather_rows(t, rows) for t in (self.x, self.y, self.z))
-        scatter_rows(self.logits, rows, self.model._output_logits(y))
+        attn, D = self.net.block.attn, x.size(-1)
         for kind in self.kv:
-            self._store_kv(kind, rows, self._qkv(self._project(kind, x, y, z)))
+            kv = F.linear(self._project(kind, x, y, z), attn.in_proj_weight[D:], attn.in_proj_bias[D:])
+            self._store_kv(kind, rows, kv)
+
+    def write_logits(self) -> None:
+        """Every valid token's logits, from its y."""
+        rows = self.valid_rows
+        scatter_rows(self.logits, rows, self.model._output_logits(gather_rows(self.y, rows)))
 
 
 _RUNS_ATTRIBUTE = "_early_exit_runs"
@@ -282,7 +297,7 @@ def _run_for(model, batch: int, length: int) -> _Run:
         runs.clear()  # other shapes or reallocated weights: their graphs would point at stale memory
         head_dim = model.config.d_model // model.config.n_heads
         use_graphs = (w.is_cuda and not early_exit_kernels().syncs(w.device, head_dim)
-                      and not {"gather_rows", "scatter_rows", "route_tokens"} & CUDA_FALLBACK)  # (fallbacks read back)
+                      and not {"gather_rows", "scatter_rows", "route_rows"} & CUDA_FALLBACK)  # (fallbacks read back)
         runs[key] = _Run(model, batch, length, use_graphs)
     return runs[key]
 
@@ -293,7 +308,8 @@ def compacted_early_exit(model, input_ids: torch.Tensor, config: EarlyExit, atte
     """The same results as `masked_early_exit`, computing only the active tokens' rows. On CUDA with the
     Triton attention op, each step (the first with the batch's load) and the exits of each routed step are
     CUDA graph replays, captured per row count (padded to GRAPH_ROWS), with one host read per routed step
-    (the counts). Steps before the first routed one run every position of the batch (padding as empty rows)."""
+    (the counts, copied to pinned memory as soon as the routing wrote them). Steps before the first routed one
+    run every position of the batch (padding as empty rows)."""
     attention_mask = _check(input_ids, attention_mask, config, model)
     steps = supervision_steps or model.config.supervision_steps
     was_training = model.training
@@ -305,22 +321,25 @@ def compacted_early_exit(model, input_ids: torch.Tensor, config: EarlyExit, atte
     size, entering = B * L, None  # entering: the tokens active at a step (None: every valid one)
     active_per_step, exit_counts = [], []
     for step in range(1, steps + 1):
-        if entering == 0:
+        if entering == 0:  # all exited: the logits are written without a last step
             active_per_step.append(0)
             exit_counts.append(0)
+            if step == steps:
+                run.launch(("logits",), run.write_logits)
             continue
         routing = (float(config.threshold), config.criterion) if config.min_steps <= step < steps else None
         last = step == steps
-        run.step.fill_(step)
         run.launch(("step", size, step == 1, routing, last), lambda: run.recurse(size, step == 1, routing, last))
         active_per_step.append(entering)
         if routing is not None:
-            exited, entering = run.counts.tolist()
+            run.host_counts.copy_(run.counts, non_blocking=True)
+            if run.counts_copied is not None:
+                run.counts_copied.record()
+            listed = size
+            run.launch(("exit", listed), lambda: run.finish(listed))
+            exited, entering = run.read_counts()
             exit_counts.append(exited)
             size = run.size(entering)
-            if exited:
-                exited_size = run.size(exited)
-                run.launch(("exit", exited_size), lambda: run.finish(exited_size))
         else:
             exit_counts.append(entering if last else 0)
     valid = int(run.valid)

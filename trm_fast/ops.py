@@ -32,6 +32,19 @@ def _route_tokens_torch(confidence: torch.Tensor, active: torch.Tensor,
     return exited, index, torch.stack([exited.sum(), keep.sum()])
 
 
+def _route_rows_torch(confidence: torch.Tensor, rows: torch.Tensor, exited_rows: torch.Tensor,
+                      exit_step: torch.Tensor, counts: torch.Tensor, step: torch.Tensor, threshold: float) -> None:
+    listed = rows >= 0
+    exits = listed & (confidence >= threshold)
+    keep = listed & ~exits
+    exited_ids, kept_ids = rows[exits], rows[keep]
+    exit_step[exited_ids] = step.reshape(())
+    for out, ids in ((rows, kept_ids), (exited_rows, exited_ids)):
+        out.fill_(-1)
+        out[:ids.numel()] = ids
+    counts.copy_(torch.tensor([exited_ids.numel(), kept_ids.numel()]))
+
+
 def _gather_rows_torch(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     out = src.new_zeros(index.numel(), src.size(1))
     keep = index >= 0
@@ -57,10 +70,10 @@ def _hidden_confidence_torch(hidden: torch.Tensor, weight: torch.Tensor, chunk: 
 
 
 FALLBACKS = {"token_confidence": _token_confidence_torch, "route_tokens": _route_tokens_torch,
-             "gather_rows": _gather_rows_torch, "scatter_rows": _scatter_rows_torch,
+             "route_rows": _route_rows_torch, "gather_rows": _gather_rows_torch, "scatter_rows": _scatter_rows_torch,
              "hidden_confidence": _hidden_confidence_torch}
 DEVICE_AGNOSTIC = {"hidden_confidence"}  # one ATen-composite kernel in _C serves every device
-MUTATES = {"scatter_rows": ("dst",)}
+MUTATES = {"scatter_rows": ("dst",), "route_rows": ("rows", "exited_rows", "exit_step", "counts")}
 
 
 def _has_kernel(name: str, dispatch_key: str) -> bool:
@@ -87,6 +100,11 @@ def _token_confidence_fake(logits):
 def _route_tokens_fake(confidence, active, threshold):
     n = confidence.shape[0]
     return active.new_empty(n), active.new_empty(n, dtype=torch.long), active.new_empty(2, dtype=torch.long)
+
+
+@torch.library.register_fake("trm_fast::route_rows")
+def _route_rows_fake(confidence, rows, exited_rows, exit_step, counts, step, threshold):
+    return None
 
 
 @torch.library.register_fake("trm_fast::gather_rows")
@@ -187,6 +205,39 @@ def route_tokens(confidence: torch.Tensor, active: torch.Tensor,
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"route_tokens: threshold must be in [0, 1], got {threshold!r}")
     return torch.ops.trm_fast.route_tokens(confidence, active, float(threshold))
+
+
+def route_rows(confidence: torch.Tensor, rows: torch.Tensor, exited_rows: torch.Tensor, exit_step: torch.Tensor,
+               counts: torch.Tensor, step: torch.Tensor, threshold: float) -> None:
+    """Early-exit routing of the listed rows of a compacted run, in place, in one launch with no host sync.
+
+    `rows` (int64 [M]) lists token ids, ascending, then -1 padding; `confidence` (float32 [M]) holds one value
+    per entry. The listed tokens whose confidence reaches `threshold` move to `exited_rows` (int64 [M]) and get
+    `exit_step[id] = step` (a one-element int64 tensor); the others stay in `rows`. Both lists keep their order
+    and are padded with -1; `counts` (int64 [2]) = [exited, still listed]. Ids >= len(exit_step) raise
+    IndexError on CPU and are not checked on CUDA (a host sync), like `gather_rows`."""
+    tensors = {"confidence": (confidence, torch.float32), "rows": (rows, torch.long),
+               "exited_rows": (exited_rows, torch.long), "exit_step": (exit_step, torch.long),
+               "counts": (counts, torch.long), "step": (step, torch.long)}
+    for name, (t, dtype) in tensors.items():
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype:
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"route_rows: {name} must be a {dtype} tensor, got {got}")
+    if rows.dim() != 1 or confidence.shape != rows.shape or exited_rows.shape != rows.shape:
+        raise ValueError(f"route_rows: rows, confidence and exited_rows must be 1-D of one length, got "
+                         f"{tuple(rows.shape)}, {tuple(confidence.shape)}, {tuple(exited_rows.shape)}")
+    if exit_step.dim() != 1 or counts.shape != (2,) or step.numel() != 1:
+        raise ValueError(f"route_rows: exit_step must be 1-D, counts [2] and step one element, got "
+                         f"{tuple(exit_step.shape)}, {tuple(counts.shape)}, {tuple(step.shape)}")
+    if any(not t.is_contiguous() for t in (rows, exited_rows, exit_step, counts)):
+        raise ValueError("route_rows: rows, exited_rows, exit_step and counts must be contiguous")
+    if len({t.device for t, _ in tensors.values()}) != 1:
+        raise ValueError("route_rows: all tensors must be on one device")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"route_rows: threshold must be in [0, 1], got {threshold!r}")
+    if rows.device.type == "cpu" and rows.numel() and int(rows.max()) >= exit_step.numel():
+        raise IndexError(f"route_rows: row {int(rows.max())} out of range for {exit_step.numel()} tokens")
+    torch.ops.trm_fast.route_rows(confidence, rows, exited_rows, exit_step, counts, step, float(threshold))
 
 
 def extension_status() -> str:
