@@ -117,6 +117,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", default="early_exit.json")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only the forward times with and without exit (a quick re-measurement)")
     args = parser.parse_args()
     device = torch.device(args.device)
     model = load_checkpoint(args.checkpoint, map_location=device, use_ema=True).eval()
@@ -138,9 +140,12 @@ def main():
         run = loaded_run(model, ids, mask)
         by_ops[kernels] = {
             "ms_no_exit": median_ms(lambda: compacted_early_exit(model, ids, no_exit, mask), args.repeats, device),
-            "ms_early_exit": median_ms(lambda: compacted_early_exit(model, ids, config, mask), args.repeats, device),
-            "ms_step_gpu_by_rows": {n: events_ms(lambda: run.launch(plain_step(n), lambda: run.recurse(n)),
-                                                 args.repeats, device) for n in (rows, rows // 2, rows // 4, rows // 8)}}
+            "ms_early_exit": median_ms(lambda: compacted_early_exit(model, ids, config, mask), args.repeats, device)}
+        if args.timing_only:
+            continue
+        by_ops[kernels]["ms_step_gpu_by_rows"] = {
+            n: events_ms(lambda: run.launch(plain_step(n), lambda: run.recurse(n)), args.repeats, device)
+            for n in (rows, rows // 2, rows // 4, rows // 8)}
         if device.type == "cuda":  # where a step's time goes, at all rows and at 1/8
             by_ops[kernels]["step_kernels_by_rows"] = {}
             for n in (rows, rows // 8):
@@ -152,6 +157,11 @@ def main():
     t_plain = min(v["ms_no_exit"] for v in by_ops.values())  # the faster of each, against each other
     fastest = min(by_ops, key=lambda k: by_ops[k]["ms_early_exit"])
     t_exit = by_ops[fastest]["ms_early_exit"]
+    timing = {"min_steps": args.min_steps, "exit_counts": exit_out["exit_counts"], "ms_no_exit": t_plain,
+              "ms_early_exit": t_exit, "realized_fraction_of_ideal": t_plain / t_exit * exit_out["compute_cost"]}
+    if args.timing_only:
+        print(json.dumps(timing))
+        return
     model.tiny_net.kernels = fastest
     t_eager = median_ms(lambda: no_exit_logits(model, ids, mask, steps), args.repeats, device)
     t_graph = median_ms(graphed(lambda: no_exit_logits(model, ids, mask, steps), device), args.repeats, device)

@@ -6,8 +6,10 @@
 #  - meanwhile builds trm_fast._C with CUDA and runs the extension / early-exit tests on the GPU (TESTS=1; TESTS=quick:
 #    the CUDA graph runs, CUDA vs CPU, the early-exit kernels and the row ops on CUDA; TESTS=0: none; anything else:
 #    a pytest -k expression);
-#  - then (alone on the GPU) scripts/early_exit_profile.py (SWEEP=1: after timing the compact attention's tiles)
-#    and (BENCH=1) scripts/early_exit_bench.py.
+#  - then (alone on the GPU), for each min_steps in TIMING_RUNS (e.g. "2 1 2 1"), a separate process of
+#    scripts/early_exit_bench.py --timing-only (the run-to-run spread of the speed-up); then, unless PROFILE=0,
+#    scripts/early_exit_profile.py (SWEEP=1: after timing the compact attention's tiles) and (BENCH=1)
+#    scripts/early_exit_bench.py.
 # usage: OUT=/some/dir DATA=.data MINUTES=3.3 bash scripts/gpu_early_exit.sh
 #        OUT=/some/dir DATA=.data CHECKPOINT=ckpt/model_d512.pt TESTS=0 bash scripts/gpu_early_exit.sh
 set -uo pipefail
@@ -48,6 +50,11 @@ torch.save({"model": {k: v.bfloat16() if v.is_floating_point() else v for k, v i
             "config": c["config"], "step": c["step"], "optimizer": None}, sys.argv[2])
 PY
 fi
+for min_steps in ${TIMING_RUNS:-}; do
+  timeout 120 python scripts/early_exit_bench.py --checkpoint "$checkpoint" --data "$DATA/tinyshakespeare.txt" \
+    --timing-only --min-steps "$min_steps" 2>&1 | tail -n 1 | tee -a "$OUT/timing_runs.log"
+done
+[ "${PROFILE:-1}" = 1 ] || exit 0
 echo "== early-exit profile, d$d"
 python scripts/early_exit_profile.py --checkpoint "$checkpoint" --data "$DATA/tinyshakespeare.txt" \
   --out "$OUT/profile_d$d.json" $([ "${SWEEP:-0}" = 1 ] && echo --sweep-attention-tiles) 2>&1 \
