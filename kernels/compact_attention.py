@@ -26,8 +26,9 @@ from trm_fast.kernels.matmul import INTERPRET, dot_config
 # with the L2 cache flushed before every call, unlike a step, where the keys / values were just written and sit
 # in L2; its picks changed from process to process (session 11). Picked by `scripts/early_exit_profile.py
 # --sweep-attention-tiles` (each candidate timed as a CUDA graph of 20 calls over random rows of each share, B16
-# L512 H8 Dh64, bf16, H100, session 12): (64, 32, 4, 3) took 25 / 31 / 35 us at 2-4 quarters, against 37 / 44 / 47
-# for session 11's (128, 64, 8, 3); (64, 64, 4, 3) took 21 us at one quarter.
+# L512 H8 Dh64, bf16, H100, session 12, programs in order of falling work): (64, 32, 4, 3) took 23 / 28 / 31 us at
+# 2-4 quarters ((128, 64, 4, 3) tied at 4), (64, 64, 4, 3) 19 us at one quarter; session 11's (128, 64, 8, 3) took
+# 37 / 44 / 47 us at 2-4 quarters before that order.
 CANDIDATE_TILES = ((128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3),
                    (64, 32, 4, 4), (128, 128, 8, 2), (32, 64, 4, 3), (32, 32, 4, 3), (16, 64, 4, 3))
 TILES_BY_QUARTERS = {1: (64, 64, 4, 3), 2: (64, 32, 4, 3), 3: (64, 32, 4, 3), 4: (64, 32, 4, 3)}
