@@ -119,7 +119,8 @@ void route_rows_cpu(const at::Tensor& confidence, at::Tensor& rows, at::Tensor& 
                     at::Tensor& counts, const at::Tensor& step, double threshold) {
   check_route_rows_inputs(confidence, rows, exited_rows, exit_step, counts, step, threshold);
   const int64_t m = rows.numel(), n = exit_step.numel(), step_value = step.item<int64_t>();
-  const float* c = confidence.contiguous().const_data_ptr<float>();
+  const at::Tensor conf = confidence.contiguous();  // held: a temporary's pointer would dangle
+  const float* c = conf.const_data_ptr<float>();
   int64_t* kept = rows.data_ptr<int64_t>();
   int64_t* exited = exited_rows.data_ptr<int64_t>();
   int64_t* steps = exit_step.data_ptr<int64_t>();

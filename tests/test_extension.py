@@ -163,6 +163,15 @@ def test_route_rows_matches_loop(device, m, threshold):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_route_rows_reads_strided_confidence(device):
+    confidence, rows, exited_rows, exit_step, counts, step = route_rows_inputs(3000, 5000, device)
+    strided = torch.stack([confidence, torch.zeros_like(confidence)], dim=1)[:, 0]  # every other float
+    want = expected_route_rows(confidence, rows, exit_step, 4, 0.5)
+    ops.route_rows(strided, rows, exited_rows, exit_step, counts, step, 0.5)
+    assert (rows.tolist(), exited_rows.tolist(), exit_step.tolist(), counts.tolist()) == want
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_route_rows_all_and_none_exit(device):
     for threshold, exited in ((0.0, True), (1.0, False)):
         confidence, rows, exited_rows, exit_step, counts, step = route_rows_inputs(3000, 5000, device)
