@@ -167,8 +167,14 @@ class _Run:
         self.host_counts = torch.zeros(2, dtype=torch.long, pin_memory=use_graphs)
         self.counts_copied = torch.cuda.Event() if use_graphs else None
 
+    def copy_counts(self) -> None:
+        """Start copying the counts of the routing just launched to the host (to pinned memory with graphs)."""
+        self.host_counts.copy_(self.counts, non_blocking=True)
+        if self.counts_copied is not None:
+            self.counts_copied.record()
+
     def read_counts(self) -> list:
-        """[exited, still active] of the last routing: copied as soon as it is written, waited for here."""
+        """[exited, still active] of the last routing, once `copy_counts` has landed."""
         if self.counts_copied is not None:
             self.counts_copied.synchronize()
         return self.host_counts.tolist()
@@ -332,9 +338,7 @@ def compacted_early_exit(model, input_ids: torch.Tensor, config: EarlyExit, atte
         run.launch(("step", size, step == 1, routing, last), lambda: run.recurse(size, step == 1, routing, last))
         active_per_step.append(entering)
         if routing is not None:
-            run.host_counts.copy_(run.counts, non_blocking=True)
-            if run.counts_copied is not None:
-                run.counts_copied.record()
+            run.copy_counts()
             listed = size
             run.launch(("exit", listed), lambda: run.finish(listed))
             exited, entering = run.read_counts()
