@@ -1,22 +1,25 @@
 """`trm_fast::attention`: causal self-attention with a key-padding mask and attention-probability dropout,
 flash-style (online softmax, no L x L matrix in memory), forward and backward.
 
-q, k, v are [B, L, H, Dh] views with unit stride over Dh (e.g. slices of the QKV projection's output), Dh 16,
-32 or 64 on CUDA (other head dims take the torch path; any size on the CPU path). Query i attends to keys j <=
-i with key_valid[b, j]; a query with no such key outputs zero and gets no gradient (its log-sum-exp is stored
-as +inf). The dropout mask is drawn from (seed, element index) with `tl.rand` and drawn again in the backward,
-never stored. Backward: the FlashAttention-2 split, one kernel for dK / dV (a program per key block) and one
-for dQ (a program per query block), with delta = rowsum(dO * O) computed first. Scores are kept in log2 units
-(exp2); only the tiles on the diagonal apply the causal test. Tile sizes are autotuned on CUDA.
+The op takes the QKV projection's output as it is, qkv [B, L, 3, H, Dh], and its backward writes dQ, dK and dV
+into one tensor of that layout, the gradient of the projection's output (no stacking of three gradients). Dh
+16, 32 or 64 on CUDA (other head dims take the torch path; any size on the CPU path). Query i attends to keys
+j <= i with key_valid[b, j]; a query with no such key outputs zero and gets no gradient (its log-sum-exp is
+stored as +inf). The dropout mask is drawn from (seed tensor, row, column) by kernels/dropout.py and drawn
+again in the backward, never stored. Backward: the FlashAttention-2 split, one kernel for dK / dV (a program
+per key block) and one for dQ (a program per query block), with delta = rowsum(dO * O) computed first. Scores
+are kept in log2 units (exp2); only the tiles on the diagonal apply the causal test. Tile sizes are autotuned
+on CUDA.
 """
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from trm_fast import torch_ops
+from trm_fast.kernels.dropout import check_seed, keep_mask, load_seed, new_seed, row_key, seed_value
 from trm_fast.kernels.matmul import dot_config, tile_configs
 
 TRITON_HEAD_DIMS = (16, 32, 64)  # on CUDA; 128 passes the interpreter but its GPU run did not finish (NOTES.md)
@@ -56,13 +59,13 @@ def _scores(q, k, key_ok, rows, cols, qk_scale, CAUSAL: tl.constexpr, PRECISION:
 
 
 @triton.jit
-def _keep(seed, bh, rows, cols, L, p):
+def _keep(seed_ptr, bh, rows, cols, L, p):
     """The dropout keep-mask of the [rows, cols] tile of head bh (drawn alike in forward and backward)."""
-    return tl.rand(seed, (bh * L + rows[:, None]) * L + cols[None, :]) >= p
+    return keep_mask(row_key(load_seed(seed_ptr), bh * L + rows)[:, None], cols[None, :], p)
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, k_ptr, v_ptr, key_valid_ptr, rows, dims, start, end, stride_l, L, qk_scale, p, seed,
+def _attend(acc, m_i, l_i, q, k_ptr, v_ptr, key_valid_ptr, rows, dims, start, end, stride_l, L, qk_scale, p, seed_ptr,
             bh, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """The online-softmax update of one query tile over the key tiles start..end."""
     for kstart in range(start, end, BLOCK_N):
@@ -76,7 +79,7 @@ def _attend(acc, m_i, l_i, q, k_ptr, v_ptr, key_valid_ptr, rows, dims, start, en
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(probs, axis=1)
         if HAS_DROPOUT:
-            probs = tl.where(_keep(seed, bh, rows, cols, L, p), probs / (1.0 - p), 0.0)
+            probs = tl.where(_keep(seed_ptr, bh, rows, cols, L, p), probs / (1.0 - p), 0.0)
         v = _load_tile(v_ptr, cols, dims, stride_l, L)
         acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -85,10 +88,11 @@ def _attend(acc, m_i, l_i, q, k_ptr, v_ptr, key_valid_ptr, rows, dims, start, en
 
 @triton.autotune(configs=_FWD_TILES, key=["L", "HEAD_DIM", "HAS_DROPOUT"])
 @triton.jit
-def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, o_ptr, lse_ptr, stride_b, stride_l, stride_h,
-                          stride_ob, stride_ol, stride_oh, H, L, qk_scale, p, seed, HAS_DROPOUT: tl.constexpr,
+def _attention_fwd_kernel(qkv_ptr, key_valid_ptr, o_ptr, lse_ptr, stride_b, stride_l, stride_t, stride_h,
+                          stride_ob, stride_ol, stride_oh, H, L, qk_scale, p, seed_ptr, HAS_DROPOUT: tl.constexpr,
                           PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr):
+    q_ptr, k_ptr, v_ptr = qkv_ptr, qkv_ptr + stride_t, qkv_ptr + 2 * stride_t
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     first_row = tl.program_id(0) * BLOCK_M
@@ -101,9 +105,9 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, o_ptr, lse_ptr, st
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     # keys before the tile's first query need no causal test; the diagonal tiles do
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_ptr + base, v_ptr + base, key_valid_ptr + b * L, rows, dims, 0,
-                            first_row, stride_l, L, qk_scale, p, seed, bh, False, HAS_DROPOUT, PRECISION, BLOCK_N)
+                            first_row, stride_l, L, qk_scale, p, seed_ptr, bh, False, HAS_DROPOUT, PRECISION, BLOCK_N)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_ptr + base, v_ptr + base, key_valid_ptr + b * L, rows, dims,
-                            first_row, tl.minimum(L, first_row + BLOCK_M), stride_l, L, qk_scale, p, seed, bh, True,
+                            first_row, tl.minimum(L, first_row + BLOCK_M), stride_l, L, qk_scale, p, seed_ptr, bh, True,
                             HAS_DROPOUT, PRECISION, BLOCK_N)
     has_key = l_i > 0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -136,7 +140,7 @@ def _load_query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, rows, dims, stride_l
 
 
 @triton.jit
-def _probs_and_dscores(q, do, lse, delta, k, v, key_ok, seed, bh, rows, cols, L, qk_scale, p,
+def _probs_and_dscores(q, do, lse, delta, k, v, key_ok, seed_ptr, bh, rows, cols, L, qk_scale, p,
                        CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
     """For one [rows, cols] tile: the (dropped) probabilities and dS = P * (dP - delta)."""
     s = _scores(q, k, key_ok, rows, cols, qk_scale, CAUSAL, PRECISION)
@@ -144,7 +148,7 @@ def _probs_and_dscores(q, do, lse, delta, k, v, key_ok, seed, bh, rows, cols, L,
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     dropped = probs
     if HAS_DROPOUT:
-        keep = _keep(seed, bh, rows, cols, L, p)
+        keep = _keep(seed_ptr, bh, rows, cols, L, p)
         dropped = tl.where(keep, probs / (1.0 - p), 0.0)
         dp = tl.where(keep, dp / (1.0 - p), 0.0)
     return dropped, probs * (dp - delta[:, None])
@@ -152,12 +156,12 @@ def _probs_and_dscores(q, do, lse, delta, k, v, key_ok, seed, bh, rows, cols, L,
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, key_ok, q_ptr, do_ptr, lse_ptr, delta_ptr, bh, cols, dims, start, end, stride_l,
-               stride_gl, L, qk_scale, p, seed, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               stride_gl, L, qk_scale, p, seed_ptr, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
     for qstart in range(start, end, BLOCK_M):
         rows = qstart + tl.arange(0, BLOCK_M)
         q, do, lse, delta = _load_query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, rows, dims, stride_l, stride_gl, L)
-        dropped, ds = _probs_and_dscores(q, do, lse, delta, k, v, key_ok, seed, bh, rows, cols, L, qk_scale, p,
+        dropped, ds = _probs_and_dscores(q, do, lse, delta, k, v, key_ok, seed_ptr, bh, rows, cols, L, qk_scale, p,
                                          CAUSAL, HAS_DROPOUT, PRECISION)
         dv += tl.dot(tl.trans(dropped).to(do.dtype), do, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
@@ -166,10 +170,12 @@ def _dkdv_step(dk, dv, k, v, key_ok, q_ptr, do_ptr, lse_ptr, delta_ptr, bh, cols
 
 @triton.autotune(configs=_DKDV_TILES, key=["L", "HEAD_DIM", "HAS_DROPOUT"])
 @triton.jit
-def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-                               stride_b, stride_l, stride_h, stride_gb, stride_gl, stride_gh, H, L, qk_scale, scale, p,
-                               seed, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+def _attention_bwd_dkdv_kernel(qkv_ptr, key_valid_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, stride_b, stride_l,
+                               stride_t, stride_h, stride_gb, stride_gl, stride_gh, H, L, qk_scale, scale, p,
+                               seed_ptr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    q_ptr, k_ptr, v_ptr = qkv_ptr, qkv_ptr + stride_t, qkv_ptr + 2 * stride_t
+    dk_ptr, dv_ptr = dqkv_ptr + stride_t, dqkv_ptr + 2 * stride_t
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     first_col = tl.program_id(0) * BLOCK_N
@@ -184,25 +190,25 @@ def _attention_bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, do_ptr, lse_p
     # queries before the block's first key see none of it; the diagonal tiles need the causal test, later ones not
     diagonal_end = tl.minimum(L, first_col + BLOCK_N)
     dk, dv = _dkdv_step(dk, dv, k, v, key_ok, q_ptr + base, do_ptr + g_base, lse_ptr, delta_ptr, bh, cols, dims,
-                        first_col, diagonal_end, stride_l, stride_gl, L, qk_scale, p, seed, True, HAS_DROPOUT,
+                        first_col, diagonal_end, stride_l, stride_gl, L, qk_scale, p, seed_ptr, True, HAS_DROPOUT,
                         PRECISION, BLOCK_M)
     dk, dv = _dkdv_step(dk, dv, k, v, key_ok, q_ptr + base, do_ptr + g_base, lse_ptr, delta_ptr, bh, cols, dims,
-                        diagonal_end, L, stride_l, stride_gl, L, qk_scale, p, seed, False, HAS_DROPOUT,
+                        diagonal_end, L, stride_l, stride_gl, L, qk_scale, p, seed_ptr, False, HAS_DROPOUT,
                         PRECISION, BLOCK_M)
-    out = g_base + cols[:, None] * stride_gl + dims[None, :]
+    out = base + cols[:, None] * stride_l + dims[None, :]  # dK, dV laid out as K, V
     tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=cols[:, None] < L)
     tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=cols[:, None] < L)
 
 
 @triton.jit
 def _dq_step(dq, q, do, lse, delta, k_ptr, v_ptr, key_valid_ptr, bh, rows, dims, start, end, stride_l, L, qk_scale,
-             p, seed, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+             p, seed_ptr, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
              BLOCK_N: tl.constexpr):
     for kstart in range(start, end, BLOCK_N):
         cols = kstart + tl.arange(0, BLOCK_N)
         k = _load_tile(k_ptr, cols, dims, stride_l, L)
         key_ok = _key_ok(key_valid_ptr, cols, L)
-        _, ds = _probs_and_dscores(q, do, lse, delta, k, _load_tile(v_ptr, cols, dims, stride_l, L), key_ok, seed,
+        _, ds = _probs_and_dscores(q, do, lse, delta, k, _load_tile(v_ptr, cols, dims, stride_l, L), key_ok, seed_ptr,
                                    bh, rows, cols, L, qk_scale, p, CAUSAL, HAS_DROPOUT, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     return dq
@@ -210,10 +216,11 @@ def _dq_step(dq, q, do, lse, delta, k_ptr, v_ptr, key_valid_ptr, bh, rows, dims,
 
 @triton.autotune(configs=_DQ_TILES, key=["L", "HEAD_DIM", "HAS_DROPOUT"])
 @triton.jit
-def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-                             stride_b, stride_l, stride_h, stride_gb, stride_gl, stride_gh, H, L, qk_scale, scale, p,
-                             seed, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+def _attention_bwd_dq_kernel(qkv_ptr, key_valid_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, stride_b, stride_l,
+                             stride_t, stride_h, stride_gb, stride_gl, stride_gh, H, L, qk_scale, scale, p,
+                             seed_ptr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    q_ptr, k_ptr, v_ptr, dq_ptr = qkv_ptr, qkv_ptr + stride_t, qkv_ptr + 2 * stride_t, dqkv_ptr
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     first_row = tl.program_id(0) * BLOCK_M
@@ -224,154 +231,153 @@ def _attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, do_ptr, lse_ptr
                                          stride_l, stride_gl, L)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     dq = _dq_step(dq, q, do, lse, delta, k_ptr + base, v_ptr + base, key_valid_ptr + b * L, bh, rows, dims, 0,
-                  first_row, stride_l, L, qk_scale, p, seed, False, HAS_DROPOUT, PRECISION, BLOCK_N)
+                  first_row, stride_l, L, qk_scale, p, seed_ptr, False, HAS_DROPOUT, PRECISION, BLOCK_N)
     dq = _dq_step(dq, q, do, lse, delta, k_ptr + base, v_ptr + base, key_valid_ptr + b * L, bh, rows, dims, first_row,
-                  tl.minimum(L, first_row + BLOCK_M), stride_l, L, qk_scale, p, seed, True, HAS_DROPOUT, PRECISION,
+                  tl.minimum(L, first_row + BLOCK_M), stride_l, L, qk_scale, p, seed_ptr, True, HAS_DROPOUT, PRECISION,
                   BLOCK_N)
-    tl.store(dq_ptr + g_base + rows[:, None] * stride_gl + dims[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
+    tl.store(dq_ptr + base + rows[:, None] * stride_l + dims[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
              mask=rows[:, None] < L)
 
 
 @triton.jit
-def _keep_mask_kernel(out_ptr, L, p, seed, BLOCK_N: tl.constexpr):
-    row, bh = tl.program_id(0), tl.program_id(1)
-    for start in range(0, L, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        keep = tl.rand(seed, (bh * L + row) * L + cols) >= p
-        tl.store(out_ptr + (bh * L + row) * L + cols, keep.to(tl.int8), mask=cols < L)
+def _keep_mask_kernel(out_ptr, L, p, seed_ptr, BLOCK: tl.constexpr):
+    bh = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    for start in range(0, L, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        keep = _keep(seed_ptr, bh, rows, cols, L, p)
+        tl.store(out_ptr + (bh * L + rows[:, None]) * L + cols[None, :], keep.to(tl.int8),
+                 mask=(rows[:, None] < L) & (cols[None, :] < L))
 
 
-def dropout_keep_mask(B: int, H: int, L: int, p: float, seed: int, device) -> torch.Tensor:
-    """The bool [B, H, L, L] keep-mask that the attention kernels draw for (p, seed): for tests."""
-    out = torch.empty(B, H, L, L, device=device, dtype=torch.int8)
-    _keep_mask_kernel[(L, B * H)](out, L, p, seed, BLOCK_N=64)
+def dropout_keep_mask(B: int, H: int, L: int, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """The bool [B, H, L, L] keep-mask that the attention kernels draw for (p, seed), on seed's device: for
+    tests."""
+    out = torch.empty(B, H, L, L, device=seed.device, dtype=torch.int8)
+    _keep_mask_kernel[(triton.cdiv(L, 16), B * H)](out, L, p, seed, BLOCK=16)
     return out.bool()
 
 
-def _check(q, k, v, key_valid, p):
-    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"attention: q, k, v must be the same [B, L, H, Dh], got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    B, L, H, Dh = q.shape
-    if q.is_cuda and Dh not in TRITON_HEAD_DIMS:
+def _check(qkv, key_valid, p, seed):
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"attention: qkv must be [B, L, 3, H, Dh], got {tuple(qkv.shape)}")
+    B, L, _, H, Dh = qkv.shape
+    if qkv.is_cuda and Dh not in TRITON_HEAD_DIMS:
         raise ValueError(f"attention: head dim must be one of {TRITON_HEAD_DIMS} on CUDA, got {Dh}")
-    if any(t.stride(-1) != 1 for t in (q, k, v)) or k.stride() != q.stride() or v.stride() != q.stride():
-        raise ValueError("attention: q, k, v must share strides, with unit stride over the head dim")
-    if key_valid.shape != (B, L) or key_valid.dtype != torch.bool:
-        raise ValueError(f"attention: key_valid must be a bool [B, L] = {(B, L)}, got {key_valid.dtype} "
-                         f"{tuple(key_valid.shape)}")
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"attention: dropout probability must be in [0, 1), got {p}")
-    if p > 0 and B * H * L * L >= 2**31:
-        raise ValueError(f"attention: dropout offsets overflow int32 at B*H*L*L = {B * H * L * L}")
+    if key_valid.shape != (B, L) or key_valid.dtype != torch.bool or key_valid.device != qkv.device:
+        raise ValueError(f"attention: key_valid must be a bool [B, L] = {(B, L)} on {qkv.device}, got "
+                         f"{key_valid.dtype} {tuple(key_valid.shape)} on {key_valid.device}")
+    check_seed("attention", seed, p, qkv.device)
 
 
-def attention_fwd_triton(q, k, v, key_valid, p: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(o [B, L, H, Dh] contiguous, lse [B, H, L] float32 in log2 units, +inf for a query without keys)."""
-    B, L, H, Dh = q.shape
-    o = torch.empty(B, L, H, Dh, device=q.device, dtype=q.dtype)
-    lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
+def attention_fwd_triton(qkv, key_valid, p: float, seed: Optional[torch.Tensor]):
+    """(o [B, L, H, Dh] contiguous, lse [B, H, L] float32 in log2 units, +inf for a query without keys) for qkv
+    [B, L, 3, H, Dh] with unit stride over Dh; `seed` is read when p > 0."""
+    B, L, _, H, Dh = qkv.shape
+    o = torch.empty(B, L, H, Dh, device=qkv.device, dtype=qkv.dtype)
+    lse = torch.empty(B, H, L, device=qkv.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _attention_fwd_kernel[grid](q, k, v, key_valid, o, lse, q.stride(0), q.stride(1), q.stride(2),
-                                o.stride(0), o.stride(1), o.stride(2), H, L, LOG2E / math.sqrt(Dh), p, seed,
-                                HAS_DROPOUT=p > 0, HEAD_DIM=Dh, PRECISION=dot_config(q.dtype)[1])
+    _attention_fwd_kernel[grid](qkv, key_valid, o, lse, *qkv.stride()[:4], o.stride(0), o.stride(1), o.stride(2), H,
+                                L, LOG2E / math.sqrt(Dh), p, seed if p > 0 else lse, HAS_DROPOUT=p > 0, HEAD_DIM=Dh,
+                                PRECISION=dot_config(qkv.dtype)[1])
     return o, lse
 
 
-def attention_bwd_triton(do, q, k, v, o, lse, key_valid, p: float, seed: int):
-    """(dq, dk, dv), each [B, L, H, Dh] contiguous; `do` and `o` contiguous [B, L, H, Dh]."""
-    B, L, H, Dh = q.shape
-    delta = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
+def attention_bwd_triton(do, qkv, o, lse, key_valid, p: float, seed: Optional[torch.Tensor]) -> torch.Tensor:
+    """dqkv, laid out as qkv; `do` and `o` contiguous [B, L, H, Dh]."""
+    B, L, _, H, Dh = qkv.shape
+    dqkv = torch.empty_like(qkv)
+    delta = torch.empty(B, H, L, device=qkv.device, dtype=torch.float32)
     _attention_bwd_delta_kernel[(triton.cdiv(L, 64), B * H)](o, do, delta, o.stride(0), o.stride(1), o.stride(2), H, L,
                                                              HEAD_DIM=Dh, BLOCK=64)
-    dq, dk, dv = (torch.empty(B, L, H, Dh, device=q.device, dtype=q.dtype) for _ in range(3))
-    common = (q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2), H, L,
-              LOG2E / math.sqrt(Dh), 1.0 / math.sqrt(Dh), p, seed)
-    meta = dict(HAS_DROPOUT=p > 0, HEAD_DIM=Dh, PRECISION=dot_config(q.dtype)[1])
+    common = (*qkv.stride()[:4], do.stride(0), do.stride(1), do.stride(2), H, L, LOG2E / math.sqrt(Dh),
+              1.0 / math.sqrt(Dh), p, seed if p > 0 else lse)
+    meta = dict(HAS_DROPOUT=p > 0, HEAD_DIM=Dh, PRECISION=dot_config(qkv.dtype)[1])
     _attention_bwd_dkdv_kernel[lambda m: (triton.cdiv(L, m["BLOCK_N"]), B * H)](
-        q, k, v, key_valid, do, lse, delta, dk, dv, *common, **meta)
+        qkv, key_valid, do, lse, delta, dqkv, *common, **meta)
     _attention_bwd_dq_kernel[lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H)](
-        q, k, v, key_valid, do, lse, delta, dq, *common, **meta)
-    return dq, dk, dv
+        qkv, key_valid, do, lse, delta, dqkv, *common, **meta)
+    return dqkv
 
 
-def _probs_torch(q, k, key_valid, p: float, seed: int):
+def _probs_torch(qkv, key_valid, p: float, seed: Optional[torch.Tensor]):
     """(softmax probabilities [B, H, L, L] in float32, dropout keep-scale or None): the op's path off CUDA.
     Its dropout mask comes from a CPU generator seeded with `seed`, so the backward draws it again alike."""
-    B, L, H, Dh = q.shape
-    scores = torch.einsum("blhd,bmhd->bhlm", q.float(), k.float()) / math.sqrt(Dh)
+    q, k = qkv[:, :, 0].float(), qkv[:, :, 1].float()
+    L, Dh = q.shape[1], q.shape[-1]
+    scores = torch.einsum("blhd,bmhd->bhlm", q, k) / math.sqrt(Dh)
     allowed = torch.ones(L, L, dtype=torch.bool, device=q.device).tril() & key_valid[:, None, None, :]
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
     if p == 0:
         return probs, None
-    keep = torch.rand(probs.shape, generator=torch.Generator().manual_seed(seed)) >= p
+    keep = torch.rand(probs.shape, generator=torch.Generator().manual_seed(seed_value(seed))) >= p
     return probs, keep.to(probs.device) / (1.0 - p)
 
 
-def attention_forward(q, k, v, key_valid, p: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def attention_forward(qkv, key_valid, p: float, seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """(o [B, L, H, Dh], lse [B, H, L]; lse is empty off CUDA): Triton on CUDA, torch elsewhere."""
-    _check(q, k, v, key_valid, p)
-    if q.is_cuda:
-        return attention_fwd_triton(q, k, v, key_valid, p, seed)
-    probs, keep_scale = _probs_torch(q, k, key_valid, p, seed)
+    _check(qkv, key_valid, p, seed)
+    if qkv.is_cuda:
+        return attention_fwd_triton(qkv.contiguous(), key_valid, p, seed)
+    probs, keep_scale = _probs_torch(qkv, key_valid, p, seed)
     dropped = probs if keep_scale is None else probs * keep_scale
-    o = torch.einsum("bhlm,bmhd->blhd", dropped, v.float()).to(q.dtype).contiguous()
-    return o, q.new_empty(0, dtype=torch.float32)
+    o = torch.einsum("bhlm,bmhd->blhd", dropped, qkv[:, :, 2].float()).to(qkv.dtype).contiguous()
+    return o, qkv.new_empty(0, dtype=torch.float32)
 
 
-def attention_backward(do, q, k, v, o, lse, key_valid, p: float, seed: int):
-    if q.is_cuda:
-        return attention_bwd_triton(do.contiguous(), q, k, v, o.contiguous(), lse, key_valid, p, seed)
-    probs, keep_scale = _probs_torch(q, k, key_valid, p, seed)
+def attention_backward(do, qkv, o, lse, key_valid, p: float, seed: Optional[torch.Tensor]) -> torch.Tensor:
+    """dqkv [B, L, 3, H, Dh]."""
+    if qkv.is_cuda:
+        return attention_bwd_triton(do.contiguous(), qkv.contiguous(), o.contiguous(), lse, key_valid, p, seed)
+    probs, keep_scale = _probs_torch(qkv, key_valid, p, seed)
     dropped = probs if keep_scale is None else probs * keep_scale
+    q, k, v = qkv.float().unbind(2)
     do32 = do.float()
     dv = torch.einsum("bhlm,blhd->bmhd", dropped, do32)
-    dprobs = torch.einsum("blhd,bmhd->bhlm", do32, v.float())
+    dprobs = torch.einsum("blhd,bmhd->bhlm", do32, v)
     if keep_scale is not None:
         dprobs = dprobs * keep_scale
     dscores = probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True)) / math.sqrt(q.shape[-1])
-    dq = torch.einsum("bhlm,bmhd->blhd", dscores, k.float())
-    dk = torch.einsum("bhlm,blhd->bmhd", dscores, q.float())
-    return tuple(g.to(q.dtype).contiguous() for g in (dq, dk, dv))
+    dq = torch.einsum("bhlm,bmhd->blhd", dscores, k)
+    dk = torch.einsum("bhlm,blhd->bmhd", dscores, q)
+    return torch.stack((dq, dk, dv), dim=2).to(qkv.dtype)
 
 
 @torch.library.custom_op("trm_fast::attention", mutates_args=())
-def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor, p: float,
-                 seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(o [B, L, H, Dh], lse [B, H, L]; lse is empty off CUDA)."""
-    return attention_forward(q, k, v, key_valid, p, seed)
+def attention_op(qkv: torch.Tensor, key_valid: torch.Tensor, p: float,
+                 seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(o [B, L, H, Dh], lse [B, H, L]; lse is empty off CUDA) of qkv [B, L, 3, H, Dh]."""
+    return attention_forward(qkv, key_valid, p, seed)
 
 
 @attention_op.register_fake
-def _(q, k, v, key_valid, p, seed):
-    B, L, H, Dh = q.shape
-    lse_shape = (B, H, L) if q.is_cuda else (0,)
-    return q.new_empty(B, L, H, Dh), q.new_empty(lse_shape, dtype=torch.float32)
+def _(qkv, key_valid, p, seed):
+    B, L, _, H, Dh = qkv.shape
+    lse_shape = (B, H, L) if qkv.is_cuda else (0,)
+    return qkv.new_empty(B, L, H, Dh), qkv.new_empty(lse_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("trm_fast::attention_backward", mutates_args=())
-def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                          lse: torch.Tensor, key_valid: torch.Tensor, p: float,
-                          seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_backward(do, q, k, v, o, lse, key_valid, p, seed)
+def attention_backward_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                          key_valid: torch.Tensor, p: float, seed: Optional[torch.Tensor]) -> torch.Tensor:
+    return attention_backward(do, qkv, o, lse, key_valid, p, seed)
 
 
 @attention_backward_op.register_fake
-def _(do, q, k, v, o, lse, key_valid, p, seed):
-    return tuple(q.new_empty(q.shape) for _ in range(3))
+def _(do, qkv, o, lse, key_valid, p, seed):
+    return torch.empty_like(qkv)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_valid, p, seed = inputs
+    qkv, key_valid, p, seed = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, key_valid)
-    ctx.p, ctx.seed = p, seed
+    ctx.save_for_backward(qkv, o, lse, key_valid, seed)
+    ctx.p = p
 
 
 def _backward(ctx, do, _grad_lse):
-    q, k, v, o, lse, key_valid = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(do, q, k, v, o, lse, key_valid, ctx.p, ctx.seed)
-    return dq, dk, dv, None, None, None
+    qkv, o, lse, key_valid, seed = ctx.saved_tensors
+    return attention_backward_op(do, qkv, o, lse, key_valid, ctx.p, seed), None, None, None
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -381,23 +387,23 @@ class _Attention(torch.autograd.Function):
     """The eager path (see kernels/concat_linear.py)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_valid, p, seed):
-        o, lse = attention_forward(q, k, v, key_valid, p, seed)
-        ctx.save_for_backward(q, k, v, o, lse, key_valid)
-        ctx.p, ctx.seed = p, seed
+    def forward(ctx, qkv, key_valid, p, seed):
+        o, lse = attention_forward(qkv, key_valid, p, seed)
+        ctx.save_for_backward(qkv, o, lse, key_valid, seed)
+        ctx.p = p
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, key_valid = ctx.saved_tensors
-        return (*attention_backward(do, q, k, v, o, lse, key_valid, ctx.p, ctx.seed), None, None, None)
+        qkv, o, lse, key_valid, seed = ctx.saved_tensors
+        return attention_backward(do, qkv, o, lse, key_valid, ctx.p, seed), None, None, None
 
 
-def attention(q, k, v, key_valid, p: float, seed: int) -> torch.Tensor:
-    """o [B, L, H, Dh] of the attention op, differentiable in q, k, v."""
+def attention(qkv, key_valid, p: float, seed: Optional[torch.Tensor]) -> torch.Tensor:
+    """o [B, L, H, Dh] of the attention op on qkv [B, L, 3, H, Dh], differentiable in qkv."""
     if torch.compiler.is_compiling():
-        return attention_op(q, k, v, key_valid, p, seed)[0]
-    return _Attention.apply(q, k, v, key_valid, p, seed)
+        return attention_op(qkv, key_valid, p, seed)[0]
+    return _Attention.apply(qkv, key_valid, p, seed)
 
 
 def causal_attention(h, key_valid, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, n_heads: int,
@@ -411,6 +417,5 @@ def causal_attention(h, key_valid, in_proj_weight, in_proj_bias, out_proj_weight
         return torch_ops.causal_attention(h, key_valid, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
                                           n_heads, dropout_p)
     qkv = torch.nn.functional.linear(h, in_proj_weight, in_proj_bias).view(B, L, 3, n_heads, D // n_heads)
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
-    o = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_valid, dropout_p, seed)
+    o = attention(qkv, key_valid, dropout_p, new_seed(h.device) if dropout_p > 0 else None)
     return torch.nn.functional.linear(o.reshape(B, L, D), out_proj_weight, out_proj_bias)

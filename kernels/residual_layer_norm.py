@@ -1,30 +1,31 @@
 """`trm_fast::add_layer_norm`: `layer_norm(h + dropout(residual))` with its backward, for training.
 
 Forward: one program per row, float32 statistics; the dropout mask is never stored: it is drawn from
-(seed, element index) with `tl.rand` and drawn again in the backward. Saved for the backward: h,
+(seed, row, column) by kernels/dropout.py and drawn again in the backward. Saved for the backward: h,
 residual, and per row the mean and 1/std. Backward: a program walks a band of rows, writes the input
 gradients (the residual's through the same mask) and keeps float32 partial sums of the weight and bias
 gradients, reduced over bands afterwards.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from trm_fast.kernels.dropout import check_seed, keep_mask, load_seed, new_seed, row_key, seed_value
+
 ROWS_PER_PROGRAM = 16
 
 
 @triton.jit
-def _dropped(r, seed, offsets, p, HAS_DROPOUT: tl.constexpr):
+def _dropped(r, seed_ptr, row, cols, p, HAS_DROPOUT: tl.constexpr):
     if HAS_DROPOUT:
-        keep = tl.rand(seed, offsets) >= p
-        r = tl.where(keep, r / (1.0 - p), 0.0)
+        r = tl.where(keep_mask(row_key(load_seed(seed_ptr), row), cols, p), r / (1.0 - p), 0.0)
     return r
 
 
 @triton.jit
-def _residual_layer_norm_fwd_kernel(h_ptr, r_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, N, eps, p, seed,
+def _residual_layer_norm_fwd_kernel(h_ptr, r_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, N, eps, p, seed_ptr,
                                     HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -32,7 +33,7 @@ def _residual_layer_norm_fwd_kernel(h_ptr, r_ptr, w_ptr, b_ptr, out_ptr, mean_pt
     offsets = row * N + cols
     h = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    s = h + _dropped(r, seed, offsets, p, HAS_DROPOUT)
+    s = h + _dropped(r, seed_ptr, row, cols, p, HAS_DROPOUT)
     mean = tl.sum(s, axis=0) / N
     centered = tl.where(mask, s - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
@@ -45,7 +46,7 @@ def _residual_layer_norm_fwd_kernel(h_ptr, r_ptr, w_ptr, b_ptr, out_ptr, mean_pt
 
 @triton.jit
 def _residual_layer_norm_bwd_kernel(dy_ptr, h_ptr, r_ptr, w_ptr, mean_ptr, rstd_ptr, dh_ptr, dr_ptr, dw_ptr, db_ptr,
-                                    M, N, p, seed, HAS_DROPOUT: tl.constexpr, ROWS: tl.constexpr,
+                                    M, N, p, seed_ptr, HAS_DROPOUT: tl.constexpr, ROWS: tl.constexpr,
                                     BLOCK: tl.constexpr):
     band = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -60,12 +61,12 @@ def _residual_layer_norm_bwd_kernel(dy_ptr, h_ptr, r_ptr, w_ptr, mean_ptr, rstd_
             dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             h = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             r = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            s = h + _dropped(r, seed, offsets, p, HAS_DROPOUT)
+            s = h + _dropped(r, seed_ptr, row, cols, p, HAS_DROPOUT)
             xhat = tl.where(mask, (s - tl.load(mean_ptr + row)) * tl.load(rstd_ptr + row), 0.0)
             wdy = w * dy
             ds = (wdy - (xhat * (tl.sum(xhat * wdy, axis=0) / N) + tl.sum(wdy, axis=0) / N)) * tl.load(rstd_ptr + row)
             tl.store(dh_ptr + offsets, ds.to(dh_ptr.dtype.element_ty), mask=mask)
-            tl.store(dr_ptr + offsets, _dropped(ds, seed, offsets, p, HAS_DROPOUT).to(dr_ptr.dtype.element_ty),
+            tl.store(dr_ptr + offsets, _dropped(ds, seed_ptr, row, cols, p, HAS_DROPOUT).to(dr_ptr.dtype.element_ty),
                      mask=mask)
             dw += dy * xhat
             db += dy
@@ -74,18 +75,20 @@ def _residual_layer_norm_bwd_kernel(dy_ptr, h_ptr, r_ptr, w_ptr, mean_ptr, rstd_
 
 
 def residual_layer_norm_fwd_triton(h, residual, weight, bias, eps: float, p: float,
-                                   seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out in weight's dtype, mean, rstd) for contiguous [M, N] h and residual (of any float dtypes)."""
+                                   seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out in weight's dtype, mean, rstd) for contiguous [M, N] h and residual (of any float dtypes); `seed`
+    (kernels/dropout.py) is read only when p > 0."""
     M, N = h.shape
     out = torch.empty(M, N, device=h.device, dtype=weight.dtype)
     mean = torch.empty(M, device=h.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    _residual_layer_norm_fwd_kernel[(M,)](h, residual, weight, bias, out, mean, rstd, N, eps, p, seed,
-                                          HAS_DROPOUT=p > 0, BLOCK=triton.next_power_of_2(N))
+    _residual_layer_norm_fwd_kernel[(M,)](h, residual, weight, bias, out, mean, rstd, N, eps, p,
+                                          seed if p > 0 else mean, HAS_DROPOUT=p > 0, BLOCK=triton.next_power_of_2(N))
     return out, mean, rstd
 
 
-def residual_layer_norm_bwd_triton(grad_out, h, residual, weight, mean, rstd, p: float, seed: int):
+def residual_layer_norm_bwd_triton(grad_out, h, residual, weight, mean, rstd, p: float,
+                                   seed: Optional[torch.Tensor]):
     """(grad h, grad residual, grad weight, grad bias)."""
     M, N = h.shape
     bands = triton.cdiv(M, ROWS_PER_PROGRAM)
@@ -93,12 +96,13 @@ def residual_layer_norm_bwd_triton(grad_out, h, residual, weight, mean, rstd, p:
     partial_w = torch.empty(bands, N, device=h.device, dtype=torch.float32)
     partial_b = torch.empty_like(partial_w)
     _residual_layer_norm_bwd_kernel[(bands,)](grad_out, h, residual, weight, mean, rstd, grad_h, grad_residual,
-                                              partial_w, partial_b, M, N, p, seed, HAS_DROPOUT=p > 0,
+                                              partial_w, partial_b, M, N, p,
+                                              seed if p > 0 else mean, HAS_DROPOUT=p > 0,
                                               ROWS=ROWS_PER_PROGRAM, BLOCK=triton.next_power_of_2(N))
     return grad_h, grad_residual, partial_w.sum(0).to(weight.dtype), partial_b.sum(0).to(weight.dtype)
 
 
-def _check(h, residual, weight, bias, p):
+def _check(h, residual, weight, bias, p, seed):
     if residual.shape != h.shape or residual.device != h.device or not (h.is_floating_point()
                                                                         and residual.is_floating_point()):
         raise ValueError(f"add_layer_norm: h {tuple(h.shape)} {h.dtype} and residual {tuple(residual.shape)} "
@@ -106,15 +110,14 @@ def _check(h, residual, weight, bias, p):
     if weight.shape != (h.shape[-1],) or bias.shape != (h.shape[-1],):
         raise ValueError(f"add_layer_norm: weight and bias must be [{h.shape[-1]}], got {tuple(weight.shape)} "
                          f"and {tuple(bias.shape)}")
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"add_layer_norm: dropout probability must be in [0, 1), got {p}")
+    check_seed("add_layer_norm", seed, p, h.device)
 
 
-def _dropped_torch(residual: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def _dropped_torch(residual: torch.Tensor, p: float, seed: Optional[torch.Tensor]) -> torch.Tensor:
     """The CPU path's dropout: a mask drawn from a CPU generator seeded with `seed`, so drawn again alike."""
     if p == 0:
         return residual
-    keep = torch.rand(residual.shape, generator=torch.Generator().manual_seed(seed)) >= p
+    keep = torch.rand(residual.shape, generator=torch.Generator().manual_seed(seed_value(seed))) >= p
     return residual * keep.to(residual.device) / (1.0 - p)
 
 
@@ -125,10 +128,10 @@ def _normalized_torch(h, residual, eps, p, seed):
     return (s - mean[:, None]) * rstd[:, None], mean, rstd
 
 
-def add_layer_norm_forward(h, residual, weight, bias, eps: float, p: float, seed: int):
+def add_layer_norm_forward(h, residual, weight, bias, eps: float, p: float, seed: Optional[torch.Tensor]):
     """(out in weight's dtype, per-row mean, per-row 1/std): Triton on CUDA, the same math in torch elsewhere;
     float32 statistics and sum whatever the dtypes of h and residual."""
-    _check(h, residual, weight, bias, p)
+    _check(h, residual, weight, bias, p, seed)
     N = h.shape[-1]
     if not h.is_cuda:
         xhat, mean, rstd = _normalized_torch(h, residual, eps, p, seed)
@@ -138,7 +141,7 @@ def add_layer_norm_forward(h, residual, weight, bias, eps: float, p: float, seed
     return out.view(h.shape), mean, rstd
 
 
-def add_layer_norm_backward(grad_out, h, residual, weight, mean, rstd, p: float, seed: int):
+def add_layer_norm_backward(grad_out, h, residual, weight, mean, rstd, p: float, seed: Optional[torch.Tensor]):
     """(grad h, grad residual, grad weight, grad bias), each in its input's dtype."""
     N = h.shape[-1]
     if h.is_cuda:
@@ -157,7 +160,7 @@ def add_layer_norm_backward(grad_out, h, residual, weight, mean, rstd, p: float,
 
 @torch.library.custom_op("trm_fast::add_layer_norm", mutates_args=())
 def add_layer_norm_op(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                      p: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      p: float, seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, per-row mean, per-row 1/std): Triton on CUDA, the same math in torch elsewhere."""
     return add_layer_norm_forward(h, residual, weight, bias, eps, p, seed)
 
@@ -172,7 +175,8 @@ def _(h, residual, weight, bias, eps, p, seed):
 @torch.library.custom_op("trm_fast::add_layer_norm_backward", mutates_args=())
 def add_layer_norm_backward_op(grad_out: torch.Tensor, h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                mean: torch.Tensor, rstd: torch.Tensor, p: float,
-                               seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                               seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                      torch.Tensor]:
     return add_layer_norm_backward(grad_out, h, residual, weight, mean, rstd, p, seed)
 
 
@@ -184,14 +188,14 @@ def _(grad_out, h, residual, weight, mean, rstd, p, seed):
 def _setup_context(ctx, inputs, output):
     h, residual, weight, _, _, p, seed = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(h, residual, weight, mean, rstd)
-    ctx.p, ctx.seed = p, seed
+    ctx.save_for_backward(h, residual, weight, mean, rstd, seed)
+    ctx.p = p
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
-    h, residual, weight, mean, rstd = ctx.saved_tensors
+    h, residual, weight, mean, rstd, seed = ctx.saved_tensors
     grad_h, grad_residual, grad_weight, grad_bias = add_layer_norm_backward_op(grad_out, h, residual, weight, mean,
-                                                                               rstd, ctx.p, ctx.seed)
+                                                                               rstd, ctx.p, seed)
     return grad_h, grad_residual, grad_weight, grad_bias, None, None, None
 
 
@@ -204,20 +208,21 @@ class _AddLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, residual, weight, bias, eps, p, seed):
         out, mean, rstd = add_layer_norm_forward(h, residual, weight, bias, eps, p, seed)
-        ctx.save_for_backward(h, residual, weight, mean, rstd)
-        ctx.p, ctx.seed = p, seed
+        ctx.save_for_backward(h, residual, weight, mean, rstd, seed)
+        ctx.p = p
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        return (*add_layer_norm_backward(grad_out, *ctx.saved_tensors, ctx.p, ctx.seed), None, None, None)
+        *saved, seed = ctx.saved_tensors
+        return (*add_layer_norm_backward(grad_out, *saved, ctx.p, seed), None, None, None)
 
 
 def add_layer_norm(h, residual, weight, bias, eps: float, dropout_p: float) -> torch.Tensor:
     """The TinyNet op: `layer_norm(h + dropout(residual))`, a fresh dropout seed per call; h and residual may
     differ in dtype (summed in float32); the output has the LayerNorm weight's dtype (float32 under autocast,
     as autocast runs layer_norm)."""
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 else 0
+    seed = new_seed(h.device) if dropout_p > 0 else None
     if torch.compiler.is_compiling():
         return add_layer_norm_op(h, residual, weight, bias, eps, dropout_p, seed)[0]
     return _AddLayerNorm.apply(h, residual, weight, bias, eps, dropout_p, seed)

@@ -12,6 +12,7 @@ triton = pytest.importorskip("triton")
 from trm_fast import torch_ops  # noqa: E402
 from trm_fast.kernels import attention as attn  # noqa: E402
 from trm_fast.kernels import concat_linear as cl  # noqa: E402
+from trm_fast.kernels import cross_entropy as ce  # noqa: E402
 from trm_fast.kernels import feed_forward as ffn  # noqa: E402
 from trm_fast.kernels import residual_layer_norm as rln  # noqa: E402
 
@@ -24,6 +25,10 @@ def _randn(*shape, seed=0):
 
 def _double_leaves(*tensors):
     return [t.double().requires_grad_() for t in tensors]
+
+
+def _seed(value, device=KERNEL_DEVICE):
+    return torch.tensor([value], device=device)
 
 
 def _close(got, expected, tol=1e-4):
@@ -51,9 +56,9 @@ def test_concat_linear_kernels(num_inputs, M, K, N):
 def test_residual_layer_norm_kernels(M, N, p):
     h, residual, weight, bias, grad_out = (_randn(*shape, seed=i) for i, shape in
                                            enumerate([(M, N), (M, N), (N,), (N,), (M, N)]))
-    out, mean, rstd = rln.residual_layer_norm_fwd_triton(h, residual, weight, bias, 1e-5, p, 123)
+    out, mean, rstd = rln.residual_layer_norm_fwd_triton(h, residual, weight, bias, 1e-5, p, _seed(123))
     grad_h, grad_residual, grad_weight, grad_bias = rln.residual_layer_norm_bwd_triton(
-        grad_out, h, residual, weight, mean, rstd, p, 123)
+        grad_out, h, residual, weight, mean, rstd, p, _seed(123))
     keep = torch.ones_like(h, dtype=torch.bool) if p == 0 else grad_residual != 0  # the mask the kernels drew
     if p > 0:
         assert abs(1 - float(keep.float().mean()) - p) < 0.15
@@ -76,7 +81,7 @@ def test_ops_autograd_and_opcheck(device):
     _close(out, F.linear(torch.cat([x.double() for x in xs], -1), weight.double(), bias.double()), 1e-4)
     h, r = torch.randn(2, 5, 16, generator=g).to(device), torch.randn(2, 5, 16, generator=g).to(device)
     w, b = torch.randn(16, generator=g).to(device), torch.randn(16, generator=g).to(device)
-    for p, seed in ((0.0, 0), (0.25, 7)):
+    for p, seed in ((0.0, None), (0.25, _seed(7, device))):
         args = (h.requires_grad_(), r.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 1e-5, p, seed)
         torch.library.opcheck(torch.ops.trm_fast.add_layer_norm.default, args)
     _close(rln.add_layer_norm(h, r, w, b, 1e-5, 0.0),
@@ -116,7 +121,7 @@ def test_kernels_take_wider_inputs_than_their_weights():
     _close(got, expected, 2e-2)
     h, residual = xs[0].bfloat16(), xs[1]
     ln_w, ln_b = _randn(K, seed=20), _randn(K, seed=21)
-    out, _, _ = rln.residual_layer_norm_fwd_triton(h, residual, ln_w, ln_b, 1e-5, 0.0, 0)
+    out, _, _ = rln.residual_layer_norm_fwd_triton(h, residual, ln_w, ln_b, 1e-5, 0.0, None)
     assert out.dtype == torch.float32
     _close(out, F.layer_norm(h.double() + residual.double(), (K,), ln_w.double(), ln_b.double(), 1e-5))
 
@@ -136,21 +141,32 @@ def test_attention_kernels(B, L, H, Dh, p):
     if KERNEL_DEVICE == "cuda" and Dh not in attn.TRITON_HEAD_DIMS:
         pytest.skip(f"head dim {Dh} is not enabled on CUDA yet")
     qkv = _randn(B, L, 3, H, Dh)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # strided views, as TinyNet passes them
     key_valid = torch.rand(B, L, generator=torch.Generator().manual_seed(1)) > 0.3
     key_valid[0, : min(3, L)] = False  # the first queries of row 0 have no key at all
     key_valid = key_valid.to(KERNEL_DEVICE)
-    out, lse = attn.attention_fwd_triton(q, k, v, key_valid, p, 11)
+    out, lse = attn.attention_fwd_triton(qkv, key_valid, p, _seed(11))
     assert bool(torch.isfinite(out).all()) and bool((out[0, : min(3, L)] == 0).all())
-    keep_scale = attn.dropout_keep_mask(B, H, L, p, 11, KERNEL_DEVICE).double() / (1 - p) if p > 0 else 1.0
-    leaves = _double_leaves(q, k, v)
+    keep_scale = attn.dropout_keep_mask(B, H, L, p, _seed(11)).double() / (1 - p) if p > 0 else 1.0
+    leaves = _double_leaves(*qkv.unbind(2))
     expected = _attention_float64(*leaves, key_valid, keep_scale)
     grad_out = _randn(B, L, H, Dh, seed=2)
     (expected * grad_out.double()).sum().backward()
     tol = 1e-4
     _close(out, expected.detach(), tol)
-    for got, leaf in zip(attn.attention_bwd_triton(grad_out, q, k, v, out, lse, key_valid, p, 11), leaves):
+    dqkv = attn.attention_bwd_triton(grad_out, qkv, out, lse, key_valid, p, _seed(11))
+    for got, leaf in zip(dqkv.unbind(2), leaves):
         _close(got, leaf.grad, tol)
+
+
+def test_dropout_masks_are_uniform_and_fresh_per_seed():
+    """The hashed keep-mask (kernels/dropout.py): keep rate 1 - p, neighbouring elements agree as often as
+    independent draws do, and another seed gives an independent mask."""
+    p, agree = 0.3, 0.3**2 + 0.7**2
+    keep = attn.dropout_keep_mask(2, 2, 128, p, _seed(3))  # 65536 draws: std of the rate ~0.002
+    assert abs(float(keep.float().mean()) - (1 - p)) < 0.01
+    for same in (keep[..., 1:] == keep[..., :-1], keep[..., 1:, :] == keep[..., :-1, :], keep[1] == keep[0],
+                 keep == attn.dropout_keep_mask(2, 2, 128, p, _seed(4))):
+        assert abs(float(same.float().mean()) - agree) < 0.015
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -169,27 +185,73 @@ def test_attention_op_matches_torch_path(device):
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
     for a, b in zip(torch.autograd.grad(got.sum(), [h] + weights), torch.autograd.grad(expected.sum(), [h] + weights)):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
-    q, k, v = (torch.randn(B, L, H, 16, generator=g).to(device).requires_grad_() for _ in range(3))
-    for p, seed in ((0.0, 0), (0.3, 5)):
-        torch.library.opcheck(torch.ops.trm_fast.attention.default, (q, k, v, key_valid, p, seed))
+    qkv = torch.randn(B, L, 3, H, 16, generator=g).to(device).requires_grad_()
+    for p, seed in ((0.0, None), (0.3, _seed(5, device))):
+        torch.library.opcheck(torch.ops.trm_fast.attention.default, (qkv, key_valid, p, seed))
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
 def test_attention_head_dim_outside_the_kernels_is_clear_on_cuda():
-    q = torch.randn(1, 4, 2, 24, device="cuda")
+    qkv = torch.randn(1, 4, 3, 2, 24, device="cuda")
     with pytest.raises(ValueError, match="head dim must be one of"):
-        attn.attention_op(q, q, q, torch.ones(1, 4, dtype=torch.bool, device="cuda"), 0.0, 0)
+        attn.attention_op(qkv, torch.ones(1, 4, dtype=torch.bool, device="cuda"), 0.0, None)
 
 
 def test_attention_rejects_bad_input():
-    q = torch.randn(1, 4, 2, 32)
+    qkv = torch.randn(1, 4, 3, 2, 32)
     valid = torch.ones(1, 4, dtype=torch.bool)
-    with pytest.raises(ValueError, match="same \\[B, L, H, Dh\\]"):
-        attn.attention_op(q, q[:, :3], q, valid, 0.0, 0)
+    with pytest.raises(ValueError, match="qkv must be \\[B, L, 3, H, Dh\\]"):
+        attn.attention_op(qkv[:, :, :2], valid, 0.0, None)
     with pytest.raises(ValueError, match="key_valid must be a bool"):
-        attn.attention_op(q, q, q, valid.long(), 0.0, 0)
+        attn.attention_op(qkv, valid.long(), 0.0, None)
     with pytest.raises(ValueError, match="dropout probability"):
-        attn.attention_op(q, q, q, valid, 1.0, 0)
+        attn.attention_op(qkv, valid, 1.0, _seed(0, "cpu"))
+    with pytest.raises(ValueError, match="dropout needs a one-element integer seed tensor"):
+        attn.attention_forward(qkv, valid, 0.1, 7)
+
+
+@pytest.mark.parametrize("N, V", [(37, 300), (6, 2500), (1, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_kernels(N, V, dtype):
+    """Per-row loss, log-sum-exp, argmax == target (ties: the first column, across blocks too) and the gradient
+    (softmax - one-hot) * scale, written apart or in place over the logits; target 0 is ignored."""
+    logits = (_randn(N, V, seed=3) * 3).to(dtype)
+    logits[0, [2, V - 1]] = 50.0  # a tie for the maximum, in different column blocks when V > 2048
+    targets = torch.randint(1, V, (N,), generator=torch.Generator().manual_seed(4)).to(KERNEL_DEVICE)
+    targets[0] = 2
+    targets[1:2] = 0  # (when N > 1)
+    x = logits.double()
+    counted = targets != 0
+    rows, lse, correct = ce.cross_entropy_rows_triton(logits, targets, 0)
+    _close(rows, F.cross_entropy(x, targets, ignore_index=0, reduction="none"), 1e-5)
+    _close(lse, torch.logsumexp(x, dim=-1), 1e-6)
+    assert torch.equal(correct, logits.argmax(-1) == targets) and bool(correct[0])
+    scale = torch.tensor([0.37], device=KERNEL_DEVICE)
+    expected = (torch.softmax(x, -1) - F.one_hot(targets, V)) * 0.37 * counted[:, None]
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    _close(ce.cross_entropy_grad_triton(logits, targets, lse, 0, scale), expected, tol)
+    in_place = logits.clone()
+    ce.cross_entropy_rows_triton(in_place, targets, 0, grad_scale=scale)
+    _close(in_place, expected, tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy_op_matches_torch_path(device):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(9, 40, generator=g) * 2).to(device).requires_grad_()
+    targets = torch.randint(0, 40, (9,), generator=g).to(device)
+    targets[3] = -100
+    loss, correct = ce.cross_entropy(logits, targets, -100)
+    expected, expected_correct = torch_ops.cross_entropy(logits, targets, -100)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(correct, expected_correct)
+    torch.testing.assert_close(torch.autograd.grad(loss * 3, logits)[0], torch.autograd.grad(expected * 3, logits)[0],
+                               rtol=1e-5, atol=1e-6)
+    torch.library.opcheck(torch.ops.trm_fast.cross_entropy.default, (logits, targets, -100))
+    all_ignored, _ = ce.cross_entropy(logits, torch.full_like(targets, -100), -100)
+    assert torch.isnan(all_ignored)  # as F.cross_entropy: 0 / 0
+    with pytest.raises(ValueError, match="targets must be int64"):
+        ce.cross_entropy(logits, targets.int(), -100)
 
 
 @pytest.mark.parametrize("M, D, F_", [(37, 24, 96), (1, 16, 64), (70, 32, 40)])

@@ -3,10 +3,11 @@
 `linear_cross_entropy(hidden, weight, targets, ignore_index)` equals
 `F.cross_entropy(hidden @ weight.T, targets, ignore_index=ignore_index)` (mean over the counted tokens)
 and also returns whether each token's argmax is its target (the seed's ACT labels need it). Rows go in
-chunks: each chunk's logits are formed (under autocast from its dtype's matmul, as the seed's head's are)
-and taken to float32, reduced to its loss, and turned at once into its share
-of the gradients (softmax - one-hot), so the forward keeps grad_hidden [N, D] and grad_weight [V, D] and
-never more than [chunk, V] of logits; the backward scales them by the incoming gradient.
+chunks: each chunk's logits are formed (under autocast from its dtype's matmul, as the seed's head's are),
+reduced to its loss, and turned at once into its share of the gradients (softmax - one-hot; on CUDA one
+Triton pass over the chunk, kernels/cross_entropy.py, writes the gradient over the logits), so the forward
+keeps grad_hidden [N, D] and grad_weight [V, D] and never more than [chunk, V] of logits; the backward
+scales them by the incoming gradient.
 """
 from __future__ import annotations
 
@@ -29,9 +30,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         correct = torch.zeros_like(counted)
         grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if needs_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        rows_kernel = _cross_entropy_rows_kernel(hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             h, t, keep = hidden[rows].to(dtype), targets[rows], counted[rows]
+            if rows_kernel is not None:  # loss, argmax and gradient in one pass, in place over the chunk's logits
+                logits = h @ w.t()
+                chunk_loss, _, correct[rows] = rows_kernel(logits, t, ignore_index,
+                                                           scale.reshape(1) if needs_grad else None)
+                loss += chunk_loss.sum()
+                if needs_grad:
+                    grad_hidden[rows] = logits @ w
+                    grad_weight += logits.t() @ h
+                continue
             logits = (h @ w.t()).float()
             safe_t = torch.where(keep, t, 0)
             lse = torch.logsumexp(logits, dim=-1)
@@ -57,6 +68,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return ((grad_hidden * grad_loss).to(hidden_dtype) if ctx.needs_input_grad[0] else None,
                 (grad_weight * grad_loss).to(weight_dtype) if ctx.needs_input_grad[1] else None, None, None, None, None,
                 None)
+
+
+def _cross_entropy_rows_kernel(device: torch.device):
+    """`kernels/cross_entropy.py`'s row kernel on CUDA when Triton imports, else None (the torch steps)."""
+    if device.type != "cuda":
+        return None
+    try:
+        from trm_fast.kernels.cross_entropy import cross_entropy_rows_triton
+    except ImportError:
+        return None
+    return cross_entropy_rows_triton
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,

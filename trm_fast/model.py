@@ -163,6 +163,14 @@ class TRMModel(reference.TRMModel):
             _check_ids("target_ids", target_ids, self.config.vocab_size, device)
         _check_positive_int("supervision_steps", supervision_steps, allow_none=True)
 
+    def _supervision_losses(self, logits, q_hat, target_ids, attention_mask):
+        """The seed's step losses, the cross-entropy and argmax on the kernels' op (one read of the logits)."""
+        ops = tinynet_ops(self.kernels, logits.device)
+        ce_loss, correct = ops.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1),
+                                             self.config.pad_token_id)
+        labels = self._act_labels(correct.view_as(target_ids), attention_mask, self.config.act_threshold)
+        return ce_loss, reference.halting_bce(q_hat, labels)
+
     def _forward_without_logits(self, input_ids, attention_mask, target_ids, supervision_steps) -> Dict[str, Any]:
         """The seed's training forward with the output head and cross-entropy fused per step."""
         cfg = self.config

@@ -222,6 +222,13 @@ class TRMModel(nn.Module):
             labels = (correct | ~mask).all(dim=1)
         return labels.float().unsqueeze(-1)
 
+    def _supervision_losses(self, logits, q_hat, target_ids, attention_mask) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(cross-entropy, ACT loss) of one supervision step."""
+        ce_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1),
+                                  ignore_index=self.config.pad_token_id)
+        labels = self._compute_act_labels(logits, target_ids, attention_mask, self.config.act_threshold)
+        return ce_loss, halting_bce(q_hat, labels)
+
     def _output_logits(self, y: torch.Tensor) -> torch.Tensor:
         return self.output_head(y)
 
@@ -265,10 +272,9 @@ class TRMModel(nn.Module):
             all_logits.append(logits)
             q_hats.append(q_hat)
             if target_ids is not None:
-                ce_losses.append(F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1),
-                                                 ignore_index=cfg.pad_token_id))
-                labels = self._compute_act_labels(logits, target_ids, attention_mask, cfg.act_threshold)
-                act_losses.append(halting_bce(q_hat, labels))
+                ce_loss, act_loss = self._supervision_losses(logits, q_hat, target_ids, attention_mask)
+                ce_losses.append(ce_loss)
+                act_losses.append(act_loss)
         ce_loss = torch.stack(ce_losses).mean() if ce_losses else None
         act_loss = torch.stack(act_losses).mean() if act_losses else None
         loss = None

@@ -45,6 +45,12 @@ def feed_forward(h, w1, b1, w2, b2) -> torch.Tensor:
     return F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
 
 
+def cross_entropy(logits, targets, ignore_index: int):
+    """(`F.cross_entropy(logits, targets, ignore_index=ignore_index)`, bool argmax == target) of logits [N, vocab]:
+    the seed's loss and ACT-label inputs of a supervision step."""
+    return F.cross_entropy(logits, targets, ignore_index=ignore_index), logits.argmax(dim=-1) == targets
+
+
 def decode_attention(qkv, kv_cache, token_valid, pos, n_heads: int) -> torch.Tensor:
     """One new query per row (`qkv` [B, 3D]) over its cache [B, T, 2, H, Dh]: writes the new key and value
     at `pos` [B], attends over valid keys 0..pos (`token_valid` [B, T]); a row with none gives zero."""

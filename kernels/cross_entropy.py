@@ -1,0 +1,187 @@
+"""`trm_fast::cross_entropy`: the seed's per-step loss on its logits, `F.cross_entropy(logits, targets,
+ignore_index)` (mean over counted rows) together with whether each row's argmax is its target (the ACT
+labels), forward and backward.
+
+The seed (under autocast) copies the bf16 logits [N, vocab] to float32, takes log_softmax, gathers, and
+reads the logits once more for the argmax; its backward writes a float32 softmax and casts it back. Here
+one program per row reads the logits once in their own dtype (float32 math): online max and sum of exp,
+the argmax (first index of the maximum, as torch's), the target's logit. The backward reads them once more
+and writes (softmax - one-hot) * grad / count in the logits' dtype. The same kernel with `WRITE_GRAD` turns a
+chunk of logits into its gradient in place (`trm_fast.linear_cross_entropy`).
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+BLOCK_V = 2048
+
+
+@triton.jit
+def _cross_entropy_kernel(logits_ptr, stride_row, targets_ptr, lse_ptr, loss_ptr, correct_ptr, grad_ptr,
+                          stride_grad, scale_ptr, V, ignore_index, STATS: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                          BLOCK_V: tl.constexpr):
+    """STATS: per row, lse, loss ((lse - target logit) on a counted row, else 0) and argmax == target.
+    WRITE_GRAD: grad[row] = (softmax - one-hot) * scale (0 on a row that is not counted), with lse from STATS or
+    from lse_ptr; grad may be the logits themselves."""
+    row = tl.program_id(0).to(tl.int64)
+    target = tl.load(targets_ptr + row)
+    counted = target != ignore_index
+    x_row = logits_ptr + row * stride_row
+    if STATS:
+        m = tl.full([], -float("inf"), tl.float32)
+        total = tl.full([], 0.0, tl.float32)
+        best = tl.full([], -float("inf"), tl.float32)
+        best_col = tl.full([], 0, tl.int32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            x = tl.load(x_row + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+            block_max = tl.max(x, axis=0)
+            block_col = start + tl.argmax(x, axis=0, tie_break_left=True)
+            best_col = tl.where(block_max > best, block_col, best_col)  # a tie keeps the earlier column
+            best = tl.maximum(best, block_max)
+            m_new = tl.maximum(m, block_max)
+            total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m = m_new
+        lse = m + tl.log(total)
+        target_logit = tl.load(x_row + tl.where(counted, target, 0)).to(tl.float32)
+        tl.store(lse_ptr + row, lse)
+        tl.store(loss_ptr + row, tl.where(counted, lse - target_logit, 0.0))
+        tl.store(correct_ptr + row, (best_col == target).to(tl.int8))
+    else:
+        lse = tl.load(lse_ptr + row)
+    if WRITE_GRAD:
+        scale = tl.where(counted, tl.load(scale_ptr), 0.0)
+        g_row = grad_ptr + row * stride_grad
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            x = tl.load(x_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+            g = (tl.exp(x - lse) - (cols == target).to(tl.float32)) * scale
+            tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
+
+
+def cross_entropy_rows_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                              grad_scale: Optional[torch.Tensor] = None, grad: Optional[torch.Tensor] = None):
+    """(per-row loss float32 [N] (0 where not counted), lse [N], bool [N] argmax == target) of logits [N, V] with
+    unit column stride; with `grad_scale` (a float32 [1] tensor) also writes (softmax - one-hot) * grad_scale
+    into `grad` (default: the logits, in place)."""
+    N, V = logits.shape
+    lse = torch.empty(N, device=logits.device, dtype=torch.float32)
+    loss = torch.empty_like(lse)
+    correct = torch.empty(N, device=logits.device, dtype=torch.int8)
+    write_grad = grad_scale is not None
+    grad = logits if grad is None else grad
+    _cross_entropy_kernel[(N,)](logits, logits.stride(0), targets, lse, loss, correct, grad, grad.stride(0),
+                                grad_scale if write_grad else lse, V, ignore_index, STATS=True,
+                                WRITE_GRAD=write_grad, BLOCK_V=min(BLOCK_V, triton.next_power_of_2(V)))
+    return loss, lse, correct.bool()
+
+
+def cross_entropy_grad_triton(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, ignore_index: int,
+                              grad_scale: torch.Tensor) -> torch.Tensor:
+    """(softmax - one-hot) * grad_scale in the logits' dtype (0 on rows whose target is `ignore_index`)."""
+    N, V = logits.shape
+    grad = torch.empty_like(logits)
+    _cross_entropy_kernel[(N,)](logits, logits.stride(0), targets, lse, lse, lse, grad, grad.stride(0), grad_scale, V,
+                                ignore_index, STATS=False, WRITE_GRAD=True,
+                                BLOCK_V=min(BLOCK_V, triton.next_power_of_2(V)))
+    return grad
+
+
+def _check(logits, targets):
+    if logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"cross_entropy: logits must be a float [N, vocab] tensor, got {logits.dtype} "
+                         f"{tuple(logits.shape)}")
+    if targets.shape != logits.shape[:1] or targets.dtype != torch.long or targets.device != logits.device:
+        raise ValueError(f"cross_entropy: targets must be int64 [{logits.shape[0]}] on {logits.device}, got "
+                         f"{targets.dtype} {tuple(targets.shape)} on {targets.device}")
+
+
+def cross_entropy_forward(logits, targets, ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean loss float32, bool argmax == target, lse [N] or empty off CUDA): Triton on CUDA, torch elsewhere."""
+    _check(logits, targets)
+    if logits.is_cuda:
+        logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+        rows, lse, correct = cross_entropy_rows_triton(logits, targets, ignore_index)
+        return rows.sum() / (targets != ignore_index).sum(), correct, lse
+    loss = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+    return loss, logits.argmax(-1) == targets, logits.new_empty(0, dtype=torch.float32)
+
+
+def cross_entropy_backward(grad_loss, logits, targets, lse, ignore_index: int) -> torch.Tensor:
+    if logits.is_cuda:
+        scale = (grad_loss.float() / (targets != ignore_index).sum()).reshape(1)
+        return cross_entropy_grad_triton(logits if logits.stride(-1) == 1 else logits.contiguous(), targets, lse,
+                                         ignore_index, scale)
+    counted = targets != ignore_index
+    probs = torch.softmax(logits.float(), dim=-1)
+    probs[torch.arange(len(targets), device=targets.device), torch.where(counted, targets, 0)] -= 1.0
+    return (probs * (counted[:, None] * grad_loss.float() / counted.sum())).to(logits.dtype)
+
+
+@torch.library.custom_op("trm_fast::cross_entropy", mutates_args=())
+def cross_entropy_op(logits: torch.Tensor, targets: torch.Tensor,
+                     ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean loss, bool [N] argmax == target, lse [N] (empty off CUDA))."""
+    return cross_entropy_forward(logits, targets, ignore_index)
+
+
+@cross_entropy_op.register_fake
+def _(logits, targets, ignore_index):
+    N = logits.shape[0]
+    return (logits.new_empty((), dtype=torch.float32), logits.new_empty(N, dtype=torch.bool),
+            logits.new_empty(N if logits.is_cuda else 0, dtype=torch.float32))
+
+
+@torch.library.custom_op("trm_fast::cross_entropy_backward", mutates_args=())
+def cross_entropy_backward_op(grad_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                              lse: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    return cross_entropy_backward(grad_loss, logits, targets, lse, ignore_index)
+
+
+@cross_entropy_backward_op.register_fake
+def _(grad_loss, logits, targets, lse, ignore_index):
+    return torch.empty_like(logits)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, targets, ignore_index = inputs
+    ctx.save_for_backward(logits, targets, output[2])
+    ctx.ignore_index = ignore_index
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward(ctx, grad_loss, _grad_correct, _grad_lse):
+    logits, targets, lse = ctx.saved_tensors
+    return cross_entropy_backward_op(grad_loss, logits, targets, lse, ctx.ignore_index), None, None
+
+
+cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """The eager path (see kernels/concat_linear.py)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index):
+        loss, correct, lse = cross_entropy_forward(logits, targets, ignore_index)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.ignore_index = ignore_index
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        logits, targets, lse = ctx.saved_tensors
+        return cross_entropy_backward(grad_loss, logits, targets, lse, ctx.ignore_index), None, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The op table's loss (the signature of `torch_ops.cross_entropy`): (mean cross-entropy over rows whose
+    target is not `ignore_index`, float32; bool [N] argmax == target) of logits [N, vocab]."""
+    if torch.compiler.is_compiling():
+        loss, correct, _ = cross_entropy_op(logits, targets, ignore_index)
+        return loss, correct
+    return _CrossEntropy.apply(logits, targets, ignore_index)

@@ -1,0 +1,62 @@
+"""The dropout masks of the training kernels: drawn from (seed, row, column) by an integer hash, never stored.
+
+`keep_mask(row_key(seed, rows), cols, p)` hashes each row once and each element once more (the `lowbias32` mixer, two
+multiplies and three shifts), so a backward draws the forward's mask again at a small cost; `tl.rand`
+(Philox, 10 rounds per element) cost attention's training forward 4x its time without dropout (NOTES.md).
+Seeds are int64 device tensors drawn from torch's CUDA generator (`new_seed`): a CUDA graph replays them as
+fresh draws, where a seed passed as a Python int would freeze one mask into the graph.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mix(x):
+    """A bijective 32-bit hash with full avalanche (Chris Wellons' lowbias32)."""
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x846CA68B
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def load_seed(seed_ptr):
+    """The seed tensor's value as a uint32."""
+    return tl.load(seed_ptr).to(tl.uint32)
+
+
+@triton.jit
+def row_key(seed, rows):
+    """The hash of each row index (int tensor or scalar) under `seed` (load_seed)."""
+    return _mix(rows.to(tl.uint32) * 0x9E3779B9 + seed)
+
+
+@triton.jit
+def keep_mask(key, cols, p):
+    """Dropout's keep-mask, each element True with probability 1 - p, at row keys `key` (row_key) and column
+    indices `cols` (broadcast against each other: [M, 1] keys and [1, N] columns give an [M, N] tile)."""
+    bits = _mix(key ^ cols.to(tl.uint32))
+    return (bits >> 8).to(tl.float32) * (1.0 / 16777216.0) >= p
+
+
+def new_seed(device) -> torch.Tensor:
+    """A fresh int64 [1] dropout seed on `device`, from torch's generator there."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device)
+
+
+def seed_value(seed: torch.Tensor) -> int:
+    """The seed as an int, for the torch paths' CPU generators (reads a CUDA seed back: tests only)."""
+    return int(seed.reshape(-1)[0])
+
+
+def check_seed(name: str, seed, p: float, device: torch.device) -> None:
+    """A dropout probability in [0, 1), and with p > 0 a one-element integer seed tensor on `device`."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{name}: dropout probability must be in [0, 1), got {p}")
+    if p > 0 and not (isinstance(seed, torch.Tensor) and seed.numel() == 1 and not seed.is_floating_point()
+                      and seed.device == device):
+        got = (seed.dtype, tuple(seed.shape), str(seed.device)) if isinstance(seed, torch.Tensor) else seed
+        raise ValueError(f"{name}: dropout needs a one-element integer seed tensor on {device} (new_seed), got {got}")
