@@ -15,10 +15,10 @@ from bench_cases import CASES, CUDA, DTYPE
 
 # compiled-graphs: torch.compile(mode="reduce-overhead"), which replays CUDA graphs; trm_fast-triton: kernels="triton"
 # (issue 3); -nologits: also keep_logits=False (loss without [B, L, V] logits); -graph: the forward replayed as
-# one CUDA graph (trm_fast.GraphedForward; forward only)
+# one CUDA graph (trm_fast.GraphedForward), the train step as another (trm_fast.GraphedTrainStep)
 IMPLS = ("eager", "compiled", "compiled-graphs", "trm_fast", "trm_fast-graph", "trm_fast-triton",
-         "trm_fast-triton-nologits", "trm_fast-triton-graph")
-CALL_KWARGS = {"trm_fast-triton-nologits": dict(keep_logits=False)}
+         "trm_fast-triton-nologits", "trm_fast-triton-graph", "trm_fast-triton-nologits-graph")
+CALL_KWARGS = {impl: dict(keep_logits=False) for impl in IMPLS if "nologits" in impl}
 MODES = ("forward", "train_step")
 
 
@@ -55,12 +55,35 @@ def sync():
         torch.cuda.synchronize()
 
 
+def make_train_step(impl: str, model, runner, ids, targets):
+    """One train step of `impl` (forward under autocast, backward, AdamW, zeroed gradients); its outputs."""
+    kwargs = CALL_KWARGS.get(impl, {})
+    model.train()
+    if impl.endswith("-graph"):  # a tensor learning rate and capturable=True: what a replayed AdamW needs
+        lr = torch.tensor(3e-4, device=ids.device) if CUDA else 3e-4
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, capturable=CUDA)
+        graphed = trm_fast.GraphedTrainStep(model, optimizer, **kwargs)
+
+        def step():
+            with autocast():
+                return graphed(ids, target_ids=targets)
+        return step
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
+
+    def step():
+        with autocast():
+            out = runner(ids, target_ids=targets, **kwargs)
+        out["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return out
+    return step
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_model(benchmark, case, impl, mode):
-    if impl.endswith("-graph") and mode != "forward":
-        pytest.skip("GraphedForward is inference only")
     spec = CASES[case]
     model, runner, ids, targets = build(impl, spec)
     if mode == "forward":
@@ -72,15 +95,10 @@ def test_model(benchmark, case, impl, mode):
             sync()
             return out
     else:
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
+        train_step = make_train_step(impl, model, runner, ids, targets)
 
         def step():
-            with autocast():
-                out = runner(ids, target_ids=targets, **CALL_KWARGS.get(impl, {}))
-            out["loss"].backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            out = train_step()
             sync()
             return out
 

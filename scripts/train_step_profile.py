@@ -1,9 +1,11 @@
 """Where a train step's GPU time goes (issue 3): median step time and peak memory of each implementation,
 then the heaviest kernels of one step of the ones named in --profile.
 
-    python3 scripts/train_step_profile.py [--case B16-L512-d512] [--profile triton compiled]
+    python3 scripts/train_step_profile.py [--case B16-L512-d512] [--impls ...] [--profile triton compiled]
+        [--modes train forward] [--json out.json]
 """
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -13,33 +15,25 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from bench_cases import CASES  # noqa: E402
-from test_bench_model import autocast, build  # noqa: E402
+from test_bench_model import CALL_KWARGS, autocast, build, make_train_step  # noqa: E402
 
 from profiling import kernel_times  # noqa: E402
 
-IMPLS = {"eager": "eager", "compiled": "compiled", "torch": "trm_fast", "triton": "trm_fast-triton",
-         "triton-nologits": "trm_fast-triton-nologits"}
+IMPLS = {"eager": "eager", "compiled": "compiled", "compiled-graphs": "compiled-graphs", "torch": "trm_fast",
+         "torch-graph": "trm_fast-graph", "triton": "trm_fast-triton", "triton-graph": "trm_fast-triton-graph",
+         "triton-nologits": "trm_fast-triton-nologits", "triton-nologits-graph": "trm_fast-triton-nologits-graph"}
 
 
 def make_step(impl: str, case: dict, train: bool):
     model, runner, ids, targets = build(IMPLS[impl], case)
-    kwargs = dict(keep_logits=False) if impl.endswith("nologits") else {}
-    if not train:
-        model.eval()
-
-        def step():
-            with torch.no_grad(), autocast():
-                return runner(ids, target_ids=targets, **kwargs)
-        return step
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
+    if train:
+        return make_train_step(IMPLS[impl], model, runner, ids, targets)
+    kwargs = CALL_KWARGS.get(IMPLS[impl], {})
+    model.eval()
 
     def step():
-        with autocast():
-            out = runner(ids, target_ids=targets, **kwargs)
-        out["loss"].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return out
+        with torch.no_grad(), autocast():
+            return runner(ids, target_ids=targets, **kwargs)
     return step
 
 
@@ -102,19 +96,30 @@ def main():
     parser.add_argument("--case", default="B16-L512-d512", choices=list(CASES))
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     parser.add_argument("--profile", nargs="*", default=["triton"], choices=list(IMPLS))
+    parser.add_argument("--modes", nargs="+", default=["train", "forward"], choices=["train", "forward"])
+    parser.add_argument("--host-costs", action="store_true", help="also time tiny launches (the host's speed)")
+    parser.add_argument("--json", help="write {mode: {impl: {ms, peak_gb}}} here")
     args = parser.parse_args()
     case = CASES[args.case]
-    print(f"{torch.cuda.get_device_name()} {args.case}, bf16 autocast")
-    host_costs()
-    for train in (True, False):
+    device = torch.cuda.get_device_name()
+    print(f"{device} {args.case}, bf16 autocast")
+    if args.host_costs:
+        host_costs()
+    results = {"device": device, "case": args.case, "case_spec": case, "medians_of": 20}
+    for mode in args.modes:
         for impl in args.impls:
-            step = make_step(impl, case, train)
+            step = make_step(impl, case, mode == "train")
             ms, peak = time_step(step)
-            print(f"{'train step' if train else 'forward'} {impl:16s} {ms:7.2f} ms  peak {peak:5.2f} GB", flush=True)
+            results.setdefault(mode, {})[impl] = {"ms": round(ms, 3), "peak_gb": round(peak, 3)}
+            print(f"{'train step' if mode == 'train' else 'forward'} {impl:22s} {ms:7.2f} ms  peak {peak:5.2f} GB",
+                  flush=True)
             if impl in args.profile:
                 top_kernels(step)
             del step
             torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -11,16 +11,23 @@ def capture(fn: Callable[[], object], warmups: int = 1, pool: Optional[tuple] = 
     """Run `fn` `warmups` times on a side stream (lazy initialization, Triton autotuning: nothing of that may
     happen during capture), then capture one call of it; the graph's memory comes from `pool` when given.
     The warm-up calls really run, so `fn` must be safe to run them."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmups):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(warmups):
+        on_side_stream(fn)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):
         fn()
     return graph
+
+
+def on_side_stream(fn: Callable[[], object]) -> object:
+    """fn() on a fresh stream, ordered after the current stream's work and before its later work: how work that
+    precedes a capture runs (lazy initializations then belong to no stream that the capture uses)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        result = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    return result
 
 
 def weights_key(model: torch.nn.Module) -> tuple:

@@ -47,7 +47,7 @@ class GraphedForward:
         weights = cuda_graphs.weights_key(model)
         if weights != self.weights:  # first call, or weights moved: graphs would read stale memory
             self.graphs, self.pool, self.weights = {}, None, weights
-        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        autocast = autocast_state()
         inputs = (input_ids, attention_mask, target_ids)
         key = (tuple((t.shape, t.dtype) if t is not None else None for t in inputs), supervision_steps, keep_logits,
                autocast)
@@ -69,19 +69,30 @@ class GraphedForward:
         outputs: Dict[str, Any] = {}
 
         def forward():
-            with torch.no_grad(), torch.autocast("cuda", dtype=autocast or torch.float32, enabled=autocast is not None,
-                                                 cache_enabled=False):  # (autocast's cast cache breaks capture)
-                attention_mask = mask if mask is not None else (ids != model.config.pad_token_id).long()
-                with model.tiny_net.memoized():
-                    if keep_logits:
-                        result = model._forward(ids, attention_mask, targets, supervision_steps)
-                    else:
-                        result = model._forward_without_logits(ids, attention_mask, targets, supervision_steps)
+            with torch.no_grad():
+                result = forward_for_capture(model, ids, mask, targets, supervision_steps, keep_logits, autocast)
             outputs.clear()
             outputs.update(result)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         return cuda_graphs.capture(forward, pool=self.pool), static_inputs, outputs
+
+
+def forward_for_capture(model: TRMModel, ids, mask, targets, supervision_steps, keep_logits: bool,
+                        autocast: Optional[torch.dtype]) -> Dict[str, Any]:
+    """The model's forward without its host-side checks (a read-back would break a capture), under `autocast`
+    (a dtype, or None for off) without autocast's cast cache (which breaks capture)."""
+    with torch.autocast("cuda", dtype=autocast or torch.float32, enabled=autocast is not None, cache_enabled=False):
+        attention_mask = mask if mask is not None else (ids != model.config.pad_token_id).long()
+        with model.tiny_net.memoized():
+            if keep_logits:
+                return model._forward(ids, attention_mask, targets, supervision_steps)
+            return model._forward_without_logits(ids, attention_mask, targets, supervision_steps)
+
+
+def autocast_state() -> Optional[torch.dtype]:
+    """The dtype of CUDA autocast where it is on, else None."""
+    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
 
 
 def _graphs_on(device: torch.device) -> bool:

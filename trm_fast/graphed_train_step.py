@@ -1,0 +1,107 @@
+"""`GraphedTrainStep`: a whole training step (forward, backward, optimizer step) replayed as one CUDA graph.
+
+A train step of the seed's config launches about 900 kernels, and on a slow host their launches, not the GPU,
+set its time (benchmarks/NOTES.md, issue 3). Captured once per input shape, a step is one launch. Dropout
+stays random: the Triton kernels' seeds and torch's dropout are drawn from torch's CUDA generator, whose
+state a replay advances. The first call of a shape is an ordinary step (it also warms up: optimizer state,
+Triton autotuning), after which the step is captured; later calls replay it.
+
+What a graph fixes at capture: the optimizer's hyper-parameters that are Python numbers (a learning rate that
+changes between steps must be a tensor, updated in place, e.g. `AdamW(params, lr=torch.tensor(3e-4,
+device="cuda"), capturable=True)`; a float one that changes after capture raises), the autocast state and
+the model's train / eval mode (both part of the graph's key), and the weights' addresses (moved weights are
+noticed and the graphs captured again). Gradients are not accumulated across calls: each call is one step
+from zeroed gradients. Off CUDA each call runs the step eagerly.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from . import cuda_graphs
+from .graphed_forward import _graphs_on, autocast_state, forward_for_capture
+from .model import TRMModel
+
+LOSSES = ("loss", "ce_loss", "act_loss")
+
+
+class GraphedTrainStep:
+    """`step(input_ids, attention_mask=None, target_ids=..., supervision_steps=None)` trains `model` one step
+    with `optimizer` (built with `capturable=True` where it has the option: torch's Adam, AdamW, ...) and
+    returns {"loss", "ce_loss", "act_loss"} of that step's forward. `max_grad_norm` clips the gradients' norm
+    first; `keep_logits=False` computes the losses without [B, L, vocab] logits (TRMModel's option)."""
+
+    def __init__(self, model: TRMModel, optimizer: torch.optim.Optimizer, max_grad_norm: Optional[float] = None,
+                 keep_logits: bool = True):
+        if not isinstance(model, TRMModel):
+            raise TypeError(f"GraphedTrainStep takes a trm_fast.TRMModel, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be None or > 0, got {max_grad_norm!r}")
+        self.model, self.optimizer = model, optimizer
+        self.max_grad_norm, self.keep_logits = max_grad_norm, keep_logits
+        self.graphs: Dict[tuple, tuple] = {}  # key -> (graph, static inputs, static losses, captured float lrs)
+        self.weights = None
+        if _graphs_on(model.token_embed.weight.device):
+            self._check_capturable()
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 target_ids: Optional[torch.Tensor] = None,
+                 supervision_steps: Optional[int] = None) -> Dict[str, torch.Tensor]:
+        model = self.model
+        if target_ids is None:
+            raise ValueError("GraphedTrainStep needs target_ids (a training step minimizes their loss)")
+        model._check_inputs(input_ids, attention_mask, target_ids, supervision_steps)
+        inputs = (input_ids, attention_mask, target_ids)
+        autocast = autocast_state()
+        if not _graphs_on(input_ids.device):
+            return self._step(inputs, supervision_steps, autocast)
+        weights = cuda_graphs.weights_key(model)
+        if weights != self.weights:  # first call, or weights moved: graphs would read stale memory
+            self.graphs, self.weights = {}, weights
+        key = (tuple((t.shape, t.dtype) if t is not None else None for t in inputs), supervision_steps, autocast,
+               model.training)
+        if key not in self.graphs:
+            losses = cuda_graphs.on_side_stream(lambda: self._step(inputs, supervision_steps, autocast))
+            self.graphs[key] = self._capture(inputs, supervision_steps, autocast)
+            return losses
+        graph, static_inputs, static_losses, lrs = self.graphs[key]
+        if self._float_lrs() != lrs:
+            raise ValueError("a learning rate given as a float changed since the step was captured; give the "
+                             "optimizer tensor learning rates and update them in place (fill_)")
+        for static, given in zip(static_inputs, inputs):
+            if given is not None:
+                static.copy_(given)
+        graph.replay()
+        return {name: t.clone() for name, t in static_losses.items()}
+
+    def _step(self, inputs, supervision_steps, autocast) -> Dict[str, torch.Tensor]:
+        """One training step from zeroed gradients; the forward's losses, detached."""
+        model, optimizer = self.model, self.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        result = forward_for_capture(model, *inputs, supervision_steps, self.keep_logits, autocast)
+        result["loss"].backward()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm, foreach=True)
+        optimizer.step()
+        return {name: result[name].detach() for name in LOSSES}
+
+    def _capture(self, inputs, supervision_steps, autocast) -> tuple:
+        """(graph, static input buffers, static losses, float learning rates) of a step on inputs like `inputs`.
+        Each graph has its own memory pool: its gradients and optimizer reads stay its own."""
+        self._check_capturable()
+        static_inputs = tuple(t.clone() if t is not None else None for t in inputs)
+        static_losses: Dict[str, torch.Tensor] = {}
+        graph = cuda_graphs.capture(lambda: static_losses.update(self._step(static_inputs, supervision_steps,
+                                                                            autocast)), warmups=0)
+        return graph, static_inputs, static_losses, self._float_lrs()
+
+    def _check_capturable(self) -> None:
+        if any(group.get("capturable") is False for group in self.optimizer.param_groups):
+            raise ValueError(f"{type(self.optimizer).__name__} must be built with capturable=True to be replayed in "
+                             "a CUDA graph (its step counter then lives on the GPU)")
+
+    def _float_lrs(self) -> list:
+        return [group["lr"] for group in self.optimizer.param_groups if not isinstance(group["lr"], torch.Tensor)]
