@@ -90,7 +90,8 @@ def cmd_train(args) -> None:
         max_steps=args.max_steps, minutes=args.minutes, grad_clip=args.grad_clip, ema_decay=args.ema_decay,
         adam_beta2=args.adam_beta2,
         eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every,
-        log_every=args.log_every, seed=args.seed, bf16=not args.no_bf16, random_windows=args.random_windows)
+        log_every=args.log_every, seed=args.seed, bf16=not args.no_bf16, random_windows=args.random_windows,
+        cuda_graph=args.cuda_graph)
     result = train(model, train_set, val_set, train_config, out_dir=args.out, resume=args.resume,
                    tokenizer=tokenizer.name)
     print(f"checkpoint: {result['checkpoint']}\nmetrics: {Path(args.out) / 'metrics.jsonl'}\n"
@@ -273,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--log-every", type=int, default=10)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
+    train.add_argument("--cuda-graph", action="store_true",
+                       help="on CUDA, replay each training step as one CUDA graph (fixed batch shapes)")
     train.add_argument("--out", default="runs/trm", help="checkpoint, metrics.jsonl and curve.png go here")
     train.add_argument("--resume", help="continue from this checkpoint (same config, optimizer, step, data order)")
     train.add_argument("--summary", help="also write the final numbers as JSON to this file")

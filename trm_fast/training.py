@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .checkpoint import read_checkpoint, save_checkpoint
 from .data import TokenDataset, collate_batch, dataset_batches
+from .graphed_train_step import GraphedTrainStep
 from .plot import line_plot
 
 
@@ -40,6 +41,7 @@ class TrainConfig:
     bf16: bool = True  # autocast to bf16 on CUDA
     supervision_steps: Optional[int] = None  # train with this many supervision steps (default: the config's)
     random_windows: bool = False  # packed data: each step draws windows at random offsets, not the fixed cuts
+    cuda_graph: bool = False  # on CUDA, replay each step as one CUDA graph (trm_fast.GraphedTrainStep)
 
     def __post_init__(self):
         for name in ("batch_size", "eval_every", "log_every"):
@@ -133,8 +135,12 @@ def train(model: torch.nn.Module, train_set: TokenDataset, val_set: Optional[Tok
     config = config or TrainConfig()
     device = next(model.parameters()).device
     torch.manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, config.adam_beta2),
-                                  weight_decay=config.weight_decay)
+    graphed = config.cuda_graph and device.type == "cuda"
+    # a replayed AdamW keeps its step count on the GPU and reads the learning rate from a tensor set each step
+    optimizer = torch.optim.AdamW(model.parameters(), lr=torch.tensor(config.lr, device=device) if graphed else
+                                  config.lr, betas=(0.9, config.adam_beta2), weight_decay=config.weight_decay,
+                                  capturable=graphed)
+    graphed_step = GraphedTrainStep(model, optimizer, config.grad_clip or None) if graphed else None
     ema = copy.deepcopy(model).eval().requires_grad_(False) if config.ema_decay > 0 else None
     step, elapsed_before = 0, 0.0
     if resume:
@@ -199,18 +205,26 @@ def train(model: torch.nn.Module, train_set: TokenDataset, val_set: Optional[Tok
     while progress() < 1.0:
         lr = config.lr * min(1.0, (step + 1) / max(config.warmup_steps, 1)) * (1.0 - progress())
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            if graphed:
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         batch = step_batch(train_set, config, step)
         tokens += int(batch["attention_mask"].sum())
         batch = _to(batch, device)
+        inputs = dict(attention_mask=batch["attention_mask"], target_ids=batch["target_ids"],
+                      supervision_steps=config.supervision_steps)
         with autocast(device, config.bf16):
-            loss = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                         target_ids=batch["target_ids"], supervision_steps=config.supervision_steps)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
+            if graphed:
+                loss = graphed_step(batch["input_ids"], **inputs)["loss"]
+            else:
+                loss = model(batch["input_ids"], **inputs)["loss"]
+        if not graphed:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
         if ema is not None:
             with torch.no_grad():
                 decay = min(config.ema_decay, (1.0 + step) / (10.0 + step))  # warm-up: early weights fade fast
