@@ -2,9 +2,10 @@
 runs TinyNet on these ops (each a `torch.library` op with a fake kernel and autograd; Triton on CUDA, the
 same math in PyTorch elsewhere).
 
-`AUTO_ON_CUDA` is False: on the H100 the kernels are verified (tests, training parity) but a step is still
-host-bound and slower than the torch path (benchmarks/NOTES.md, issue 3), so `kernels="auto"` keeps the
-torch path and only an explicit `kernels="triton"` selects these ops.
+`AUTO_ON_CUDA` is False: on the H100 these ops win when a step is replayed as one CUDA graph
+(`GraphedForward`, `GraphedTrainStep`: 1.9x and 1.3x torch.compile), but launched one by one from the host
+they are slower than the torch path (more, smaller kernels; benchmarks/NOTES.md, issue 3), so
+`kernels="auto"` keeps the torch path and an explicit `kernels="triton"` selects these ops.
 """
 from trm_fast.kernels.attention import causal_attention  # noqa: F401
 from trm_fast.kernels.concat_linear import concat_linear  # noqa: F401

@@ -37,7 +37,8 @@ def triton_tinynet_ops() -> tuple[Optional[ModuleType], str]:
         return None, f"no Triton TinyNet kernels in this build ({exc})"
     if not module.AUTO_ON_CUDA:
         return module, (f"triton {triton.__version__}; TinyNet kernels only with kernels='triton' "
-                        "(correct on the H100 but not yet faster there, so 'auto' keeps the torch path)")
+                        "(faster on the H100 only when a step is replayed as a CUDA graph, so 'auto' keeps "
+                        "the torch path)")
     return module, f"triton {triton.__version__}"
 
 
