@@ -70,9 +70,12 @@ def test_capture_and_replay_logic(monkeypatch):
     step = GraphedTrainStep(model, optimizer)
     batches = [_batch(0), _batch(1), _batch(2), (_batch(3)[0][:2], _batch(3)[1][:2]), _batch(4)]
     got = [step(ids, target_ids=targets)["loss"] for ids, targets in batches]
-    expected = _eager_steps(twin, torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9), batches)
-    _assert_same_training(model, twin, got, expected)
     assert len(step.graphs) == 2
+    optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # new state tensors: captured again
+    got.append(step(*_batch(5)[:1], target_ids=_batch(5)[1])["loss"])
+    assert len(step.graphs) == 1
+    expected = _eager_steps(twin, torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9), batches + [_batch(5)])
+    _assert_same_training(model, twin, got, expected)
     optimizer.param_groups[0]["lr"] = 0.01
     with pytest.raises(ValueError, match="learning rate given as a float changed"):
         step(*_batch(5)[:1], target_ids=_batch(5)[1])

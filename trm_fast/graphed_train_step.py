@@ -9,9 +9,10 @@ Triton autotuning), after which the step is captured; later calls replay it.
 What a graph fixes at capture: the optimizer's hyper-parameters that are Python numbers (a learning rate that
 changes between steps must be a tensor, updated in place, e.g. `AdamW(params, lr=torch.tensor(3e-4,
 device="cuda"), capturable=True)`; a float one that changes after capture raises), the autocast state and
-the model's train / eval mode (both part of the graph's key), and the weights' addresses (moved weights are
-noticed and the graphs captured again). Gradients are not accumulated across calls: each call is one step
-from zeroed gradients. Off CUDA each call runs the step eagerly.
+the model's train / eval mode (both part of the graph's key), and the addresses of the weights and of the
+optimizer's state (when they change, e.g. after `model.to` or `optimizer.load_state_dict`, the graphs are
+captured again). Gradients are not accumulated across calls: each call is one step from zeroed gradients.
+Off CUDA each call runs the step eagerly.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class GraphedTrainStep:
         self.model, self.optimizer = model, optimizer
         self.max_grad_norm, self.keep_logits = max_grad_norm, keep_logits
         self.graphs: Dict[tuple, tuple] = {}  # key -> (graph, static inputs, static losses, captured float lrs)
-        self.weights = None
+        self.memory = None
         if _graphs_on(model.token_embed.weight.device):
             self._check_capturable()
 
@@ -58,14 +59,14 @@ class GraphedTrainStep:
         autocast = autocast_state()
         if not _graphs_on(input_ids.device):
             return self._step(inputs, supervision_steps, autocast)
-        weights = cuda_graphs.weights_key(model)
-        if weights != self.weights:  # first call, or weights moved: graphs would read stale memory
-            self.graphs, self.weights = {}, weights
+        if self._memory_key() != self.memory:  # first call, weights moved, optimizer state replaced: stale graphs
+            self.graphs = {}
         key = (tuple((t.shape, t.dtype) if t is not None else None for t in inputs), supervision_steps, autocast,
                model.training)
         if key not in self.graphs:
             losses = cuda_graphs.on_side_stream(lambda: self._step(inputs, supervision_steps, autocast))
             self.graphs[key] = self._capture(inputs, supervision_steps, autocast)
+            self.memory = self._memory_key()  # (the first step created the optimizer's state)
             return losses
         graph, static_inputs, static_losses, lrs = self.graphs[key]
         if self._float_lrs() != lrs:
@@ -102,6 +103,11 @@ class GraphedTrainStep:
         if any(group.get("capturable") is False for group in self.optimizer.param_groups):
             raise ValueError(f"{type(self.optimizer).__name__} must be built with capturable=True to be replayed in "
                              "a CUDA graph (its step counter then lives on the GPU)")
+
+    def _memory_key(self) -> tuple:
+        """The addresses a captured step reads and writes: the weights and the optimizer's state tensors."""
+        state = [t.data_ptr() for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        return cuda_graphs.weights_key(self.model) + tuple(state)
 
     def _float_lrs(self) -> list:
         return [group["lr"] for group in self.optimizer.param_groups if not isinstance(group["lr"], torch.Tensor)]
