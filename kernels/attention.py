@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from trm_fast import torch_ops
-from trm_fast.kernels.dropout import check_seed, keep_mask, load_seed, new_seed, row_key, seed_value
+from trm_fast.kernels.dropout import check_seed, keep_mask, load_seed, new_seed, row_key, torch_keep_mask
 from trm_fast.kernels.matmul import dot_config, tile_configs
 
 TRITON_HEAD_DIMS = (16, 32, 64)  # on CUDA; 128 passes the interpreter but its GPU run did not finish (NOTES.md)
@@ -302,7 +302,7 @@ def attention_bwd_triton(do, qkv, o, lse, key_valid, p: float, seed: Optional[to
 
 def _probs_torch(qkv, key_valid, p: float, seed: Optional[torch.Tensor]):
     """(softmax probabilities [B, H, L, L] in float32, dropout keep-scale or None): the op's path off CUDA.
-    Its dropout mask comes from a CPU generator seeded with `seed`, so the backward draws it again alike."""
+    Its dropout mask is `torch_keep_mask`'s, which the backward draws again alike."""
     q, k = qkv[:, :, 0].float(), qkv[:, :, 1].float()
     L, Dh = q.shape[1], q.shape[-1]
     scores = torch.einsum("blhd,bmhd->bhlm", q, k) / math.sqrt(Dh)
@@ -310,8 +310,7 @@ def _probs_torch(qkv, key_valid, p: float, seed: Optional[torch.Tensor]):
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
     if p == 0:
         return probs, None
-    keep = torch.rand(probs.shape, generator=torch.Generator().manual_seed(seed_value(seed))) >= p
-    return probs, keep.to(probs.device) / (1.0 - p)
+    return probs, torch_keep_mask(probs.shape, p, seed).to(probs.device) / (1.0 - p)
 
 
 def attention_forward(qkv, key_valid, p: float, seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -47,9 +47,10 @@ def new_seed(device) -> torch.Tensor:
     return torch.randint(0, 2**31 - 1, (1,), device=device)
 
 
-def seed_value(seed: torch.Tensor) -> int:
-    """The seed as an int, for the torch paths' CPU generators (reads a CUDA seed back: tests only)."""
-    return int(seed.reshape(-1)[0])
+def torch_keep_mask(shape, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """The torch paths' keep-mask (a CPU bool tensor): drawn from a CPU generator seeded with `seed`'s value,
+    so drawn again alike in the backward."""
+    return torch.rand(shape, generator=torch.Generator().manual_seed(int(seed.reshape(-1)[0]))) >= p
 
 
 def check_seed(name: str, seed, p: float, device: torch.device) -> None:

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trm_fast.kernels.dropout import check_seed, keep_mask, load_seed, new_seed, row_key, seed_value
+from trm_fast.kernels.dropout import check_seed, keep_mask, load_seed, new_seed, row_key, torch_keep_mask
 
 ROWS_PER_PROGRAM = 16
 
@@ -114,11 +114,10 @@ def _check(h, residual, weight, bias, p, seed):
 
 
 def _dropped_torch(residual: torch.Tensor, p: float, seed: Optional[torch.Tensor]) -> torch.Tensor:
-    """The CPU path's dropout: a mask drawn from a CPU generator seeded with `seed`, so drawn again alike."""
+    """The CPU path's dropout, on `torch_keep_mask`'s mask."""
     if p == 0:
         return residual
-    keep = torch.rand(residual.shape, generator=torch.Generator().manual_seed(seed_value(seed))) >= p
-    return residual * keep.to(residual.device) / (1.0 - p)
+    return residual * torch_keep_mask(residual.shape, p, seed).to(residual.device) / (1.0 - p)
 
 
 def _normalized_torch(h, residual, eps, p, seed):
