@@ -85,7 +85,7 @@ class GraphedTrainStep:
         result = forward_for_capture(model, *inputs, supervision_steps, self.keep_logits, autocast)
         result["loss"].backward()
         if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm, foreach=True)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
         optimizer.step()
         return {name: result[name].detach() for name in LOSSES}
 
