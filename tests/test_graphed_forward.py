@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import trm_fast
+from parity_helpers import random_batch
 from trm_fast import GraphedForward
 
 
@@ -13,10 +14,7 @@ def _model(device="cpu", kernels="auto"):
 
 
 def _batch(seed, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 50, (3, 40), generator=g)
-    ids[1, 30:] = 0  # right padding
-    return ids.to(device), torch.randint(1, 50, (3, 40), generator=g).to(device)
+    return random_batch(3, 40, 50, lengths=[40, 30, 40], seed=seed, device=device)
 
 
 def _assert_same(got, expected, atol=1e-5):

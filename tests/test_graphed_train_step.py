@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import trm_fast
+from parity_helpers import random_batch
 from trm_fast import GraphedTrainStep, graphed_train_step
 
 
@@ -15,10 +16,7 @@ def _model(device="cpu", kernels="auto", dropout=0.0):
 
 
 def _batch(seed, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 50, (3, 24), generator=g)
-    ids[1, 18:] = 0  # right padding
-    return ids.to(device), torch.randint(1, 50, (3, 24), generator=g).to(device)
+    return random_batch(3, 24, 50, lengths=[24, 18, 24], seed=seed, device=device)
 
 
 def _eager_steps(model, optimizer, batches, max_grad_norm=None, keep_logits=True):
