@@ -1,5 +1,5 @@
-"""CUDA-graph capture after a warm-up, the pattern every graph of the package follows, and the key that
-tells when graphs over a model's weights went stale."""
+"""CUDA-graph capture after a warm-up, the pattern every graph of the package follows, its input buffers, and
+the key that tells when graphs over a model's weights went stale."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -28,6 +28,23 @@ def on_side_stream(fn: Callable[[], object]) -> object:
         result = fn()
     torch.cuda.current_stream().wait_stream(side)
     return result
+
+
+def inputs_key(inputs) -> tuple:
+    """The shape and dtype of each of a graph's inputs (None where one is absent): what a graph is captured for."""
+    return tuple((t.shape, t.dtype) if t is not None else None for t in inputs)
+
+
+def static_copies(inputs, device: torch.device) -> tuple:
+    """Copies of the inputs on `device` (None kept): a graph's input buffers, captured reading them."""
+    return tuple(t.to(device, copy=True) if t is not None else None for t in inputs)
+
+
+def copy_into(buffers, inputs) -> None:
+    """Each given input into its graph buffer (None inputs have none), before a replay."""
+    for buffer, given in zip(buffers, inputs):
+        if given is not None:
+            buffer.copy_(given)
 
 
 def weights_key(model: torch.nn.Module) -> tuple:

@@ -49,14 +49,11 @@ class GraphedForward:
             self.graphs, self.pool, self.weights = {}, None, weights
         autocast = autocast_state()
         inputs = (input_ids, attention_mask, target_ids)
-        key = (tuple((t.shape, t.dtype) if t is not None else None for t in inputs), supervision_steps, keep_logits,
-               autocast)
+        key = (cuda_graphs.inputs_key(inputs), supervision_steps, keep_logits, autocast)
         if key not in self.graphs:
             self.graphs[key] = self._capture(inputs, supervision_steps, keep_logits, autocast)
         graph, static_inputs, outputs = self.graphs[key]
-        for static, given in zip(static_inputs, inputs):
-            if given is not None:
-                static.copy_(given)
+        cuda_graphs.copy_into(static_inputs, inputs)
         graph.replay()
         return _cloned(outputs) if self.clone_outputs else outputs
 
@@ -64,7 +61,7 @@ class GraphedForward:
         """(graph, static input buffers, static outputs) for inputs like `inputs`."""
         model = self.model
         device = model.token_embed.weight.device
-        static_inputs = tuple(t.to(device, copy=True) if t is not None else None for t in inputs)
+        static_inputs = cuda_graphs.static_copies(inputs, device)
         ids, mask, targets = static_inputs
         outputs: Dict[str, Any] = {}
 

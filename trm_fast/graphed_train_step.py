@@ -61,8 +61,7 @@ class GraphedTrainStep:
             return self._step(inputs, supervision_steps, autocast)
         if self._memory_key() != self.memory:  # first call, weights moved, optimizer state replaced: stale graphs
             self.graphs = {}
-        key = (tuple((t.shape, t.dtype) if t is not None else None for t in inputs), supervision_steps, autocast,
-               model.training)
+        key = (cuda_graphs.inputs_key(inputs), supervision_steps, autocast, model.training)
         if key not in self.graphs:
             losses = cuda_graphs.on_side_stream(lambda: self._step(inputs, supervision_steps, autocast))
             self.graphs[key] = self._capture(inputs, supervision_steps, autocast)
@@ -72,9 +71,7 @@ class GraphedTrainStep:
         if self._float_lrs() != lrs:
             raise ValueError("a learning rate given as a float changed since the step was captured; give the "
                              "optimizer tensor learning rates and update them in place (fill_)")
-        for static, given in zip(static_inputs, inputs):
-            if given is not None:
-                static.copy_(given)
+        cuda_graphs.copy_into(static_inputs, inputs)
         graph.replay()
         return {name: t.clone() for name, t in static_losses.items()}
 
@@ -93,7 +90,7 @@ class GraphedTrainStep:
         """(graph, static input buffers, static losses, float learning rates) of a step on inputs like `inputs`.
         Each graph has its own memory pool: its gradients and optimizer reads stay its own."""
         self._check_capturable()
-        static_inputs = tuple(t.clone() if t is not None else None for t in inputs)
+        static_inputs = cuda_graphs.static_copies(inputs, self.model.token_embed.weight.device)
         static_losses: Dict[str, torch.Tensor] = {}
         graph = cuda_graphs.capture(lambda: static_losses.update(self._step(static_inputs, supervision_steps,
                                                                             autocast)), warmups=0)
