@@ -55,6 +55,17 @@ def sync():
         torch.cuda.synchronize()
 
 
+def make_forward_step(impl: str, model, runner, ids, targets):
+    """One no-grad forward of `impl` under autocast (model in eval mode); its outputs."""
+    kwargs = CALL_KWARGS.get(impl, {})
+    model.eval()
+
+    def step():
+        with torch.no_grad(), autocast():
+            return runner(ids, target_ids=targets, **kwargs)
+    return step
+
+
 def make_train_step(impl: str, model, runner, ids, targets):
     """One train step of `impl` (forward under autocast, backward, AdamW, zeroed gradients); its outputs."""
     kwargs = CALL_KWARGS.get(impl, {})
@@ -86,21 +97,13 @@ def make_train_step(impl: str, model, runner, ids, targets):
 def test_model(benchmark, case, impl, mode):
     spec = CASES[case]
     model, runner, ids, targets = build(impl, spec)
-    if mode == "forward":
-        model.eval()
+    make_step = make_forward_step if mode == "forward" else make_train_step
+    unsynced_step = make_step(impl, model, runner, ids, targets)
 
-        def step():
-            with torch.no_grad(), autocast():
-                out = runner(ids, target_ids=targets, **CALL_KWARGS.get(impl, {}))
-            sync()
-            return out
-    else:
-        train_step = make_train_step(impl, model, runner, ids, targets)
-
-        def step():
-            out = train_step()
-            sync()
-            return out
+    def step():
+        out = unsynced_step()
+        sync()
+        return out
 
     warmup = 3 if benchmark.enabled else 0
     for _ in range(warmup):  # compilation and autotuning stay out of the timing

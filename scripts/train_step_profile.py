@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from bench_cases import CASES  # noqa: E402
-from test_bench_model import CALL_KWARGS, autocast, build, make_train_step  # noqa: E402
+from test_bench_model import build, make_forward_step, make_train_step  # noqa: E402
 
 from profiling import kernel_times  # noqa: E402
 
@@ -26,15 +26,7 @@ IMPLS = {"eager": "eager", "compiled": "compiled", "compiled-graphs": "compiled-
 
 def make_step(impl: str, case: dict, train: bool):
     model, runner, ids, targets = build(IMPLS[impl], case)
-    if train:
-        return make_train_step(IMPLS[impl], model, runner, ids, targets)
-    kwargs = CALL_KWARGS.get(IMPLS[impl], {})
-    model.eval()
-
-    def step():
-        with torch.no_grad(), autocast():
-            return runner(ids, target_ids=targets, **kwargs)
-    return step
+    return (make_train_step if train else make_forward_step)(IMPLS[impl], model, runner, ids, targets)
 
 
 def time_step(step, rounds: int = 20):
