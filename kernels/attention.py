@@ -20,6 +20,7 @@ import triton.language as tl
 
 from trm_fast import torch_ops
 from trm_fast.kernels.dropout import check_seed, keep_mask, load_seed, new_seed, row_key, torch_keep_mask
+from trm_fast.kernels.linear import linear
 from trm_fast.kernels.matmul import dot_config, tile_configs
 
 TRITON_HEAD_DIMS = (16, 32, 64)  # on CUDA; 128 passes the interpreter but its GPU run did not finish (NOTES.md)
@@ -29,10 +30,11 @@ LOG2E = 1.4426950408889634
 # forward and dQ: BLOCK_M queries per program, key tiles of BLOCK_N (BLOCK_M a multiple of BLOCK_N);
 # dK/dV: BLOCK_N keys per program, query tiles of BLOCK_M (BLOCK_N a multiple of BLOCK_M)
 _BLOCKS = ("BLOCK_M", "BLOCK_N")
-# the first of each list (the only one with TRM_FAST_AUTOTUNE=0) fits every head dim up to 128
-_FWD_TILES = tile_configs(_BLOCKS, [(64, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3)], (32, 16, 4, 1))
-_DQ_TILES = tile_configs(_BLOCKS, [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)], (32, 16, 4, 1))
-_DKDV_TILES = tile_configs(_BLOCKS, [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2)], (16, 32, 4, 1))
+# the first of each list (the only one with TRM_FAST_AUTOTUNE=0) fits every head dim up to 128; the others are the
+# fastest of scripts/kernel_tiles.py's sweep on the H100 (session 14)
+_FWD_TILES = tile_configs(_BLOCKS, [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 2)], (32, 16, 4, 1))
+_DQ_TILES = tile_configs(_BLOCKS, [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (128, 64, 8, 2)], (32, 16, 4, 1))
+_DKDV_TILES = tile_configs(_BLOCKS, [(64, 64, 4, 2), (64, 64, 4, 3), (16, 64, 4, 2), (32, 64, 4, 2)], (16, 32, 4, 1))
 
 
 @triton.jit
@@ -408,13 +410,13 @@ def attention(qkv, key_valid, p: float, seed: Optional[torch.Tensor]) -> torch.T
 def causal_attention(h, key_valid, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, n_heads: int,
                      dropout_p: float) -> torch.Tensor:
     """The TinyNet op (the signature of `torch_ops.causal_attention`): QKV projection, this attention, output
-    projection (both cuBLAS through F.linear, so autocast applies as in the seed); a query with no valid key
-    outputs zero before the output projection. On CUDA, a head dim that the kernels do not take runs
-    `torch_ops.causal_attention` instead."""
+    projection (both cuBLAS, kernels/linear.py, in the autocast dtype under autocast as in the seed); a query
+    with no valid key outputs zero before the output projection. On CUDA, a head dim that the kernels do not
+    take runs `torch_ops.causal_attention` instead."""
     B, L, D = h.shape
     if h.is_cuda and D // n_heads not in TRITON_HEAD_DIMS:
         return torch_ops.causal_attention(h, key_valid, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
                                           n_heads, dropout_p)
-    qkv = torch.nn.functional.linear(h, in_proj_weight, in_proj_bias).view(B, L, 3, n_heads, D // n_heads)
+    qkv = linear(h, in_proj_weight, in_proj_bias).view(B, L, 3, n_heads, D // n_heads)
     o = attention(qkv, key_valid, dropout_p, new_seed(h.device) if dropout_p > 0 else None)
-    return torch.nn.functional.linear(o.reshape(B, L, D), out_proj_weight, out_proj_bias)
+    return linear(o.reshape(B, L, D), out_proj_weight, out_proj_bias)

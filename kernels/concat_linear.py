@@ -4,7 +4,8 @@ materializing the concatenation, forward and backward.
 Forward: one kernel; each output tile accumulates (float32) the dot products of every input with its
 column block of `weight` [N, len(inputs) * K]. Backward: grad of input i = grad_out @ weight[:, i*K:(i+1)*K],
 (the shared strided matmul, kernels/matmul.py), grad of weight = grad_out.T @ cat(inputs) (cuBLAS: a
-long-K matmul), grad of bias = grad_out summed over rows.
+long-K matmul; the inputs copied into one buffer in the weight's dtype), grad of bias = grad_out summed over rows
+(kernels/column_sum.py).
 
 Every op of kernels/ comes in two forms over the same forward and backward functions: a `torch.library`
 custom op (fake kernel, autograd), which `torch.compile` and `opcheck` use, and a `torch.autograd.Function`
@@ -17,6 +18,7 @@ import triton
 import triton.language as tl
 
 from trm_fast import torch_ops
+from trm_fast.kernels.column_sum import sum_rows
 from trm_fast.kernels.matmul import autocast_cast, dot_as, dot_config, matmul_into, tile_configs, tile_grid
 
 
@@ -82,8 +84,10 @@ def concat_linear_bwd_triton(grad_out: torch.Tensor, inputs: Sequence[torch.Tens
         grad_x = torch.empty_like(x)
         matmul_into(grad_out, weight[:, i * K:(i + 1) * K], grad_x, weight.dtype)
         grad_inputs.append(grad_x)
-    grad_weight = grad_out.t() @ torch.cat(inputs, dim=1).to(weight.dtype)
-    return grad_inputs, grad_weight, grad_out.sum(0, dtype=torch.float32).to(weight.dtype)
+    joined = torch.empty(grad_out.shape[0], len(inputs) * K, device=grad_out.device, dtype=weight.dtype)
+    for i, x in enumerate(inputs):  # cast as copied: one pass over each input
+        joined[:, i * K:(i + 1) * K].copy_(x)
+    return grad_inputs, grad_out.t() @ joined, sum_rows(grad_out, weight.dtype)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:

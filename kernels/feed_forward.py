@@ -3,13 +3,16 @@
 Forward: the first matmul adds the bias and applies GELU in its epilogue, keeping the pre-activation for
 the backward; the second adds its bias (the residual add and dropout belong to `add_layer_norm`).
 Backward: dGELU is fused into the epilogue of grad_out @ w2 and grad h is the same kernel
-(kernels/matmul.py); the weight gradients are cuBLAS matmuls (long K), bias gradients row sums.
+(kernels/matmul.py); the weight gradients are cuBLAS matmuls (long K); grad b1 is summed in the epilogue that
+writes grad of the pre-activation, grad b2 by kernels/column_sum.py.
 """
 from typing import Tuple
 
 import torch
+import triton
 
-from trm_fast.kernels.matmul import BIAS, BIAS_GELU, GELU_GRAD, autocast_cast, matmul_into
+from trm_fast.kernels.column_sum import sum_rows
+from trm_fast.kernels.matmul import BIAS, BIAS_GELU, GELU_GRAD, SUM_BAND, autocast_cast, matmul_into
 
 
 def feed_forward_fwd_triton(h, w1, b1, w2, b2, keep_pre: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -24,17 +27,17 @@ def feed_forward_fwd_triton(h, w1, b1, w2, b2, keep_pre: bool = True) -> Tuple[t
 
 
 def feed_forward_bwd_triton(grad_out, h, pre, w1, w2):
-    """(grad h in h's dtype, grad w1, grad b1, grad w2, grad b2): dGELU fused into grad_out @ w2 and grad h by
-    the Triton matmul; the weight gradients (long-K) by cuBLAS."""
+    """(grad h in h's dtype, grad w1, grad b1, grad w2, grad b2): dGELU fused into grad_out @ w2 (whose epilogue
+    also sums grad b1 per band of rows) and grad h by the Triton matmul; the weight gradients (long-K) by cuBLAS."""
     dtype = w1.dtype
     grad_pre = torch.empty_like(pre)
-    matmul_into(grad_out, w2, grad_pre, dtype, GELU_GRAD, aux=pre)
+    b1_bands = torch.empty(triton.cdiv(pre.shape[0], SUM_BAND), pre.shape[1], device=pre.device, dtype=torch.float32)
+    matmul_into(grad_out, w2, grad_pre, dtype, GELU_GRAD, aux=pre, column_sums=b1_bands)
     grad_h = torch.empty_like(h)
     matmul_into(grad_pre, w1, grad_h, dtype)
     grad_w2 = grad_out.t() @ torch.nn.functional.gelu(pre)
     grad_w1 = grad_pre.t() @ h.to(dtype)
-    return (grad_h, grad_w1, grad_pre.sum(0, dtype=torch.float32).to(dtype), grad_w2,
-            grad_out.sum(0, dtype=torch.float32).to(dtype))
+    return grad_h, grad_w1, sum_rows(b1_bands, dtype), grad_w2, sum_rows(grad_out, dtype)
 
 
 def _check(h, w1, b1, w2, b2):

@@ -22,6 +22,8 @@ import triton.language as tl
 from trm_fast.torch_ops import autocast_dtype
 
 NONE, BIAS, BIAS_GELU, GELU_GRAD = 0, 1, 2, 3  # BIAS_GELU keeps the pre-activation in `aux` when one is given
+SUM_BAND = 32  # rows per partial column sum that the matmul's epilogue writes (no tile is shorter)
+_SUM_BAND = tl.constexpr(SUM_BAND)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("TRM_FAST_AUTOTUNE", "1") != "0"
 TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -67,25 +69,48 @@ def _gelu_parts(x):
     return x * cdf, cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
 
 
-@triton.autotune(configs=tile_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), [
-    (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 64, 32, 4, 4)],
-    (32, 32, 32, 4, 1)), key=["M", "N", "K", "EPILOGUE"])
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, M, N, K, stride_am, stride_ak, stride_bk,
+def _grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(tile row, tile column) of the `tile`-th output tile, walked in column strips GROUP_M tile rows high so
+    that tiles running together share their operand tiles in L2."""
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    group = tile // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    height = min(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    within = tile % (GROUP_M * tiles_n)
+    return first_m + within % height, within // height
+
+
+# from scripts/kernel_tiles.py on the H100 (benchmarks/NOTES.md, session 14); a persistent variant (one program
+# per SM walking the tiles) was no faster there
+@triton.autotune(configs=tile_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), [
+    (128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 3), (128, 256, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4),
+    (128, 64, 64, 8, 4, 4), (128, 128, 64, 1, 8, 3)], (32, 32, 32, 2, 4, 1)), key=["M", "N", "K", "EPILOGUE"])
+@triton.heuristics({"EVEN": lambda args: all(args[d] % args["BLOCK_" + d] == 0 for d in "MNK")})
+@triton.jit
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, sums_ptr, M, N, K, stride_am, stride_ak, stride_bk,
                    stride_bn, stride_cm, stride_cn, EPILOGUE: tl.constexpr, HAS_AUX: tl.constexpr,
-                   DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+                   COLUMN_SUMS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                   EVEN: tl.constexpr):
+    """One output tile per program: the K loop (unmasked when EVEN: M, N, K multiples of the blocks), then the
+    epilogue."""
+    tile_m, tile_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
+    a_tile = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
+    b_tile = b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + ks
-        a = tl.load(a_ptr + rows[:, None] * stride_am + k[None, :] * stride_ak,
-                    mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
-        b = tl.load(b_ptr + k[:, None] * stride_bk + cols[None, :] * stride_bn,
-                    mask=(k[:, None] < K) & (cols[None, :] < N), other=0.0)
+        if EVEN:
+            a, b = tl.load(a_tile), tl.load(b_tile)
+        else:
+            a = tl.load(a_tile, mask=(rows[:, None] < M) & (ks[None, :] < K - k0), other=0.0)
+            b = tl.load(b_tile, mask=(ks[:, None] < K - k0) & (cols[None, :] < N), other=0.0)
         acc = dot_as(a, b, acc, DOT_DTYPE, PRECISION)
+        a_tile += BLOCK_K * stride_ak
+        b_tile += BLOCK_K * stride_bk
     in_range = (rows[:, None] < M) & (cols[None, :] < N)
     aux_offsets = rows[:, None] * N + cols[None, :]  # aux: a contiguous [M, N] tensor
     if EPILOGUE == 1 or EPILOGUE == 2:
@@ -97,8 +122,15 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, M, N, K, stride_am, s
     if EPILOGUE == 3:
         _, slope = _gelu_parts(tl.load(aux_ptr + aux_offsets, mask=in_range, other=0.0).to(tl.float32))
         acc *= slope
-    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
-             mask=in_range)
+    out = acc.to(c_ptr.dtype.element_ty)
+    if COLUMN_SUMS:  # the output's column sums (of the rounded values) over this tile's rows, in band rows
+        band = tile_m * (BLOCK_M // _SUM_BAND)
+        tl.store(sums_ptr + band * N + cols, tl.sum(tl.where(in_range, out.to(tl.float32), 0.0), axis=0),
+                 mask=cols < N)
+        for other in tl.static_range(1, BLOCK_M // _SUM_BAND):  # the tile's other bands hold zeros
+            if (band + other) * _SUM_BAND < M:
+                tl.store(sums_ptr + (band + other) * N + cols, tl.zeros((BLOCK_N,), tl.float32), mask=cols < N)
+    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, out, mask=in_range)
 
 
 def autocast_cast(*tensors: torch.Tensor):
@@ -110,13 +142,20 @@ def autocast_cast(*tensors: torch.Tensor):
 
 
 def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, dot_dtype: torch.dtype, epilogue: int = NONE,
-                bias: torch.Tensor = None, aux: torch.Tensor = None) -> None:
+                bias: torch.Tensor = None, aux: torch.Tensor = None, column_sums: torch.Tensor = None) -> None:
     """out[:] = epilogue(a @ b), the dot in `dot_dtype`. BIAS: + bias. BIAS_GELU: out = gelu(a @ b + bias),
     and aux[:] = a @ b + bias when `aux` is given. GELU_GRAD: out = (a @ b) * gelu'(aux). `aux` is a contiguous
-    [M, N] tensor."""
+    [M, N] tensor. `column_sums`, a float32 [cdiv(M, SUM_BAND), N] tensor, receives the column sums of out per
+    band of SUM_BAND rows (reduce them with `column_sum.sum_rows`)."""
     (M, K), N = a.shape, b.shape[1]
     dtype, precision = dot_config(dot_dtype)
-    _matmul_kernel[tile_grid(M, N)](a, b, out, bias if bias is not None else out, aux if aux is not None else out,
-                                    M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
-                                    out.stride(1), EPILOGUE=epilogue, HAS_AUX=aux is not None, DOT_DTYPE=dtype,
-                                    PRECISION=precision)
+    _matmul_kernel[_matmul_grid(M, N)](a, b, out, bias if bias is not None else out, aux if aux is not None else out,
+                                       column_sums if column_sums is not None else out, M, N, K, a.stride(0),
+                                       a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+                                       EPILOGUE=epilogue, HAS_AUX=aux is not None,
+                                       COLUMN_SUMS=column_sums is not None, DOT_DTYPE=dtype, PRECISION=precision)
+
+
+def _matmul_grid(M: int, N: int):
+    """One program per output tile (a 1-D grid: _grouped_tile places them)."""
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)

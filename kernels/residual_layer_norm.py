@@ -4,7 +4,7 @@ Forward: one program per row, float32 statistics; the dropout mask is never stor
 (seed, row, column) by kernels/dropout.py and drawn again in the backward. Saved for the backward: h,
 residual, and per row the mean and 1/std. Backward: a program walks a band of rows, writes the input
 gradients (the residual's through the same mask) and keeps float32 partial sums of the weight and bias
-gradients, reduced over bands afterwards.
+gradients, reduced over bands afterwards (kernels/column_sum.py, both in one reduction).
 """
 from typing import Optional, Tuple
 
@@ -12,16 +12,19 @@ import torch
 import triton
 import triton.language as tl
 
+from trm_fast.kernels.column_sum import sum_rows
 from trm_fast.kernels.dropout import check_seed, keep_mask, load_seed, new_seed, row_key, torch_keep_mask
 
 ROWS_PER_PROGRAM = 16
 
 
 @triton.jit
-def _dropped(r, seed_ptr, row, cols, p, HAS_DROPOUT: tl.constexpr):
+def _dropout_scale(seed_ptr, row, cols, p, HAS_DROPOUT: tl.constexpr):
+    """Per element of the row: 1 / (1 - p) where dropout keeps it, else 0 (1 without dropout)."""
+    scale = tl.full(cols.shape, 1.0, tl.float32)
     if HAS_DROPOUT:
-        r = tl.where(keep_mask(row_key(load_seed(seed_ptr), row), cols, p), r / (1.0 - p), 0.0)
-    return r
+        scale = tl.where(keep_mask(row_key(load_seed(seed_ptr), row), cols, p), scale / (1.0 - p), 0.0)
+    return scale
 
 
 @triton.jit
@@ -33,7 +36,7 @@ def _residual_layer_norm_fwd_kernel(h_ptr, r_ptr, w_ptr, b_ptr, out_ptr, mean_pt
     offsets = row * N + cols
     h = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    s = h + _dropped(r, seed_ptr, row, cols, p, HAS_DROPOUT)
+    s = h + r * _dropout_scale(seed_ptr, row, cols, p, HAS_DROPOUT)
     mean = tl.sum(s, axis=0) / N
     centered = tl.where(mask, s - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
@@ -45,7 +48,7 @@ def _residual_layer_norm_fwd_kernel(h_ptr, r_ptr, w_ptr, b_ptr, out_ptr, mean_pt
 
 
 @triton.jit
-def _residual_layer_norm_bwd_kernel(dy_ptr, h_ptr, r_ptr, w_ptr, mean_ptr, rstd_ptr, dh_ptr, dr_ptr, dw_ptr, db_ptr,
+def _residual_layer_norm_bwd_kernel(dy_ptr, h_ptr, r_ptr, w_ptr, mean_ptr, rstd_ptr, dh_ptr, dr_ptr, sums_ptr,
                                     M, N, p, seed_ptr, HAS_DROPOUT: tl.constexpr, ROWS: tl.constexpr,
                                     BLOCK: tl.constexpr):
     band = tl.program_id(0)
@@ -61,17 +64,17 @@ def _residual_layer_norm_bwd_kernel(dy_ptr, h_ptr, r_ptr, w_ptr, mean_ptr, rstd_
             dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             h = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             r = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            s = h + _dropped(r, seed_ptr, row, cols, p, HAS_DROPOUT)
+            scale = _dropout_scale(seed_ptr, row, cols, p, HAS_DROPOUT)
+            s = h + r * scale
             xhat = tl.where(mask, (s - tl.load(mean_ptr + row)) * tl.load(rstd_ptr + row), 0.0)
             wdy = w * dy
             ds = (wdy - (xhat * (tl.sum(xhat * wdy, axis=0) / N) + tl.sum(wdy, axis=0) / N)) * tl.load(rstd_ptr + row)
             tl.store(dh_ptr + offsets, ds.to(dh_ptr.dtype.element_ty), mask=mask)
-            tl.store(dr_ptr + offsets, _dropped(ds, seed_ptr, row, cols, p, HAS_DROPOUT).to(dr_ptr.dtype.element_ty),
-                     mask=mask)
+            tl.store(dr_ptr + offsets, (ds * scale).to(dr_ptr.dtype.element_ty), mask=mask)
             dw += dy * xhat
             db += dy
-    tl.store(dw_ptr + band * N + cols, dw, mask=mask)
-    tl.store(db_ptr + band * N + cols, db, mask=mask)
+    tl.store(sums_ptr + band * 2 * N + cols, dw, mask=mask)
+    tl.store(sums_ptr + band * 2 * N + N + cols, db, mask=mask)
 
 
 def residual_layer_norm_fwd_triton(h, residual, weight, bias, eps: float, p: float,
@@ -93,13 +96,13 @@ def residual_layer_norm_bwd_triton(grad_out, h, residual, weight, mean, rstd, p:
     M, N = h.shape
     bands = triton.cdiv(M, ROWS_PER_PROGRAM)
     grad_h, grad_residual = torch.empty_like(h), torch.empty_like(residual)
-    partial_w = torch.empty(bands, N, device=h.device, dtype=torch.float32)
-    partial_b = torch.empty_like(partial_w)
+    partial_sums = torch.empty(bands, 2 * N, device=h.device, dtype=torch.float32)  # per band: grad w, grad b
     _residual_layer_norm_bwd_kernel[(bands,)](grad_out, h, residual, weight, mean, rstd, grad_h, grad_residual,
-                                              partial_w, partial_b, M, N, p,
+                                              partial_sums, M, N, p,
                                               seed if p > 0 else mean, HAS_DROPOUT=p > 0,
                                               ROWS=ROWS_PER_PROGRAM, BLOCK=triton.next_power_of_2(N))
-    return grad_h, grad_residual, partial_w.sum(0).to(weight.dtype), partial_b.sum(0).to(weight.dtype)
+    grad_weight, grad_bias = sum_rows(partial_sums, weight.dtype).view(2, N)
+    return grad_h, grad_residual, grad_weight, grad_bias
 
 
 def _check(h, residual, weight, bias, p, seed):
@@ -176,7 +179,9 @@ def add_layer_norm_backward_op(grad_out: torch.Tensor, h: torch.Tensor, residual
                                mean: torch.Tensor, rstd: torch.Tensor, p: float,
                                seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                       torch.Tensor]:
-    return add_layer_norm_backward(grad_out, h, residual, weight, mean, rstd, p, seed)
+    grad_h, grad_residual, grad_weight, grad_bias = add_layer_norm_backward(grad_out, h, residual, weight, mean,
+                                                                            rstd, p, seed)
+    return grad_h, grad_residual, grad_weight, grad_bias.clone()  # on CUDA they are halves of one tensor
 
 
 @add_layer_norm_backward_op.register_fake

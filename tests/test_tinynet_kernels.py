@@ -11,9 +11,11 @@ from parity_helpers import DEVICES, make_pair, random_batch
 triton = pytest.importorskip("triton")
 from trm_fast import torch_ops  # noqa: E402
 from trm_fast.kernels import attention as attn  # noqa: E402
+from trm_fast.kernels import column_sum  # noqa: E402
 from trm_fast.kernels import concat_linear as cl  # noqa: E402
 from trm_fast.kernels import cross_entropy as ce  # noqa: E402
 from trm_fast.kernels import feed_forward as ffn  # noqa: E402
+from trm_fast.kernels import linear  # noqa: E402
 from trm_fast.kernels import residual_layer_norm as rln  # noqa: E402
 
 KERNEL_DEVICE = "cuda" if "cuda" in DEVICES else "cpu"
@@ -36,7 +38,7 @@ def _close(got, expected, tol=1e-4):
     torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol * scale)
 
 
-@pytest.mark.parametrize("num_inputs, M, K, N", [(3, 37, 24, 40), (2, 70, 33, 17), (3, 1, 8, 8)])
+@pytest.mark.parametrize("num_inputs, M, K, N", [(3, 37, 24, 40), (2, 70, 33, 17), (3, 1, 8, 8), (3, 64, 32, 64)])
 def test_concat_linear_kernels(num_inputs, M, K, N):
     xs = [_randn(M, K, seed=i) for i in range(num_inputs)]
     weight, bias, grad_out = _randn(N, num_inputs * K, seed=7), _randn(N, seed=8), _randn(M, N, seed=9)
@@ -86,6 +88,16 @@ def test_ops_autograd_and_opcheck(device):
         torch.library.opcheck(torch.ops.trm_fast.add_layer_norm.default, args)
     _close(rln.add_layer_norm(h, r, w, b, 1e-5, 0.0),
            F.layer_norm((h + r).double(), (16,), w.double(), b.double(), 1e-5))
+    inputs = [torch.randn(*shape, generator=g).to(device).requires_grad_() for shape in ((2, 70, 16), (8, 16), (8,))]
+    torch.library.opcheck(torch.ops.trm_fast.linear.default, inputs)
+    leaves = _double_leaves(*[t.detach() for t in inputs])
+    expected = F.linear(*leaves)
+    grad_out = torch.randn(expected.shape, generator=g).to(device)
+    (expected * grad_out.double()).sum().backward()
+    got = linear.linear(*inputs)
+    _close(got, expected.detach())
+    for grad, leaf in zip(torch.autograd.grad(got, inputs, grad_out), leaves):
+        _close(grad, leaf.grad)
 
 
 def test_ops_reject_bad_input():
@@ -102,6 +114,8 @@ def test_ops_reject_bad_input():
         rln.add_layer_norm(x, x, torch.ones(8), torch.zeros(8), 1e-5, 1.0)
     with pytest.raises(ValueError, match="weight and bias must be"):
         rln.add_layer_norm(x, x, torch.ones(7), torch.zeros(8), 1e-5, 0.0)
+    with pytest.raises(ValueError, match=r"linear: for x \[..., 8\] expects weight \[N, 8\]"):
+        linear.linear(x, torch.randn(3, 7), torch.randn(3))
 
 
 def test_kernels_take_wider_inputs_than_their_weights():
@@ -254,7 +268,18 @@ def test_cross_entropy_op_matches_torch_path(device):
         ce.cross_entropy(logits, targets.int(), -100)
 
 
-@pytest.mark.parametrize("M, D, F_", [(37, 24, 96), (1, 16, 64), (70, 32, 40)])
+@pytest.mark.parametrize("R, N", [(1, 5), (300, 7), (1100, 130)])  # the last: two passes
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sum_rows(R, N, dtype):
+    x = _randn(R + 3, N)[3:].to(dtype)  # a row offset: any start works
+    expected = x.double().sum(0)
+    _close(column_sum.sum_rows(x, torch.float32), expected, 1e-5)
+    _close(column_sum.sum_rows(x, dtype), expected, 1e-5 if dtype == torch.float32 else 1e-2)
+    with pytest.raises(ValueError, match="unit column stride"):
+        column_sum.sum_rows(x.t(), dtype)
+
+
+@pytest.mark.parametrize("M, D, F_", [(37, 24, 96), (1, 16, 64), (70, 32, 40), (64, 32, 64)])  # last: unmasked tiles
 def test_feed_forward_kernels(M, D, F_):
     h, w1, b1, w2, b2, grad_out = (_randn(*shape, seed=i) for i, shape in
                                    enumerate([(M, D), (F_, D), (F_,), (D, F_), (D,), (M, D)]))
