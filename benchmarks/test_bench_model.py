@@ -72,14 +72,14 @@ def make_train_step(impl: str, model, runner, ids, targets):
     model.train()
     if impl.endswith("-graph"):  # a tensor learning rate and capturable=True: what a replayed AdamW needs
         lr = torch.tensor(3e-4, device=ids.device) if CUDA else 3e-4
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, capturable=CUDA)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, capturable=CUDA, fused=CUDA)
         graphed = trm_fast.GraphedTrainStep(model, optimizer, **kwargs)
 
         def step():
             with autocast():
                 return graphed(ids, target_ids=targets)
         return step
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01, fused=CUDA)  # every impl alike
 
     def step():
         with autocast():
