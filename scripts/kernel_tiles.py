@@ -5,12 +5,14 @@ replaced by it), beside cuBLAS on the same matmul shapes, and the fused against 
     python3 scripts/kernel_tiles.py [--json out.json]
 """
 import argparse
+import contextlib
 import json
 
 import torch
 import triton
 from triton.testing import do_bench
 
+from trm_fast import cuda_graphs
 from trm_fast.kernels import attention, concat_linear, matmul
 from trm_fast.kernels.dropout import new_seed
 
@@ -32,32 +34,38 @@ ATTENTION_TILES = {  # BLOCK_M, BLOCK_N, warps, stages
 }
 
 
-def only(kernel, config):
-    """Make the autotuned `kernel` run `config` alone (no autotuning); returns the old config list."""
+@contextlib.contextmanager
+def pinned(kernel, names, tile):
+    """Within, the autotuned `kernel` runs `tile` alone (no autotuning)."""
     old = kernel.configs
-    kernel.configs = [config]
+    kernel.configs = [triton.Config(dict(zip(names, tile)), num_warps=tile[-2], num_stages=tile[-1])]
     kernel.cache.clear()
-    return old
-
-
-def config(names, tile):
-    return triton.Config(dict(zip(names, tile)), num_warps=tile[-2], num_stages=tile[-1])
+    try:
+        yield
+    finally:
+        kernel.configs = old
+        kernel.cache.clear()
 
 
 def sweep(kernel, names, tiles, run, flop):
     """{tile: (median ms, TFLOP/s)} of `run` with each tile."""
     results = {}
-    old = kernel.configs
     for tile in tiles:
-        only(kernel, config(names, tile))
-        try:
-            ms = do_bench(run, warmup=10, rep=50, return_mode="median")
-            results[str(tile)] = (round(ms, 4), round(flop / ms / 1e9, 1))
-        except Exception as e:  # a tile that does not fit (shared memory, registers) is reported, not fatal
-            results[str(tile)] = str(e).splitlines()[0][:120]
-    kernel.configs = old
-    kernel.cache.clear()
+        with pinned(kernel, names, tile):
+            try:
+                ms = do_bench(run, warmup=10, rep=50, return_mode="median")
+                results[str(tile)] = (round(ms, 4), round(flop / ms / 1e9, 1))
+            except Exception as e:  # a tile that does not fit (shared memory, registers) is reported, not fatal
+                results[str(tile)] = str(e).splitlines()[0][:120]
     return results
+
+
+def report(results: dict, title: str, found: dict) -> None:
+    """Keep `found` under `title` and print it, fastest first."""
+    results[title] = found
+    print(title, flush=True)
+    for tile, r in sorted(found.items(), key=lambda kv: kv[1][0] if isinstance(kv[1], tuple) else 1e9):
+        print(f"   {tile:45s} {r}")
 
 
 def matmul_shapes(D: int, F: int):
@@ -99,17 +107,13 @@ def main():
             a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16).contiguous()
             ms = do_bench(lambda: torch.mm(a16, b16), warmup=10, rep=50, return_mode="median")
             found["cuBLAS mm (bf16 in and out, no epilogue)"] = (round(ms, 4), round(flop / ms / 1e9, 1))
-            results[f"matmul d{D} {name} M{M} N{N} K{K}"] = found
-            print(f"matmul d{D} {name} M{M} N{N} K{K}", flush=True)
-            for tile, r in sorted(found.items(), key=lambda kv: kv[1][0] if isinstance(kv[1], tuple) else 1e9):
-                print(f"   {tile:45s} {r}")
+            report(results, f"matmul d{D} {name} M{M} N{N} K{K}", found)
         xs = [torch.randn(M, D, device="cuda") for _ in range(3)]
         w = torch.randn(D, 3 * D, device="cuda", dtype=torch.bfloat16) * 0.05
         bias = torch.zeros(D, device="cuda", dtype=torch.bfloat16)
         found = sweep(concat_linear._concat_linear_fwd_kernel, ("BLOCK_M", "BLOCK_N", "BLOCK_K"), CONCAT_TILES,
                       lambda: concat_linear.concat_linear_fwd_triton(xs, w, bias), 2 * M * D * 3 * D)
-        results[f"concat_linear fwd d{D}"] = found
-        print(f"concat_linear fwd d{D}: {sorted(found.items(), key=lambda kv: str(kv[1]))}", flush=True)
+        report(results, f"concat_linear fwd d{D}", found)
     for B, L, H, Dh in ((16, 512, 8, 64), (8, 1024, 8, 32)):
         qkv = torch.randn(B, L, 3, H, Dh, device="cuda", dtype=torch.bfloat16)
         key_valid = torch.ones(B, L, dtype=torch.bool, device="cuda")
@@ -117,21 +121,16 @@ def main():
         o, lse = attention.attention_fwd_triton(qkv, key_valid, 0.1, seed)
         do = torch.randn_like(o)
         flop = 4 * B * H * L * L * Dh / 2  # causal
-        for part, (kernel, tiles) in ATTENTION_TILES.items():
-            if part == "fwd":
-                run = lambda: attention.attention_fwd_triton(qkv, key_valid, 0.1, seed)  # noqa: E731
-            else:  # the whole backward, the other kernel on its first config
-                run = lambda: attention.attention_bwd_triton(do, qkv, o, lse, key_valid, 0.1, seed)  # noqa: E731
-            other = ATTENTION_TILES["dq" if part == "dkdv" else "dkdv"][0]
-            old = only(other, config(("BLOCK_M", "BLOCK_N"), ATTENTION_TILES["dq" if part == "dkdv" else
-                                                                           "dkdv"][1][0])) if part != "fwd" else None
-            found = sweep(kernel, ("BLOCK_M", "BLOCK_N"), tiles, run, flop * (1 if part == "fwd" else 2.5))
-            if old is not None:
-                other.configs = old
-                other.cache.clear()
-            results[f"attention {part} B{B} L{L} H{H} Dh{Dh} p0.1"] = found
-            print(f"attention {part} B{B} L{L} Dh{Dh}: {sorted(found.items(), key=lambda kv: str(kv[1]))}",
-                  flush=True)
+        fwd = lambda: attention.attention_fwd_triton(qkv, key_valid, 0.1, seed)  # noqa: E731
+        bwd = lambda: attention.attention_bwd_triton(do, qkv, o, lse, key_valid, 0.1, seed)  # noqa: E731
+        blocks = ("BLOCK_M", "BLOCK_N")
+        kernel, tiles = ATTENTION_TILES["fwd"]
+        report(results, f"attention fwd B{B} L{L} H{H} Dh{Dh} p0.1", sweep(kernel, blocks, tiles, fwd, flop))
+        for part, other in (("dq", "dkdv"), ("dkdv", "dq")):  # the whole backward, the other kernel on its first tile
+            kernel, tiles = ATTENTION_TILES[part]
+            with pinned(ATTENTION_TILES[other][0], blocks, ATTENTION_TILES[other][1][0]):
+                found = sweep(kernel, blocks, tiles, bwd, 2.5 * flop)
+            report(results, f"attention {part} B{B} L{L} H{H} Dh{Dh} p0.1", found)
     results["adamw"] = adamw_times()
     print("adamw", results["adamw"])
     if args.json:
@@ -153,14 +152,7 @@ def adamw_times():
         opt.step()
         out[name] = round(do_bench(opt.step, warmup=5, rep=50, return_mode="median"), 4)
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                opt.step()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                opt.step()
+            graph = cuda_graphs.capture(opt.step)
             graph.replay()
             torch.cuda.synchronize()
             out[name + " graph replay"] = round(do_bench(graph.replay, warmup=5, rep=50, return_mode="median"), 4)
