@@ -19,9 +19,10 @@ import triton
 import triton.language as tl
 
 from trm_fast import torch_ops
-from trm_fast.kernels.dropout import check_seed, keep_mask, load_seed, new_seed, row_key, torch_keep_mask
+from trm_fast.kernels.dropout import check_seed, keep_mask, load_seed, row_key, torch_keep_mask
 from trm_fast.kernels.linear import linear
 from trm_fast.kernels.matmul import dot_config, tile_configs
+from trm_fast.seeds import new_seed
 
 TRITON_HEAD_DIMS = (16, 32, 64)  # on CUDA; 128 passes the interpreter but its GPU run did not finish (NOTES.md)
 LOG2E = 1.4426950408889634
@@ -80,8 +81,8 @@ def _attend(acc, m_i, l_i, q, k_ptr, v_ptr, key_valid_ptr, rows, dims, start, en
         probs = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(probs, axis=1)
-        if HAS_DROPOUT:
-            probs = tl.where(_keep(seed_ptr, bh, rows, cols, L, p), probs / (1.0 - p), 0.0)
+        if HAS_DROPOUT:  # kept probabilities; the output is scaled by 1 / (1 - p) once, at the end
+            probs = tl.where(_keep(seed_ptr, bh, rows, cols, L, p), probs, 0.0)
         v = _load_tile(v_ptr, cols, dims, stride_l, L)
         acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -112,7 +113,7 @@ def _attention_fwd_kernel(qkv_ptr, key_valid_ptr, o_ptr, lse_ptr, stride_b, stri
                             first_row, tl.minimum(L, first_row + BLOCK_M), stride_l, L, qk_scale, p, seed_ptr, bh, True,
                             HAS_DROPOUT, PRECISION, BLOCK_N)
     has_key = l_i > 0
-    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    out = acc * ((1.0 / (1.0 - p)) / tl.where(has_key, l_i, 1.0))[:, None]
     o_base = b * stride_ob + h * stride_oh
     tl.store(o_ptr + o_base + rows[:, None] * stride_ol + dims[None, :], out.to(o_ptr.dtype.element_ty),
              mask=rows[:, None] < L)
@@ -144,16 +145,17 @@ def _load_query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, rows, dims, stride_l
 @triton.jit
 def _probs_and_dscores(q, do, lse, delta, k, v, key_ok, seed_ptr, bh, rows, cols, L, qk_scale, p,
                        CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    """For one [rows, cols] tile: the (dropped) probabilities and dS = P * (dP - delta)."""
+    """For one [rows, cols] tile: the kept probabilities (not yet scaled by 1 / (1 - p): dV is, once, at the
+    end) and dS = P * (dP - delta)."""
     s = _scores(q, k, key_ok, rows, cols, qk_scale, CAUSAL, PRECISION)
     probs = tl.math.exp2(s - lse[:, None])  # 0 where masked (-inf) and on rows with no key (lse = +inf)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    dropped = probs
+    kept = probs
     if HAS_DROPOUT:
         keep = _keep(seed_ptr, bh, rows, cols, L, p)
-        dropped = tl.where(keep, probs / (1.0 - p), 0.0)
-        dp = tl.where(keep, dp / (1.0 - p), 0.0)
-    return dropped, probs * (dp - delta[:, None])
+        kept = tl.where(keep, probs, 0.0)
+        dp = tl.where(keep, dp * (1.0 / (1.0 - p)), 0.0)
+    return kept, probs * (dp - delta[:, None])
 
 
 @triton.jit
@@ -163,9 +165,9 @@ def _dkdv_step(dk, dv, k, v, key_ok, q_ptr, do_ptr, lse_ptr, delta_ptr, bh, cols
     for qstart in range(start, end, BLOCK_M):
         rows = qstart + tl.arange(0, BLOCK_M)
         q, do, lse, delta = _load_query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, rows, dims, stride_l, stride_gl, L)
-        dropped, ds = _probs_and_dscores(q, do, lse, delta, k, v, key_ok, seed_ptr, bh, rows, cols, L, qk_scale, p,
-                                         CAUSAL, HAS_DROPOUT, PRECISION)
-        dv += tl.dot(tl.trans(dropped).to(do.dtype), do, input_precision=PRECISION)
+        kept, ds = _probs_and_dscores(q, do, lse, delta, k, v, key_ok, seed_ptr, bh, rows, cols, L, qk_scale, p,
+                                      CAUSAL, HAS_DROPOUT, PRECISION)
+        dv += tl.dot(tl.trans(kept).to(do.dtype), do, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
     return dk, dv
 
@@ -199,7 +201,7 @@ def _attention_bwd_dkdv_kernel(qkv_ptr, key_valid_ptr, do_ptr, lse_ptr, delta_pt
                         PRECISION, BLOCK_M)
     out = base + cols[:, None] * stride_l + dims[None, :]  # dK, dV laid out as K, V
     tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=cols[:, None] < L)
-    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=cols[:, None] < L)
+    tl.store(dv_ptr + out, (dv * (1.0 / (1.0 - p))).to(dv_ptr.dtype.element_ty), mask=cols[:, None] < L)
 
 
 @triton.jit

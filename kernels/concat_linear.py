@@ -4,8 +4,8 @@ materializing the concatenation, forward and backward.
 Forward: one kernel; each output tile accumulates (float32) the dot products of every input with its
 column block of `weight` [N, len(inputs) * K]. Backward: grad of input i = grad_out @ weight[:, i*K:(i+1)*K],
 (the shared strided matmul, kernels/matmul.py), grad of weight = grad_out.T @ cat(inputs) (cuBLAS: a
-long-K matmul; the inputs copied into one buffer in the weight's dtype), grad of bias = grad_out summed over rows
-(kernels/column_sum.py).
+long-K matmul; the inputs cast-copied into one buffer in the weight's dtype by one kernel, `cast_join`), grad
+of bias = grad_out summed over rows (kernels/column_sum.py).
 
 Every op of kernels/ comes in two forms over the same forward and backward functions: a `torch.library`
 custom op (fake kernel, autograd), which `torch.compile` and `opcheck` use, and a `torch.autograd.Function`
@@ -39,7 +39,8 @@ def _accumulate(acc, x_ptr, stride_xm, w_ptr, stride_wn, rows, cols, M, N, K, DO
 
 
 @triton.autotune(configs=tile_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), [
-    (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)], (32, 32, 32, 4, 1)),
+    (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 256, 64, 8, 3),
+    (128, 256, 32, 8, 4)], (32, 32, 32, 4, 1)),
     key=["M", "N", "K", "NUM_INPUTS"])
 @triton.jit
 def _concat_linear_fwd_kernel(x0_ptr, x1_ptr, x2_ptr, stride_x0, stride_x1, stride_x2, w_ptr, stride_wn, b_ptr,
@@ -58,6 +59,36 @@ def _concat_linear_fwd_kernel(x0_ptr, x1_ptr, x2_ptr, stride_x0, stride_x1, stri
     acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
+def _copy_block(x_ptr, stride_x, out_ptr, stride_out, rows, cols, M, K):
+    in_range = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=in_range)
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], x.to(out_ptr.dtype.element_ty), mask=in_range)
+
+
+@triton.jit
+def _cast_join_kernel(x0_ptr, x1_ptr, x2_ptr, stride_x0, stride_x1, stride_x2, out_ptr, stride_out, M, K,
+                      NUM_INPUTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[:, i*K:(i+1)*K] = inputs[i], cast to out's dtype (a [BLOCK_M, BLOCK_K] block of each input)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    _copy_block(x0_ptr, stride_x0, out_ptr, stride_out, rows, cols, M, K)
+    _copy_block(x1_ptr, stride_x1, out_ptr + K, stride_out, rows, cols, M, K)
+    if NUM_INPUTS == 3:
+        _copy_block(x2_ptr, stride_x2, out_ptr + 2 * K, stride_out, rows, cols, M, K)
+
+
+def cast_join(inputs: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """cat(inputs, -1).to(dtype) for two or three 2-D [M, K] inputs with unit column stride, in one pass."""
+    (M, K), x0, x1, x2 = inputs[0].shape, inputs[0], inputs[1], inputs[-1]
+    out = torch.empty(M, len(inputs) * K, device=x0.device, dtype=dtype)
+    block_m, block_k = 32, min(triton.next_power_of_2(K), 128)
+    _cast_join_kernel[(triton.cdiv(M, block_m), triton.cdiv(K, block_k))](
+        x0, x1, x2, x0.stride(0), x1.stride(0), x2.stride(0), out, out.stride(0), M, K, NUM_INPUTS=len(inputs),
+        BLOCK_M=block_m, BLOCK_K=block_k)
+    return out
 
 
 def concat_linear_fwd_triton(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -84,10 +115,7 @@ def concat_linear_bwd_triton(grad_out: torch.Tensor, inputs: Sequence[torch.Tens
         grad_x = torch.empty_like(x)
         matmul_into(grad_out, weight[:, i * K:(i + 1) * K], grad_x, weight.dtype)
         grad_inputs.append(grad_x)
-    joined = torch.empty(grad_out.shape[0], len(inputs) * K, device=grad_out.device, dtype=weight.dtype)
-    for i, x in enumerate(inputs):  # cast as copied: one pass over each input
-        joined[:, i * K:(i + 1) * K].copy_(x)
-    return grad_inputs, grad_out.t() @ joined, sum_rows(grad_out, weight.dtype)
+    return grad_inputs, grad_out.t() @ cast_join(inputs, weight.dtype), sum_rows(grad_out, weight.dtype)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:

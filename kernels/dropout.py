@@ -3,8 +3,8 @@
 `keep_mask(row_key(seed, rows), cols, p)` hashes each row once and each element once more (the `lowbias32` mixer, two
 multiplies and three shifts), so a backward draws the forward's mask again at a small cost; `tl.rand`
 (Philox, 10 rounds per element) cost attention's training forward 4x its time without dropout (NOTES.md).
-Seeds are int64 device tensors drawn from torch's CUDA generator (`new_seed`): a CUDA graph replays them as
-fresh draws, where a seed passed as a Python int would freeze one mask into the graph.
+Seeds are int64 device tensors drawn from torch's CUDA generator (`trm_fast.seeds.new_seed`): a CUDA graph
+replays them as fresh draws, where a seed passed as a Python int would freeze one mask into the graph.
 """
 import torch
 import triton
@@ -37,14 +37,11 @@ def row_key(seed, rows):
 @triton.jit
 def keep_mask(key, cols, p):
     """Dropout's keep-mask, each element True with probability 1 - p, at row keys `key` (row_key) and column
-    indices `cols` (broadcast against each other: [M, 1] keys and [1, N] columns give an [M, N] tile)."""
-    bits = _mix(key ^ cols.to(tl.uint32))
-    return (bits >> 8).to(tl.float32) * (1.0 / 16777216.0) >= p
-
-
-def new_seed(device) -> torch.Tensor:
-    """A fresh int64 [1] dropout seed on `device`, from torch's generator there."""
-    return torch.randint(0, 2**31 - 1, (1,), device=device)
+    indices `cols` (broadcast against each other: [M, 1] keys and [1, N] columns give an [M, N] tile): the hash's
+    top 24 bits, u, keep the element when u / 2**24 >= p, compared as integers (u >= ceil(p * 2**24)) so that no
+    element is converted to float."""
+    threshold = tl.math.ceil(p * 16777216.0).to(tl.uint32)
+    return (_mix(key ^ cols.to(tl.uint32)) >> 8) >= threshold
 
 
 def torch_keep_mask(shape, p: float, seed: torch.Tensor) -> torch.Tensor:

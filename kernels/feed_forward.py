@@ -2,17 +2,38 @@
 
 Forward: the first matmul adds the bias and applies GELU in its epilogue, keeping the pre-activation for
 the backward; the second adds its bias (the residual add and dropout belong to `add_layer_norm`).
-Backward: dGELU is fused into the epilogue of grad_out @ w2 and grad h is the same kernel
-(kernels/matmul.py); the weight gradients are cuBLAS matmuls (long K); grad b1 is summed in the epilogue that
-writes grad of the pre-activation, grad b2 by kernels/column_sum.py.
+Backward: grad_out @ w2 by cuBLAS, then one elementwise kernel multiplies it by GELU'(pre-activation) in place,
+writes gelu(pre-activation) for grad w2 and sums grad b1 per band of rows; grad h by the Triton matmul (it
+writes h's dtype), the weight gradients by cuBLAS (long K), grad b2 by kernels/column_sum.py. (With dGELU in
+a Triton matmul's epilogue instead, grad_out @ w2 took 0.095 ms at d512, cuBLAS alone 0.033: benchmarks/NOTES.md,
+sessions 14 and 15.)
 """
 from typing import Tuple
 
 import torch
 import triton
+import triton.language as tl
 
-from trm_fast.kernels.column_sum import sum_rows
-from trm_fast.kernels.matmul import BIAS, BIAS_GELU, GELU_GRAD, SUM_BAND, autocast_cast, matmul_into
+from trm_fast.kernels.column_sum import BAND_ROWS, sum_rows
+from trm_fast.kernels.matmul import BIAS, BIAS_GELU, autocast_cast, gelu_parts, matmul_into
+
+_BAND_ROWS = tl.constexpr(BAND_ROWS)
+
+
+@triton.jit
+def _gelu_backward_kernel(grad_ptr, pre_ptr, act_ptr, sums_ptr, M, N, BLOCK_N: tl.constexpr):
+    """For one band of rows: grad *= gelu'(pre) in place, act = gelu(pre), and the band's column sums of the
+    (rounded) new grad in sums[band]."""
+    band = tl.program_id(0)
+    rows = band * _BAND_ROWS + tl.arange(0, _BAND_ROWS)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_range = (rows[:, None] < M) & (cols[None, :] < N)
+    offsets = rows[:, None] * N + cols[None, :]
+    act, slope = gelu_parts(tl.load(pre_ptr + offsets, mask=in_range, other=0.0).to(tl.float32))
+    grad = (tl.load(grad_ptr + offsets, mask=in_range, other=0.0).to(tl.float32) * slope).to(grad_ptr.dtype.element_ty)
+    tl.store(grad_ptr + offsets, grad, mask=in_range)
+    tl.store(act_ptr + offsets, act.to(act_ptr.dtype.element_ty), mask=in_range)
+    tl.store(sums_ptr + band * N + cols, tl.sum(grad.to(tl.float32), axis=0), mask=cols < N)
 
 
 def feed_forward_fwd_triton(h, w1, b1, w2, b2, keep_pre: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -27,17 +48,19 @@ def feed_forward_fwd_triton(h, w1, b1, w2, b2, keep_pre: bool = True) -> Tuple[t
 
 
 def feed_forward_bwd_triton(grad_out, h, pre, w1, w2):
-    """(grad h in h's dtype, grad w1, grad b1, grad w2, grad b2): dGELU fused into grad_out @ w2 (whose epilogue
-    also sums grad b1 per band of rows) and grad h by the Triton matmul; the weight gradients (long-K) by cuBLAS."""
+    """(grad h in h's dtype, grad w1, grad b1, grad w2, grad b2) for contiguous [M, D] grad_out and h and [M, F]
+    pre-activation."""
     dtype = w1.dtype
-    grad_pre = torch.empty_like(pre)
-    b1_bands = torch.empty(triton.cdiv(pre.shape[0], SUM_BAND), pre.shape[1], device=pre.device, dtype=torch.float32)
-    matmul_into(grad_out, w2, grad_pre, dtype, GELU_GRAD, aux=pre, column_sums=b1_bands)
+    (M, F), block_n = pre.shape, 128
+    grad_pre = grad_out.to(dtype) @ w2
+    act = torch.empty_like(pre)
+    b1_bands = torch.empty(triton.cdiv(M, BAND_ROWS), F, device=pre.device, dtype=torch.float32)
+    _gelu_backward_kernel[(triton.cdiv(M, BAND_ROWS), triton.cdiv(F, block_n))](grad_pre, pre, act, b1_bands, M, F,
+                                                                              BLOCK_N=block_n, num_warps=8)
     grad_h = torch.empty_like(h)
     matmul_into(grad_pre, w1, grad_h, dtype)
-    grad_w2 = grad_out.t() @ torch.nn.functional.gelu(pre)
-    grad_w1 = grad_pre.t() @ h.to(dtype)
-    return grad_h, grad_w1, sum_rows(b1_bands, dtype), grad_w2, sum_rows(grad_out, dtype)
+    return (grad_h, grad_pre.t() @ h.to(dtype), sum_rows(b1_bands, dtype), grad_out.t().to(dtype) @ act,
+            sum_rows(grad_out, dtype))
 
 
 def _check(h, w1, b1, w2, b2):

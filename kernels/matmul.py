@@ -21,9 +21,7 @@ import triton.language as tl
 
 from trm_fast.torch_ops import autocast_dtype
 
-NONE, BIAS, BIAS_GELU, GELU_GRAD = 0, 1, 2, 3  # BIAS_GELU keeps the pre-activation in `aux` when one is given
-SUM_BAND = 32  # rows per partial column sum that the matmul's epilogue writes (no tile is shorter)
-_SUM_BAND = tl.constexpr(SUM_BAND)
+NONE, BIAS, BIAS_GELU = 0, 1, 2  # BIAS_GELU keeps the pre-activation in `aux` when one is given
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("TRM_FAST_AUTOTUNE", "1") != "0"
 TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -63,7 +61,7 @@ def dot_as(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _gelu_parts(x):
+def gelu_parts(x):
     """(gelu(x), gelu'(x)) for the exact GELU."""
     cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
     return x * cdf, cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
@@ -88,9 +86,9 @@ def _grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROU
     (128, 64, 64, 8, 4, 4), (128, 128, 64, 1, 8, 3)], (32, 32, 32, 2, 4, 1)), key=["M", "N", "K", "EPILOGUE"])
 @triton.heuristics({"EVEN": lambda args: all(args[d] % args["BLOCK_" + d] == 0 for d in "MNK")})
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, sums_ptr, M, N, K, stride_am, stride_ak, stride_bk,
-                   stride_bn, stride_cm, stride_cn, EPILOGUE: tl.constexpr, HAS_AUX: tl.constexpr,
-                   COLUMN_SUMS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                   stride_cm, stride_cn, EPILOGUE: tl.constexpr, HAS_AUX: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                    EVEN: tl.constexpr):
     """One output tile per program: the K loop (unmasked when EVEN: M, N, K multiples of the blocks), then the
@@ -118,18 +116,8 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, sums_ptr, M, N, K, st
     if EPILOGUE == 2 and HAS_AUX:
         tl.store(aux_ptr + aux_offsets, acc.to(aux_ptr.dtype.element_ty), mask=in_range)
     if EPILOGUE == 2:
-        acc, _ = _gelu_parts(acc)
-    if EPILOGUE == 3:
-        _, slope = _gelu_parts(tl.load(aux_ptr + aux_offsets, mask=in_range, other=0.0).to(tl.float32))
-        acc *= slope
+        acc, _ = gelu_parts(acc)
     out = acc.to(c_ptr.dtype.element_ty)
-    if COLUMN_SUMS:  # the output's column sums (of the rounded values) over this tile's rows, in band rows
-        band = tile_m * (BLOCK_M // _SUM_BAND)
-        tl.store(sums_ptr + band * N + cols, tl.sum(tl.where(in_range, out.to(tl.float32), 0.0), axis=0),
-                 mask=cols < N)
-        for other in tl.static_range(1, BLOCK_M // _SUM_BAND):  # the tile's other bands hold zeros
-            if (band + other) * _SUM_BAND < M:
-                tl.store(sums_ptr + (band + other) * N + cols, tl.zeros((BLOCK_N,), tl.float32), mask=cols < N)
     tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, out, mask=in_range)
 
 
@@ -142,18 +130,15 @@ def autocast_cast(*tensors: torch.Tensor):
 
 
 def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, dot_dtype: torch.dtype, epilogue: int = NONE,
-                bias: torch.Tensor = None, aux: torch.Tensor = None, column_sums: torch.Tensor = None) -> None:
+                bias: torch.Tensor = None, aux: torch.Tensor = None) -> None:
     """out[:] = epilogue(a @ b), the dot in `dot_dtype`. BIAS: + bias. BIAS_GELU: out = gelu(a @ b + bias),
-    and aux[:] = a @ b + bias when `aux` is given. GELU_GRAD: out = (a @ b) * gelu'(aux). `aux` is a contiguous
-    [M, N] tensor. `column_sums`, a float32 [cdiv(M, SUM_BAND), N] tensor, receives the column sums of out per
-    band of SUM_BAND rows (reduce them with `column_sum.sum_rows`)."""
+    and aux[:] = a @ b + bias (a contiguous [M, N] tensor) when `aux` is given."""
     (M, K), N = a.shape, b.shape[1]
     dtype, precision = dot_config(dot_dtype)
     _matmul_kernel[_matmul_grid(M, N)](a, b, out, bias if bias is not None else out, aux if aux is not None else out,
-                                       column_sums if column_sums is not None else out, M, N, K, a.stride(0),
-                                       a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-                                       EPILOGUE=epilogue, HAS_AUX=aux is not None,
-                                       COLUMN_SUMS=column_sums is not None, DOT_DTYPE=dtype, PRECISION=precision)
+                                       M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
+                                       out.stride(1), EPILOGUE=epilogue, HAS_AUX=aux is not None, DOT_DTYPE=dtype,
+                                       PRECISION=precision)
 
 
 def _matmul_grid(M: int, N: int):

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 from trm_fast.kernels.column_sum import sum_rows
-from trm_fast.kernels.dropout import check_seed, keep_mask, load_seed, new_seed, row_key, torch_keep_mask
+from trm_fast.kernels.dropout import check_seed, keep_mask, load_seed, row_key, torch_keep_mask
+from trm_fast.seeds import new_seed
 
 ROWS_PER_PROGRAM = 16
 
@@ -23,7 +24,7 @@ def _dropout_scale(seed_ptr, row, cols, p, HAS_DROPOUT: tl.constexpr):
     """Per element of the row: 1 / (1 - p) where dropout keeps it, else 0 (1 without dropout)."""
     scale = tl.full(cols.shape, 1.0, tl.float32)
     if HAS_DROPOUT:
-        scale = tl.where(keep_mask(row_key(load_seed(seed_ptr), row), cols, p), scale / (1.0 - p), 0.0)
+        scale = tl.where(keep_mask(row_key(load_seed(seed_ptr), row), cols, p), scale * (1.0 / (1.0 - p)), 0.0)
     return scale
 
 

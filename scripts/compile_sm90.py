@@ -1,4 +1,4 @@
-"""Compile the TinyNet training kernels that changed most for Hopper (sm90) on a machine without a GPU, to catch
+"""Compile the TinyNet training kernels that changed lately for Hopper (sm90) on a machine without a GPU, to catch
 what Triton's interpreter lets through but its compiler rejects (session 14: a jit helper returning a float in one
 branch and a tensor in the other passed the interpreter and failed on the H100). Run it under the Triton the GPU
 machine has:
@@ -11,7 +11,9 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from trm_fast.kernels import column_sum, matmul
+from trm_fast.kernels import attention, column_sum, matmul
+from trm_fast.kernels import concat_linear as cl
+from trm_fast.kernels import feed_forward as ffn
 from trm_fast.kernels import residual_layer_norm as rln
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -29,12 +31,30 @@ def compile_for_sm90(kernel, signature: dict, constexprs: dict, **options) -> No
 
 
 def main():
-    pointers = dict(a_ptr="*fp32", b_ptr="*bf16", c_ptr="*bf16", bias_ptr="*bf16", aux_ptr="*bf16", sums_ptr="*fp32")
-    for epilogue, aux, sums, even in ((2, True, False, True), (3, True, True, True), (1, False, False, False)):
+    pointers = dict(a_ptr="*fp32", b_ptr="*bf16", c_ptr="*bf16", bias_ptr="*bf16", aux_ptr="*bf16")
+    for epilogue, aux, even in ((2, True, True), (0, False, True), (1, False, False)):
         compile_for_sm90(matmul._matmul_kernel, dict(pointers, **{k: "i32" for k in (
             "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn")}),
-            dict(EPILOGUE=epilogue, HAS_AUX=aux, COLUMN_SUMS=sums, DOT_DTYPE=tl.bfloat16, PRECISION="tf32",
-                 BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EVEN=even), num_warps=8, num_stages=3)
+            dict(EPILOGUE=epilogue, HAS_AUX=aux, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", BLOCK_M=128,
+                 BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EVEN=even), num_warps=8, num_stages=3)
+    compile_for_sm90(ffn._gelu_backward_kernel, dict(grad_ptr="*bf16", pre_ptr="*bf16", act_ptr="*bf16",
+                                                     sums_ptr="*fp32", M="i32", N="i32"), dict(BLOCK_N=128),
+                     num_warps=8)
+    compile_for_sm90(cl._cast_join_kernel, dict(x0_ptr="*fp32", x1_ptr="*fp32", x2_ptr="*fp32", stride_x0="i32",
+                                                stride_x1="i32", stride_x2="i32", out_ptr="*bf16", stride_out="i32",
+                                                M="i32", K="i32"), dict(NUM_INPUTS=3, BLOCK_M=32, BLOCK_K=128))
+    strides = {k: "i32" for k in ("stride_b", "stride_l", "stride_t", "stride_h", "H", "L")}
+    compile_for_sm90(attention._attention_fwd_kernel, dict(
+        qkv_ptr="*bf16", key_valid_ptr="*i1", o_ptr="*bf16", lse_ptr="*fp32", **strides, stride_ob="i32",
+        stride_ol="i32", stride_oh="i32", qk_scale="fp32", p="fp32", seed_ptr="*i64"),
+        dict(HAS_DROPOUT=True, PRECISION="tf32", HEAD_DIM=64, BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=3)
+    for kernel in (attention._attention_bwd_dkdv_kernel, attention._attention_bwd_dq_kernel):
+        compile_for_sm90(kernel, dict(
+            qkv_ptr="*bf16", key_valid_ptr="*i1", do_ptr="*bf16", lse_ptr="*fp32", delta_ptr="*fp32",
+            dqkv_ptr="*bf16", **strides, stride_gb="i32", stride_gl="i32", stride_gh="i32", qk_scale="fp32",
+            scale="fp32", p="fp32", seed_ptr="*i64"),
+            dict(HAS_DROPOUT=True, HEAD_DIM=64, PRECISION="tf32", BLOCK_M=64, BLOCK_N=64), num_warps=4,
+            num_stages=2)
     for dropout in (False, True):
         compile_for_sm90(rln._residual_layer_norm_fwd_kernel, dict(
             h_ptr="*bf16", r_ptr="*bf16", w_ptr="*fp32", b_ptr="*fp32", out_ptr="*fp32", mean_ptr="*fp32",

@@ -69,9 +69,9 @@ def host_costs(calls: int = 2000):
     dtype, precision = matmul.dot_config(a.dtype)
 
     def plain_matmul():
-        matmul._matmul_kernel.fn[(1,)](a, a, out, out, out, out, 16, 16, 16, 16, 1, 16, 1, 16, 1, EPILOGUE=0,
-                                       HAS_AUX=False, COLUMN_SUMS=False, DOT_DTYPE=dtype, PRECISION=precision,
-                                       BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1)
+        matmul._matmul_kernel.fn[(1,)](a, a, out, out, out, 16, 16, 16, 16, 1, 16, 1, 16, 1, EPILOGUE=0,
+                                       HAS_AUX=False, DOT_DTYPE=dtype, PRECISION=precision, BLOCK_M=16, BLOCK_N=16,
+                                       BLOCK_K=16, GROUP_M=1)
 
     def delta_kernel():
         attention._attention_bwd_delta_kernel[(1, 1)](o, o, delta, 256, 16, 16, 1, 16, HEAD_DIM=16, BLOCK=16)

@@ -53,6 +53,17 @@ def test_concat_linear_kernels(num_inputs, M, K, N):
         _close(got, leaf.grad, tol)
 
 
+@pytest.mark.parametrize("num_inputs, M, K", [(3, 37, 33), (2, 70, 200)])
+def test_cast_join(num_inputs, M, K):
+    """The concat backward's one-pass copy of its inputs into one buffer: cat then cast, exactly (inputs with a
+    row stride of their own). Triton's interpreter rounds float32 to bf16 otherwise than the GPU (round to
+    nearest even, as torch): there the inputs hold bf16 values."""
+    rounded = (lambda x: x.bfloat16().float()) if KERNEL_DEVICE == "cpu" else (lambda x: x)
+    xs = [rounded(_randn(M, K + 5, seed=i))[:, 2:K + 2] for i in range(num_inputs)]
+    got = cl.cast_join(xs, torch.bfloat16)
+    assert torch.equal(got, torch.cat(xs, -1).bfloat16())
+
+
 @pytest.mark.parametrize("M, N", [(19, 48), (5, 130), (1, 32)])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_residual_layer_norm_kernels(M, N, p):
@@ -181,6 +192,43 @@ def test_dropout_masks_are_uniform_and_fresh_per_seed():
     for same in (keep[..., 1:] == keep[..., :-1], keep[..., 1:, :] == keep[..., :-1, :], keep[1] == keep[0],
                  keep == attn.dropout_keep_mask(2, 2, 128, p, _seed(4))):
         assert abs(float(same.float().mean()) - agree) < 0.015
+
+
+def test_seeds_drawn_together_are_views_of_one_draw():
+    """trm_fast.seeds: within drawn_together, SEEDS_PER_DRAW seeds share one draw (then a new one starts); a
+    nested use shares the outer pool; outside, each seed is its own draw."""
+    from trm_fast import seeds
+    with seeds.drawn_together():
+        got = [seeds.new_seed("cpu") for _ in range(seeds.SEEDS_PER_DRAW)]
+        with seeds.drawn_together():
+            next_draw = seeds.new_seed("cpu")
+    storages = {t.untyped_storage().data_ptr() for t in got}
+    assert len(storages) == 1 and next_draw.untyped_storage().data_ptr() not in storages
+    assert all(t.shape == (1,) and t.dtype == torch.int64 for t in got + [next_draw])
+    assert len({int(t) for t in got}) > seeds.SEEDS_PER_DRAW - 3  # distinct draws (collisions ~1e-7)
+    alone = [seeds.new_seed("cpu") for _ in range(2)]
+    assert alone[0].untyped_storage().data_ptr() != alone[1].untyped_storage().data_ptr()
+
+
+def _mix_np(x):
+    """kernels/dropout.py's 32-bit mixer in numpy (uint64 holding uint32 values)."""
+    import numpy as np
+    for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        x = ((x ^ (x >> shift)) * np.uint64(multiplier)) & np.uint64(0xFFFFFFFF)
+    return x ^ (x >> 16)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_mask_is_the_documented_hash(p):
+    """keep[b, h, i, j] = top 24 bits of mix(mix((b*H+h)*L+i) * golden + seed) ^ j) >= ceil(p * 2**24)."""
+    import numpy as np
+    B, H, L, seed = 1, 2, 40, 123457
+    rows = np.arange(B * H * L, dtype=np.uint64)
+    key = _mix_np((rows * np.uint64(0x9E3779B9) + np.uint64(seed)) & np.uint64(0xFFFFFFFF))
+    bits = _mix_np(key[:, None] ^ np.arange(L, dtype=np.uint64)[None, :]) >> np.uint64(8)
+    expected = bits >= np.uint64(math.ceil(float(np.float32(p)) * 2**24))
+    got = attn.dropout_keep_mask(B, H, L, p, _seed(seed)).cpu().numpy().reshape(B * H * L, L)
+    assert (got == expected).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -8,7 +8,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import decoding, reference
+from . import decoding, reference, seeds
 from .early_exit import EarlyExit, compacted_early_exit
 from .early_exit import reset_runs as reset_early_exit_runs
 from .dispatch import check_kernels_choice, tinynet_ops
@@ -28,11 +28,13 @@ class DispatchTinyNet(reference.TinyNet):
     @contextlib.contextmanager
     def memoized(self):
         """Within, the TinyNet calls of one forward share the autocast copies of the linear weights (cast once,
-        as autocast's own cache does for F.linear) and the key mask, instead of making them per call."""
+        as autocast's own cache does for F.linear) and the key mask, instead of making them per call, and their
+        dropout seeds are drawn together (trm_fast.seeds)."""
         outer = self._memo
         self._memo = {} if outer is None else outer
         try:
-            yield
+            with seeds.drawn_together():
+                yield
         finally:
             self._memo = outer
 
@@ -48,8 +50,14 @@ class DispatchTinyNet(reference.TinyNet):
         dtype = autocast_dtype(params[0].device.type)
         if dtype is None:
             return params
-        grad = torch.is_grad_enabled()
-        return tuple(self._memo_get((p, dtype, grad), lambda p=p: p.to(dtype)) for p in params)
+        return tuple(self._memo_get((p, dtype), lambda p=p: self._cast(p, dtype)) for p in params)
+
+    @staticmethod
+    def _cast(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """param.to(dtype), recorded for autograd even under no_grad: the training forward's no-grad deep steps
+        come first, and its last step's gradient then flows through the same copy (one cast per parameter)."""
+        with torch.enable_grad():
+            return param.to(dtype)
 
     def _block(self, ops, h: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
         block, attn = self.block, self.block.attn
