@@ -65,9 +65,14 @@ def test_capture_and_replay_logic(monkeypatch):
         assert torch.equal(kept["logits"], model(_batch(0)[0])["logits"])
     buffers = GraphedForward(model, clone_outputs=False)
     first = buffers(_batch(0)[0])
-    assert buffers(ids) is first  # the graph's outputs, overwritten by the call
+    second = buffers(ids)  # the q_hats are the graph's outputs; the logits are computed after the replay
+    (_, _, graph_outputs), = buffers.graphs.values()
+    assert all(q is state[1] for q, state in zip(second["q_hats"], graph_outputs["states"]))
     with torch.no_grad():
-        assert torch.equal(first["logits"], model(ids)["logits"])
+        assert torch.equal(first["logits"], model(_batch(0)[0])["logits"])
+        assert torch.equal(second["q_hats"][-1], model(ids)["q_hats"][-1])
+    without = buffers(ids, target_ids=targets, keep_logits=False)
+    assert buffers(ids, target_ids=targets, keep_logits=False) is without
     with pytest.raises(ValueError, match="outside"):
         graphed(ids + 100)
     model.double()  # reallocated weights: captured again
@@ -107,8 +112,7 @@ def test_replays_equal_the_model(kernels):
                          atol=2e-2)
         assert len(graphed.graphs) == 3
         buffers = GraphedForward(model, clone_outputs=False)
-        first = buffers(ids)["logits"]
-        second = buffers(_batch(5, "cuda")[0])["logits"]
+        first, second = (buffers(batch)["q_hats"][-1] for batch in (ids, _batch(5, "cuda")[0]))
         assert first.data_ptr() == second.data_ptr()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32

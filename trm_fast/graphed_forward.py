@@ -1,11 +1,13 @@
 """`GraphedForward`: a model's forward without gradients, replayed as one CUDA graph per input shape.
 
 Inference (and evaluation) of a fixed batch shape calls the same few hundred kernels every time; captured
-once, the whole recursion (every TinyNet call, the output heads, the losses) is one launch, so the host no
-longer paces the GPU. The graph reads the model's weights in place (in-place updates are seen; weights moved
-or reallocated, e.g. by `model.to`, are noticed and the graphs captured again) and is captured under the
-autocast state of its first call; the model must stay in eval mode (dropout would be frozen into the
-graph). Off CUDA it calls the model under `torch.no_grad()`.
+once, the whole recursion (every TinyNet call, the q heads) is one launch, so the host no longer paces the GPU;
+the output head and the losses run after it as ordinary launches (the GPU is still busy with the graph when the
+host queues them), so the logits are fresh tensors and no [B, L, vocab] copy is made out of the graph.
+Without logits (`keep_logits=False`) the losses are in the graph too. The graph reads the model's weights in
+place (in-place updates are seen; weights moved or reallocated, e.g. by `model.to`, are noticed and the graphs
+captured again) and is captured under the autocast state of its first call; the model must stay in eval mode
+(dropout would be frozen into the graph). Off CUDA it calls the model under `torch.no_grad()`.
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ class GraphedForward:
     """`graphed(input_ids, attention_mask=None, target_ids=None, supervision_steps=None, keep_logits=True)`
     returns what `model(...)` returns under `torch.no_grad()`. One graph per shape and argument set, captured
     on its first call (a warm-up run, then the capture). Each call checks its arguments as the model does
-    (the ids' range: one read-back before the replay). Outputs are copied out of the graph's buffers, or,
-    with `clone_outputs=False`, are those buffers: valid until the next call of the same shape."""
+    (the ids' range: one read-back before the replay). Outputs computed in the graph (the q_hats; without
+    logits, the losses too) are copied out of its buffers, or, with `clone_outputs=False`, are those buffers:
+    valid until the next call of the same shape."""
 
     def __init__(self, model: TRMModel, clone_outputs: bool = True):
         if not isinstance(model, TRMModel):
@@ -55,7 +58,13 @@ class GraphedForward:
         graph, static_inputs, outputs = self.graphs[key]
         cuda_graphs.copy_into(static_inputs, inputs)
         graph.replay()
-        return _cloned(outputs) if self.clone_outputs else outputs
+        if not keep_logits:
+            return _cloned(outputs) if self.clone_outputs else outputs
+        with torch.no_grad(), autocast_context(autocast):
+            result = model._supervision_outputs(outputs["states"], static_inputs[2], outputs["attention_mask"])
+        if self.clone_outputs:
+            result["q_hats"] = _cloned(result["q_hats"])
+        return result
 
     def _capture(self, inputs, supervision_steps, keep_logits, autocast) -> tuple:
         """(graph, static input buffers, static outputs) for inputs like `inputs`."""
@@ -67,7 +76,8 @@ class GraphedForward:
 
         def forward():
             with torch.no_grad():
-                result = forward_for_capture(model, ids, mask, targets, supervision_steps, keep_logits, autocast)
+                result = forward_for_capture(model, ids, mask, targets, supervision_steps, keep_logits, autocast,
+                                             before_heads=True)
             outputs.clear()
             outputs.update(result)
         if self.pool is None:
@@ -76,15 +86,25 @@ class GraphedForward:
 
 
 def forward_for_capture(model: TRMModel, ids, mask, targets, supervision_steps, keep_logits: bool,
-                        autocast: Optional[torch.dtype]) -> Dict[str, Any]:
+                        autocast: Optional[torch.dtype], before_heads: bool = False) -> Dict[str, Any]:
     """The model's forward without its host-side checks (a read-back would break a capture), under `autocast`
-    (a dtype, or None for off) without autocast's cast cache (which breaks capture)."""
-    with torch.autocast("cuda", dtype=autocast or torch.float32, enabled=autocast is not None, cache_enabled=False):
+    (a dtype, or None for off). With keep_logits and `before_heads`, only up to the output head: {"states":
+    `_supervision_states`, "attention_mask"}, which `_supervision_outputs` finishes."""
+    with autocast_context(autocast):
         attention_mask = mask if mask is not None else (ids != model.config.pad_token_id).long()
         with model.tiny_net.memoized():
+            if keep_logits and before_heads:
+                return {"states": model._supervision_states(ids, attention_mask, supervision_steps),
+                        "attention_mask": attention_mask}
             if keep_logits:
                 return model._forward(ids, attention_mask, targets, supervision_steps)
             return model._forward_without_logits(ids, attention_mask, targets, supervision_steps)
+
+
+def autocast_context(autocast: Optional[torch.dtype]):
+    """CUDA autocast to `autocast` (a dtype, or None for off), without autocast's cast cache (which breaks
+    capture)."""
+    return torch.autocast("cuda", dtype=autocast or torch.float32, enabled=autocast is not None, cache_enabled=False)
 
 
 def autocast_state() -> Optional[torch.dtype]:
@@ -96,9 +116,12 @@ def _graphs_on(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _cloned(outputs: Dict[str, Any]) -> Dict[str, Any]:
-    """A copy of the forward's outputs (tensors and lists of tensors), "logits" kept as all_logits[-1]."""
-    out = {k: [t.clone() for t in v] if isinstance(v, list) else v.clone() if torch.is_tensor(v) else v
-           for k, v in outputs.items() if k != "logits"}
-    out["logits"] = out["all_logits"][-1] if out.get("all_logits") else None
-    return out
+def _cloned(value):
+    """A copy of graph outputs: tensors, in dicts and lists (other values as they are)."""
+    if torch.is_tensor(value):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_cloned(v) for v in value]
+    return value

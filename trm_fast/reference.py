@@ -258,28 +258,30 @@ class TRMModel(nn.Module):
         return model_statistics(self, seq_len)
 
     def _forward(self, input_ids, attention_mask, target_ids, supervision_steps) -> Dict[str, Any]:
-        cfg = self.config
+        states = self._supervision_states(input_ids, attention_mask, supervision_steps)
+        return self._supervision_outputs(states, target_ids, attention_mask)
+
+    def _supervision_states(self, input_ids, attention_mask, supervision_steps) -> List[Tuple[torch.Tensor, ...]]:
+        """Per supervision step, (y of its deep recursion, with gradient; q_hat): the forward before the output
+        head (which no later step depends on)."""
         x = self._embed(input_ids)
         y, z = self._init_states(x)
-        all_logits: List[torch.Tensor] = []
-        q_hats: List[torch.Tensor] = []
-        ce_losses: List[torch.Tensor] = []
-        act_losses: List[torch.Tensor] = []
-        for _ in range(supervision_steps or cfg.supervision_steps):
+        states = []
+        for _ in range(supervision_steps or self.config.supervision_steps):
             y_grad, _, y, z = self._deep_recursion_step(x, y, z, attention_mask)
-            logits = self._output_logits(y_grad)
-            q_hat = self._q_hat(y_grad, attention_mask)
-            all_logits.append(logits)
-            q_hats.append(q_hat)
-            if target_ids is not None:
-                ce_loss, act_loss = self._supervision_losses(logits, q_hat, target_ids, attention_mask)
-                ce_losses.append(ce_loss)
-                act_losses.append(act_loss)
-        ce_loss = torch.stack(ce_losses).mean() if ce_losses else None
-        act_loss = torch.stack(act_losses).mean() if act_losses else None
-        loss = None
-        if ce_loss is not None:
-            loss = ce_loss + cfg.act_weight * act_loss
+            states.append((y_grad, self._q_hat(y_grad, attention_mask)))
+        return states
+
+    def _supervision_outputs(self, states, target_ids, attention_mask) -> Dict[str, Any]:
+        """The forward's outputs from `_supervision_states`: each step's logits and losses."""
+        all_logits = [self._output_logits(y_grad) for y_grad, _ in states]
+        q_hats = [q_hat for _, q_hat in states]
+        ce_loss = act_loss = loss = None
+        if target_ids is not None:
+            ce_losses, act_losses = zip(*(self._supervision_losses(logits, q_hat, target_ids, attention_mask)
+                                          for logits, q_hat in zip(all_logits, q_hats)))
+            ce_loss, act_loss = torch.stack(ce_losses).mean(), torch.stack(act_losses).mean()
+            loss = ce_loss + self.config.act_weight * act_loss
         return {
             "loss": loss,
             "ce_loss": ce_loss,
