@@ -11,6 +11,7 @@ import torch
 
 import trm_fast
 from trm_fast import reference
+from trm_fast.graphed_train_step import backward_and_step
 from bench_cases import CASES, CUDA, DTYPE
 
 # compiled-graphs: torch.compile(mode="reduce-overhead"), which replays CUDA graphs; trm_fast-triton: kernels="triton"
@@ -84,8 +85,7 @@ def make_train_step(impl: str, model, runner, ids, targets):
     def step():
         with autocast():
             out = runner(ids, target_ids=targets, **kwargs)
-        out["loss"].backward()
-        optimizer.step()
+        backward_and_step(model, optimizer, out["loss"])
         optimizer.zero_grad(set_to_none=True)
         return out
     return step

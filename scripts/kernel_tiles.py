@@ -9,7 +9,6 @@ import contextlib
 import json
 
 import torch
-import triton
 from triton.testing import do_bench
 
 from trm_fast import cuda_graphs
@@ -38,7 +37,7 @@ ATTENTION_TILES = {  # BLOCK_M, BLOCK_N, warps, stages
 def pinned(kernel, names, tile):
     """Within, the autotuned `kernel` runs `tile` alone (no autotuning)."""
     old = kernel.configs
-    kernel.configs = [triton.Config(dict(zip(names, tile)), num_warps=tile[-2], num_stages=tile[-1])]
+    kernel.configs = matmul.tile_configs(names, [tile], tile)
     kernel.cache.clear()
     try:
         yield

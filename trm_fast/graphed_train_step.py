@@ -27,6 +27,16 @@ from .model import TRMModel
 LOSSES = ("loss", "ce_loss", "act_loss")
 
 
+def backward_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                      max_grad_norm: Optional[float] = None) -> None:
+    """The update of a training step from its loss, on gradients the caller zeroed: backward, gradient-norm
+    clipping (when `max_grad_norm` is given), the optimizer's step."""
+    loss.backward()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+
+
 class GraphedTrainStep:
     """`step(input_ids, attention_mask=None, target_ids=..., supervision_steps=None)` trains `model` one step
     with `optimizer` (built with `capturable=True` where it has the option: torch's Adam, AdamW, ...) and
@@ -77,13 +87,9 @@ class GraphedTrainStep:
 
     def _step(self, inputs, supervision_steps, autocast) -> Dict[str, torch.Tensor]:
         """One training step from zeroed gradients; the forward's losses, detached."""
-        model, optimizer = self.model, self.optimizer
-        optimizer.zero_grad(set_to_none=True)
-        result = forward_for_capture(model, *inputs, supervision_steps, self.keep_logits, autocast)
-        result["loss"].backward()
-        if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
-        optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        result = forward_for_capture(self.model, *inputs, supervision_steps, self.keep_logits, autocast)
+        backward_and_step(self.model, self.optimizer, result["loss"], self.max_grad_norm)
         return {name: result[name].detach() for name in LOSSES}
 
     def _capture(self, inputs, supervision_steps, autocast) -> tuple:

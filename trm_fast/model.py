@@ -182,21 +182,17 @@ class TRMModel(reference.TRMModel):
     def _forward_without_logits(self, input_ids, attention_mask, target_ids, supervision_steps) -> Dict[str, Any]:
         """The seed's training forward with the output head and cross-entropy fused per step."""
         cfg = self.config
-        x = self._embed(input_ids)
-        y, z = self._init_states(x)
         ce_losses, act_losses, q_hats = [], [], []
-        for _ in range(supervision_steps or cfg.supervision_steps):
-            y_grad, _, y, z = self._deep_recursion_step(x, y, z, attention_mask)
+        for y_grad, q_hat in self._supervision_states(input_ids, attention_mask, supervision_steps):
             ce, correct = linear_cross_entropy(y_grad.reshape(-1, y_grad.size(-1)), self.output_head.weight,
                                                target_ids.reshape(-1), cfg.pad_token_id)
-            q_hat = self._q_hat(y_grad, attention_mask)
             labels = self._act_labels(correct.view_as(target_ids), attention_mask, cfg.act_threshold)
             ce_losses.append(ce)
             act_losses.append(reference.halting_bce(q_hat, labels))
             q_hats.append(q_hat)
-        ce_loss, act_loss = torch.stack(ce_losses).mean(), torch.stack(act_losses).mean()
-        return {"loss": ce_loss + cfg.act_weight * act_loss, "ce_loss": ce_loss, "act_loss": act_loss,
-                "logits": None, "all_logits": [], "q_hats": q_hats}
+        loss, ce_loss, act_loss = self._mean_losses(ce_losses, act_losses)
+        return {"loss": loss, "ce_loss": ce_loss, "act_loss": act_loss, "logits": None, "all_logits": [],
+                "q_hats": q_hats}
 
     # -- generation (exact incremental decoding: trm_fast.decoding) ------------------------------------
     @torch.no_grad()

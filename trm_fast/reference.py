@@ -272,6 +272,11 @@ class TRMModel(nn.Module):
             states.append((y_grad, self._q_hat(y_grad, attention_mask)))
         return states
 
+    def _mean_losses(self, ce_losses, act_losses) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, ce_loss, act_loss): the steps' mean losses and their act_weight-weighted sum."""
+        ce_loss, act_loss = torch.stack(ce_losses).mean(), torch.stack(act_losses).mean()
+        return ce_loss + self.config.act_weight * act_loss, ce_loss, act_loss
+
     def _supervision_outputs(self, states, target_ids, attention_mask) -> Dict[str, Any]:
         """The forward's outputs from `_supervision_states`: each step's logits and losses."""
         all_logits = [self._output_logits(y_grad) for y_grad, _ in states]
@@ -280,8 +285,7 @@ class TRMModel(nn.Module):
         if target_ids is not None:
             ce_losses, act_losses = zip(*(self._supervision_losses(logits, q_hat, target_ids, attention_mask)
                                           for logits, q_hat in zip(all_logits, q_hats)))
-            ce_loss, act_loss = torch.stack(ce_losses).mean(), torch.stack(act_losses).mean()
-            loss = ce_loss + self.config.act_weight * act_loss
+            loss, ce_loss, act_loss = self._mean_losses(ce_losses, act_losses)
         return {
             "loss": loss,
             "ce_loss": ce_loss,

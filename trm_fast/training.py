@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .checkpoint import read_checkpoint, save_checkpoint
 from .data import TokenDataset, collate_batch, dataset_batches
-from .graphed_train_step import GraphedTrainStep
+from .graphed_train_step import GraphedTrainStep, backward_and_step
 from .plot import line_plot
 
 
@@ -222,10 +222,7 @@ def train(model: torch.nn.Module, train_set: TokenDataset, val_set: Optional[Tok
                 loss = model(batch["input_ids"], **inputs)["loss"]
         if not graphed:
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
+            backward_and_step(model, optimizer, loss, config.grad_clip if config.grad_clip > 0 else None)
         if ema is not None:
             with torch.no_grad():
                 decay = min(config.ema_decay, (1.0 + step) / (10.0 + step))  # warm-up: early weights fade fast
