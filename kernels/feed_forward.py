@@ -1,8 +1,7 @@
 """`trm_fast::feed_forward`: `linear(gelu(linear(h, w1, b1)), w2, b2)` (exact GELU), forward and backward.
 
-Forward: the first matmul adds the bias and applies GELU in its epilogue (`matmul.linear_gelu_into`), keeping the
-pre-activation for the backward; the second, with its bias, is cuBLAS (the residual add and dropout belong to
-`add_layer_norm`).
+Forward: the first matmul adds the bias and applies GELU in its epilogue, keeping the pre-activation for
+the backward; the second adds its bias (the residual add and dropout belong to `add_layer_norm`).
 Backward: grad_out @ w2 by cuBLAS, then one elementwise kernel multiplies it by GELU'(pre-activation) in place,
 writes gelu(pre-activation) for grad w2 and sums grad b1 per band of rows; grad h by the Triton matmul (it
 writes h's dtype), the weight gradients by cuBLAS (long K), grad b2 by kernels/column_sum.py. (With dGELU in
@@ -16,7 +15,7 @@ import triton
 import triton.language as tl
 
 from trm_fast.kernels.column_sum import BAND_ROWS, sum_rows
-from trm_fast.kernels.matmul import autocast_cast, gelu_parts, linear_gelu_into, matmul_into
+from trm_fast.kernels.matmul import BIAS, BIAS_GELU, autocast_cast, gelu_parts, matmul_into
 
 _BAND_ROWS = tl.constexpr(BAND_ROWS)
 
@@ -42,8 +41,10 @@ def feed_forward_fwd_triton(h, w1, b1, w2, b2, keep_pre: bool = True) -> Tuple[t
     M, F = h.shape[0], w1.shape[0]
     act = torch.empty(M, F, device=h.device, dtype=w1.dtype)
     pre = torch.empty_like(act) if keep_pre else None
-    linear_gelu_into(h, w1, b1, act, pre)
-    return torch.addmm(b2, act, w2.t()), pre
+    matmul_into(h, w1.t(), act, w1.dtype, BIAS_GELU, bias=b1, aux=pre)
+    out = torch.empty(M, w2.shape[0], device=h.device, dtype=w1.dtype)
+    matmul_into(act, w2.t(), out, w1.dtype, BIAS, bias=b2)
+    return out, pre
 
 
 def feed_forward_bwd_triton(grad_out, h, pre, w1, w2):

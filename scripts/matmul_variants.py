@@ -1,6 +1,7 @@
-"""The FFN's first product, gelu(h @ w1.T + b1) at M 8192 (issue 3): `matmul.linear_gelu_into`'s persistent TMA
-kernel under each candidate tile, beside the tiled `matmul_into` (float32 and bf16 h) and cuBLAS (+ a GELU pass),
-each timed as a replayed CUDA graph of 10 calls (no host launch cost: the TMA path builds descriptors per call).
+"""Experiment (issue 3, session 16): the FFN-up product (M 8192, N 2048, K 512, bias + GELU epilogue) and the
+FFN-down product by a persistent TMA-descriptor Triton kernel, beside the tiled kernel of kernels/matmul.py and
+cuBLAS (+ a separate GELU pass), with float32 and bf16 A. Faster alone, slower in the graphed step: not adopted
+(benchmarks/NOTES.md, session 16); kept as the record of what was measured.
 
     python3 scripts/matmul_variants.py [--json out.json]
 """
@@ -8,18 +9,119 @@ import argparse
 import json
 
 import torch
-import torch.nn.functional as F
+import triton
+import triton.language as tl
 from triton.testing import do_bench
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from trm_fast.kernels import matmul
+from trm_fast.kernels.matmul import dot_as, gelu_parts
 
 M = 8192
-TMA_TILES = [(128, 128, 64, 8, 8, 3, 2), (128, 128, 64, 8, 8, 2, 2), (128, 128, 64, 8, 8, 4, 1),
-             (128, 256, 64, 8, 8, 4, 1), (128, 128, 128, 8, 8, 3, 1), (128, 64, 64, 8, 4, 3, 2)]
+
+
+@triton.jit
+def _tile_of(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    group = tile // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    height = min(tiles_m - first_m, GROUP_M)
+    within = tile % (GROUP_M * tiles_n)
+    return first_m + within % height, within // height
+
+
+@triton.jit
+def gelu_fast(x):
+    """x * Phi(x) with erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7): one reciprocal, one exp."""
+    u = tl.abs(x) * 0.7071067811865476
+    t = 1.0 / (1.0 + 0.3275911 * u)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    half_erfc = 0.5 * poly * tl.exp(-u * u)
+    return x * tl.where(x >= 0, 1.0 - half_erfc, half_erfc)
+
+
+@triton.jit
+def _store_half(c_desc, aux_desc, bias_ptr, acc, row, col, EPILOGUE: tl.constexpr, HAS_AUX: tl.constexpr,
+                HALF: tl.constexpr):
+    if EPILOGUE >= 1:
+        acc += tl.load(bias_ptr + col + tl.arange(0, HALF)).to(tl.float32)[None, :]
+    if HAS_AUX:
+        aux_desc.store([row, col], acc.to(aux_desc.dtype))
+    if EPILOGUE == 2:
+        acc, _ = gelu_parts(acc)
+    if EPILOGUE == 3:
+        acc = gelu_fast(acc)
+    c_desc.store([row, col], acc.to(c_desc.dtype))
+
+
+@triton.jit
+def _matmul_tma_kernel(a_desc, b_desc, c_desc, aux_desc, bias_ptr, M, N, K, EPILOGUE: tl.constexpr,
+                       HAS_AUX: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, WS: tl.constexpr):
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    done = tl.program_id(0) - NUM_SMS
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_SMS, flatten=True, warp_specialize=WS):
+        tile_m, tile_n = _tile_of(tile, tiles_m, tiles_n, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_steps):
+            a = a_desc.load([tile_m * BLOCK_M, ki * BLOCK_K]).to(DOT_DTYPE)
+            b = b_desc.load([tile_n * BLOCK_N, ki * BLOCK_K])
+            acc = dot_as(a, b.T, acc, DOT_DTYPE, "tf32")
+        done += NUM_SMS
+        tile_m, tile_n = _tile_of(done, tiles_m, tiles_n, GROUP_M)
+        acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        _store_half(c_desc, aux_desc, bias_ptr, acc0, tile_m * BLOCK_M, tile_n * BLOCK_N, EPILOGUE, HAS_AUX,
+                    BLOCK_N // 2)
+        _store_half(c_desc, aux_desc, bias_ptr, acc1, tile_m * BLOCK_M, tile_n * BLOCK_N + BLOCK_N // 2, EPILOGUE,
+                    HAS_AUX, BLOCK_N // 2)
+
+
+SMS = None
+
+
+def matmul_tma(a, w, out, epilogue, bias, aux, tile):
+    """out = epilogue(a @ w.T + bias) for w [N, K] contiguous."""
+    global SMS
+    SMS = SMS or torch.cuda.get_device_properties("cuda").multi_processor_count
+    BM, BN, BK, G, warps, stages, per_sm, ws = tile
+    (Mr, K), N = a.shape, w.shape[0]
+    a_desc = TensorDescriptor.from_tensor(a, [BM, BK])
+    b_desc = TensorDescriptor.from_tensor(w, [BN, BK])
+    c_desc = TensorDescriptor.from_tensor(out, [BM, BN // 2])
+    aux_desc = TensorDescriptor.from_tensor(aux, [BM, BN // 2]) if aux is not None else c_desc
+    tiles = triton.cdiv(Mr, BM) * triton.cdiv(N, BN)
+    _matmul_tma_kernel[(min(SMS * per_sm, tiles),)](a_desc, b_desc, c_desc, aux_desc, bias, Mr, N, K, EPILOGUE=epilogue,
+                                           HAS_AUX=aux is not None, DOT_DTYPE=tl.bfloat16, BLOCK_M=BM, BLOCK_N=BN,
+                                           BLOCK_K=BK, GROUP_M=G, NUM_SMS=min(SMS * per_sm, tiles), WS=ws,
+                                           num_warps=warps, num_stages=stages)
+
+
+@triton.jit
+def _gelu_kernel(pre_ptr, act_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(pre_ptr + offs, mask=offs < n).to(tl.float32)
+    g, _ = gelu_parts(x)
+    tl.store(act_ptr + offs, g.to(act_ptr.dtype.element_ty), mask=offs < n)
+
+
+@triton.jit
+def _gelu_fast_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, gelu_fast(tl.load(x_ptr + offs)))
+
+
+def gelu_into(pre, act):
+    n = pre.numel()
+    _gelu_kernel[(triton.cdiv(n, 4096),)](pre, act, n, BLOCK=4096, num_warps=8)
+
+
+TMA_TILES = [(128, 256, 64, 8, 8, 4, 1, False), (128, 256, 64, 8, 8, 4, 1, True), (128, 128, 64, 8, 8, 4, 1, True),
+             (128, 128, 64, 8, 8, 2, 2, False), (128, 128, 64, 8, 4, 2, 2, False), (128, 128, 64, 8, 8, 3, 2, False),
+             (128, 64, 64, 8, 4, 3, 2, False), (128, 64, 64, 8, 4, 4, 3, False), (128, 128, 64, 8, 4, 2, 2, True)]
 
 
 def bench(fn, calls=10):
-    """Median ms of one call, timed as a CUDA graph of `calls` calls."""
+    """Median ms of one call, timed as a CUDA graph of `calls` calls (no host launch cost)."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -29,43 +131,69 @@ def bench(fn, calls=10):
     return round(do_bench(graph.replay, warmup=20, rep=100, return_mode="median") / calls, 4)
 
 
-def ffn_up_times(D: int, F_: int) -> dict:
-    bf = torch.bfloat16
-    w1, b1 = (torch.randn(F_, D, device="cuda", dtype=bf) * 0.05, torch.randn(F_, device="cuda", dtype=bf))
-    h32 = torch.randn(M, D, device="cuda")
-    h16 = h32.to(bf)
-    act, pre = torch.empty(M, F_, device="cuda", dtype=bf), torch.empty(M, F_, device="cuda", dtype=bf)
-    expected = F.gelu(F.linear(h16, w1, b1).float())
-    found = {}
-    for name, h in (("h float32", h32), ("h bf16", h16)):
-        found[f"tiled, {name}"] = bench(lambda: matmul.matmul_into(h, w1.t(), act, bf, matmul.BIAS_GELU, b1))
-        found[f"tiled, {name}, keep pre"] = bench(
-            lambda: matmul.matmul_into(h, w1.t(), act, bf, matmul.BIAS_GELU, b1, aux=pre))
-        for tile in TMA_TILES:
-            matmul.TMA_TILE = tile
-            try:
-                found[f"TMA {tile}, {name}"] = bench(lambda: matmul.linear_gelu_into(h, w1, b1, act))
-                found[f"TMA {tile}, {name}, max error"] = (act.float() - expected).abs().max().item()
-                found[f"TMA {tile}, {name}, keep pre"] = bench(lambda: matmul.linear_gelu_into(h, w1, b1, act, pre))
-            except Exception as e:  # a tile that does not fit is reported, not fatal
-                found[f"TMA {tile}, {name}"] = str(e).splitlines()[0][:120]
-    found["cuBLAS addmm, h bf16"] = bench(lambda: torch.addmm(b1, h16, w1.t(), out=pre))
-    found["cuBLAS addmm + torch GELU, h bf16"] = bench(lambda: F.gelu(torch.addmm(b1, h16, w1.t(), out=pre)))
-    return found
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
     args = parser.parse_args()
     results = {"device": torch.cuda.get_device_name()}
-    chosen = matmul.TMA_TILE
-    for D, F_ in ((512, 2048), (256, 1024)):
-        results[f"ffn_up d{D}"] = found = ffn_up_times(D, F_)
-        print(f"ffn_up M{M} N{F_} K{D} ({2 * M * F_ * D / 1e12:.4f} TFLOP)")
-        for name, value in found.items():
-            print(f"   {name:55s} {value}")
-    matmul.TMA_TILE = chosen
+    bf = torch.bfloat16
+    for D, F in ((512, 2048),):
+        w1, w2 = (torch.randn(*s, device="cuda", dtype=bf) * 0.05 for s in ((F, D), (D, F)))
+        b1, b2 = torch.randn(F, device="cuda", dtype=bf), torch.randn(D, device="cuda", dtype=bf)
+        h32 = torch.randn(M, D, device="cuda")
+        h16 = h32.to(bf)
+        act, pre = torch.empty(M, F, device="cuda", dtype=bf), torch.empty(M, F, device="cuda", dtype=bf)
+        out = torch.empty(M, D, device="cuda", dtype=bf)
+        ref_act = torch.nn.functional.gelu(torch.nn.functional.linear(h16, w1, b1).float())
+        ref_out = torch.nn.functional.linear(act.copy_(ref_act), w2, b2).float()
+        found = {}
+        flop = 2 * M * F * D
+        for name, a in (("A bf16", h16),):
+            found[f"tiled {name}"] = bench(lambda: matmul.matmul_into(a, w1.t(), act, bf, matmul.BIAS_GELU, b1))
+            found[f"tiled {name} keep pre"] = bench(
+                lambda: matmul.matmul_into(a, w1.t(), act, bf, matmul.BIAS_GELU, b1, aux=pre))
+            for tile in TMA_TILES:
+                for epi, epi_name in ((2, "erf"), (3, "fast erf"), (1, "bias only")):
+                    try:
+                        run = lambda: matmul_tma(a, w1, act, epi, b1, None, tile)  # noqa: E731
+                        run()
+                        err = (act.float() - ref_act).abs().max().item()
+                        found[f"tma {name} {tile} {epi_name}"] = (bench(run), f"err {err:.3g}")
+                        if epi != 1:
+                            found[f"tma {name} {tile} {epi_name} keep pre"] = bench(
+                                lambda: matmul_tma(a, w1, act, epi, b1, pre, tile))
+                    except Exception as e:
+                        found[f"tma {name} {tile} {epi_name}"] = str(e).splitlines()[0][:100]
+        found["cuBLAS addmm bf16 A"] = bench(lambda: torch.addmm(b1, h16, w1.t(), out=pre))
+        found["cuBLAS addmm + gelu pass"] = bench(lambda: (torch.addmm(b1, h16, w1.t(), out=pre), gelu_into(pre, act)))
+        found["cast A + cuBLAS addmm + gelu pass"] = bench(
+            lambda: (torch.addmm(b1, h32.to(bf), w1.t(), out=pre), gelu_into(pre, act)))
+        found["tflop"] = flop / 1e12
+        x = torch.linspace(-12, 12, 1 << 22, device="cuda")
+        y_ref = torch.nn.functional.gelu(x.double())
+        fast = torch.empty_like(x)
+        _gelu_fast_kernel[(x.numel() // 4096,)](x, fast, BLOCK=4096)
+        found["fast gelu max abs err vs fp64"] = (fast.double() - y_ref).abs().max().item()
+        found["torch gelu fp32 max abs err vs fp64"] = (torch.nn.functional.gelu(x).double() - y_ref).abs().max().item()
+        found["fast vs torch fp32 gelu, bf16-rounded outputs differing"] = (
+            fast.to(torch.bfloat16) != torch.nn.functional.gelu(x).to(torch.bfloat16)).float().mean().item()
+        results[f"ffn_up d{D}"] = found
+        print(f"ffn_up d{D}", json.dumps(found, indent=1), flush=True)
+        act.copy_(ref_act)
+        print(f"ffn_up d{D}", json.dumps(found, indent=1), flush=True)
+        continue
+        found = {"tiled": bench(lambda: matmul.matmul_into(act, w2.t(), out, bf, matmul.BIAS, b2)),
+                 "cuBLAS addmm": bench(lambda: torch.addmm(b2, act, w2.t(), out=out))}
+        for tile in TMA_TILES:
+            try:
+                run = lambda: matmul_tma(act, w2, out, 1, b2, None, tile)  # noqa: E731
+                run()
+                err = (out.float() - ref_out).abs().max().item()
+                found[f"tma {tile}"] = (bench(run), f"err {err:.3g}")
+            except Exception as e:
+                found[f"tma {tile}"] = str(e).splitlines()[0][:100]
+        results[f"ffn_down d{D}"] = found
+        print(f"ffn_down d{D}", json.dumps(found, indent=1), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
