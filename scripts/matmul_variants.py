@@ -3,7 +3,7 @@ FFN-down product by a persistent TMA-descriptor Triton kernel, beside the tiled 
 cuBLAS (+ a separate GELU pass), with float32 and bf16 A. Faster alone, slower in the graphed step: not adopted
 (benchmarks/NOTES.md, session 16); kept as the record of what was measured.
 
-    python3 scripts/matmul_variants.py [--json out.json]
+    python3 scripts/matmul_variants.py [--cold] [--json out.json]
 """
 import argparse
 import json
@@ -120,22 +120,56 @@ TMA_TILES = [(128, 256, 64, 8, 8, 4, 1, False), (128, 256, 64, 8, 8, 4, 1, True)
              (128, 64, 64, 8, 4, 3, 2, False), (128, 64, 64, 8, 4, 4, 3, False), (128, 128, 64, 8, 4, 2, 2, True)]
 
 
-def bench(fn, calls=10):
-    """Median ms of one call, timed as a CUDA graph of `calls` calls (no host launch cost)."""
-    fn()
+def bench(fn, calls=10, buffer_sets=None):
+    """Median ms of one call, timed as a CUDA graph of `calls` calls (no host launch cost). With `buffer_sets`,
+    call i is fn(*buffer_sets[i % len]): operands that together exceed L2, as in the step."""
+    sets = buffer_sets or [()]
+    fn(*sets[0])
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+        for i in range(calls):
+            fn(*sets[i % len(sets)])
     return round(do_bench(graph.replay, warmup=20, rep=100, return_mode="median") / calls, 4)
+
+
+def cold_l2_times(D: int, F: int, tile, count: int) -> dict:
+    """FFN up cycling through `count` sets of (h, act, pre) buffers (10: ~840 MB at d512, no operand stays in L2;
+    1: the same buffers every call, as above)."""
+    bf = torch.bfloat16
+    w1, b1 = torch.randn(F, D, device="cuda", dtype=bf) * 0.05, torch.randn(F, device="cuda", dtype=bf)
+    sets = [(torch.randn(M, D, device="cuda"), torch.empty(M, F, device="cuda", dtype=bf),
+             torch.empty(M, F, device="cuda", dtype=bf)) for _ in range(count)]
+    sets16 = [(h.to(bf), act, pre) for h, act, pre in sets]
+    return {
+        "tiled, h float32": bench(lambda h, act, pre: matmul.matmul_into(h, w1.t(), act, bf, matmul.BIAS_GELU, b1),
+                                  buffer_sets=sets),
+        "tiled, h float32, keep pre": bench(
+            lambda h, act, pre: matmul.matmul_into(h, w1.t(), act, bf, matmul.BIAS_GELU, b1, aux=pre),
+            buffer_sets=sets),
+        f"TMA {tile}, h bf16": bench(lambda h, act, pre: matmul_tma(h, w1, act, 2, b1, None, tile),
+                                     buffer_sets=sets16),
+        f"TMA {tile}, h bf16, keep pre": bench(lambda h, act, pre: matmul_tma(h, w1, act, 2, b1, pre, tile),
+                                               buffer_sets=sets16),
+        "cuBLAS addmm, h bf16": bench(lambda h, act, pre: torch.addmm(b1, h, w1.t(), out=pre), buffer_sets=sets16),
+    }
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
+    parser.add_argument("--cold", action="store_true", help="only the cold-L2 timings (cold_l2_times)")
     args = parser.parse_args()
     results = {"device": torch.cuda.get_device_name()}
+    if args.cold:
+        for count in (1, 10):
+            results[f"ffn_up d512, {count} buffer sets"] = cold_l2_times(512, 2048, (128, 128, 64, 8, 8, 3, 2, False),
+                                                                         count)
+        print(json.dumps(results, indent=1))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return
     bf = torch.bfloat16
     for D, F in ((512, 2048),):
         w1, w2 = (torch.randn(*s, device="cuda", dtype=bf) * 0.05 for s in ((F, D), (D, F)))
@@ -180,8 +214,6 @@ def main():
         results[f"ffn_up d{D}"] = found
         print(f"ffn_up d{D}", json.dumps(found, indent=1), flush=True)
         act.copy_(ref_act)
-        print(f"ffn_up d{D}", json.dumps(found, indent=1), flush=True)
-        continue
         found = {"tiled": bench(lambda: matmul.matmul_into(act, w2.t(), out, bf, matmul.BIAS, b2)),
                  "cuBLAS addmm": bench(lambda: torch.addmm(b2, act, w2.t(), out=out))}
         for tile in TMA_TILES:
