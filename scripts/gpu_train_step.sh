@@ -25,5 +25,6 @@ fi
 echo "== step times, $CASE"
 timeout "${PROFILE_TIMEOUT:-400}" python3 scripts/train_step_profile.py --case "$CASE" \
   --impls ${IMPLS:-eager compiled compiled-graphs torch torch-graph triton triton-graph triton-nologits-graph} \
-  --modes ${MODES:-train forward} --profile ${PROFILE-triton} --json "$OUT/steps_$CASE.json" 2>&1 \
+  --modes ${MODES:-train forward} --profile ${PROFILE-triton} --json "$OUT/steps_$CASE.json" \
+  ${SEQUENCES:+--sequences "$OUT"} 2>&1 \
   | grep -v "UserWarning\|_warn_once" | tee "$OUT/steps_$CASE.txt"

@@ -10,18 +10,31 @@ from torch.profiler import ProfilerActivity, profile
 from trm_fast import cuda_graphs
 
 
-def kernel_times(fn, name_width: int = 70):
+def kernel_times(fn, name_width: int = 70, sequence_path: str = None):
     """(number of kernels, busy microseconds, microseconds by kernel name, launches by kernel name) of one
-    call of `fn`."""
+    call of `fn`; with `sequence_path`, each kernel in start order (gap since the previous one ended, duration,
+    name) is written there."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if sequence_path:
+        write_sequence(kernels, sequence_path)
     by_name, calls = Counter(), Counter()
     for e in kernels:
         by_name[e.name[:name_width]] += e.device_time
         calls[e.name[:name_width]] += 1
     return len(kernels), sum(e.device_time for e in kernels), by_name, calls
+
+
+def write_sequence(kernels, path: str) -> None:
+    """One line per kernel in start order: microseconds idle before it, its microseconds, its name."""
+    kernels = sorted(kernels, key=lambda e: e.time_range.start)
+    with open(path, "w") as f:
+        end = kernels[0].time_range.start if kernels else 0
+        for e in kernels:
+            f.write(f"{e.time_range.start - end:8.1f} {e.device_time:8.1f}  {e.name[:100]}\n")
+            end = max(end, e.time_range.end)
 
 
 def median_ms(fn, repeats: int, device: torch.device) -> float:

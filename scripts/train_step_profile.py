@@ -49,8 +49,8 @@ def time_step(step, rounds: int = 20):
     return statistics.median(times) * 1e3, peak / 1e9, max(peak, warm_peak) / 1e9
 
 
-def top_kernels(step, count: int = 25):
-    kernels, busy_us, by_name, calls = kernel_times(step, name_width=90)
+def top_kernels(step, count: int = 25, sequence_path: str = None):
+    kernels, busy_us, by_name, calls = kernel_times(step, name_width=90, sequence_path=sequence_path)
     print(f"  {kernels} kernels, {busy_us / 1e3:.2f} ms busy")
     for name, t in by_name.most_common(count):
         print(f"  {t / 1e3:7.3f} ms {calls[name]:4d}x  {name}")
@@ -96,6 +96,7 @@ def main():
     parser.add_argument("--profile", nargs="*", default=["triton"], choices=list(IMPLS))
     parser.add_argument("--modes", nargs="+", default=["train", "forward"], choices=["train", "forward"])
     parser.add_argument("--host-costs", action="store_true", help="also time tiny launches (the host's speed)")
+    parser.add_argument("--sequences", help="write each profiled step's kernels in order to DIR/<mode>_<impl>.txt")
     parser.add_argument("--json", help="write {mode: {impl: {ms, peak_gb, peak_with_warmup_gb}}} here")
     args = parser.parse_args()
     case = CASES[args.case]
@@ -113,7 +114,7 @@ def main():
             print(f"{'train step' if mode == 'train' else 'forward'} {impl:22s} {ms:7.2f} ms  peak {peak:5.2f} GB "
                   f"({warm_peak:5.2f} GB with warm-up)", flush=True)
             if impl in args.profile:
-                top_kernels(step)
+                top_kernels(step, sequence_path=args.sequences and os.path.join(args.sequences, f"{mode}_{impl}.txt"))
             del step
             torch.cuda.empty_cache()
     if args.json:

@@ -66,7 +66,7 @@ def test_capture_and_replay_logic(monkeypatch):
     buffers = GraphedForward(model, clone_outputs=False)
     first = buffers(_batch(0)[0])
     second = buffers(ids)  # the q_hats are the graph's outputs; the logits are computed after the replay
-    (_, _, graph_outputs), = buffers.graphs.values()
+    (_, _, graph_outputs, _), = buffers.graphs.values()
     assert all(q is state[1] for q, state in zip(second["q_hats"], graph_outputs["states"]))
     with torch.no_grad():
         assert torch.equal(first["logits"], model(_batch(0)[0])["logits"])
@@ -124,6 +124,12 @@ def test_bad_input():
     ids, targets = _batch(0, "cuda")
     with pytest.raises(ValueError, match="outside"):
         graphed(ids + 100)
+    graphed(ids, target_ids=targets)
+    for bad, name in ((dict(input_ids=ids - 100, target_ids=targets), "input_ids"),
+                      (dict(input_ids=ids, target_ids=targets + 100), "target_ids")):
+        with pytest.raises(ValueError, match=f"{name} has ids outside"):  # the replay's check
+            graphed(**bad)
+    torch.cuda.synchronize()  # nothing out of range reached a kernel
     with pytest.raises(ValueError, match="attention_mask must have the shape of input_ids"):
         graphed(ids, attention_mask=torch.ones(2, 2, device="cuda"))
     with pytest.raises(ValueError, match="keep_logits=False needs target_ids"):

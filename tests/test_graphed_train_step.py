@@ -74,6 +74,12 @@ def test_capture_and_replay_logic(monkeypatch):
     assert len(step.graphs) == 1
     expected = _eager_steps(twin, torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9), batches + [_batch(5)])
     _assert_same_training(model, twin, got, expected)
+    weights = [p.detach().clone() for p in model.parameters()]
+    ids, targets = _batch(5)
+    for bad in (dict(input_ids=ids + 100, target_ids=targets), dict(input_ids=ids, target_ids=targets - 100)):
+        with pytest.raises(ValueError, match="outside"):  # a captured shape: the replay's own check, before the step
+            step(**bad)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
     optimizer.param_groups[0]["lr"] = 0.01
     with pytest.raises(ValueError, match="learning rate given as a float changed"):
         step(*_batch(5)[:1], target_ids=_batch(5)[1])

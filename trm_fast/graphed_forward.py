@@ -16,14 +16,14 @@ from typing import Any, Dict, Optional
 import torch
 
 from . import cuda_graphs
-from .model import TRMModel
+from .model import TRMModel, check_id_bounds, id_bounds
 
 
 class GraphedForward:
     """`graphed(input_ids, attention_mask=None, target_ids=None, supervision_steps=None, keep_logits=True)`
     returns what `model(...)` returns under `torch.no_grad()`. One graph per shape and argument set, captured
     on its first call (a warm-up run, then the capture). Each call checks its arguments as the model does
-    (the ids' range: one read-back before the replay). Outputs computed in the graph (the q_hats; without
+    (the ids' range by `IdRangeCheck`, before the replay). Outputs computed in the graph (the q_hats; without
     logits, the losses too) are copied out of its buffers, or, with `clone_outputs=False`, are those buffers:
     valid until the next call of the same shape."""
 
@@ -44,7 +44,7 @@ class GraphedForward:
         if not _graphs_on(device):
             with torch.no_grad():
                 return model(input_ids, attention_mask, target_ids, supervision_steps, keep_logits=keep_logits)
-        model._check_inputs(input_ids, attention_mask, target_ids, supervision_steps)
+        model._check_inputs(input_ids, attention_mask, target_ids, supervision_steps, check_ranges=False)
         if not keep_logits and target_ids is None:
             raise ValueError("keep_logits=False needs target_ids")
         weights = cuda_graphs.weights_key(model)
@@ -53,10 +53,12 @@ class GraphedForward:
         autocast = autocast_state()
         inputs = (input_ids, attention_mask, target_ids)
         key = (cuda_graphs.inputs_key(inputs), supervision_steps, keep_logits, autocast)
-        if key not in self.graphs:
+        if key not in self.graphs:  # the ranges too, before the capture's warm-up run
+            model._check_inputs(input_ids, attention_mask, target_ids, supervision_steps)
             self.graphs[key] = self._capture(inputs, supervision_steps, keep_logits, autocast)
-        graph, static_inputs, outputs = self.graphs[key]
+        graph, static_inputs, outputs, check_ranges = self.graphs[key]
         cuda_graphs.copy_into(static_inputs, inputs)
+        check_ranges()
         graph.replay()
         if not keep_logits:
             return _cloned(outputs) if self.clone_outputs else outputs
@@ -67,7 +69,7 @@ class GraphedForward:
         return result
 
     def _capture(self, inputs, supervision_steps, keep_logits, autocast) -> tuple:
-        """(graph, static input buffers, static outputs) for inputs like `inputs`."""
+        """(graph, static input buffers, static outputs, their IdRangeCheck) for inputs like `inputs`."""
         model = self.model
         device = model.token_embed.weight.device
         static_inputs = cuda_graphs.static_copies(inputs, device)
@@ -82,7 +84,29 @@ class GraphedForward:
             outputs.update(result)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        return cuda_graphs.capture(forward, pool=self.pool), static_inputs, outputs
+        graph = cuda_graphs.capture(forward, pool=self.pool)
+        return graph, static_inputs, outputs, IdRangeCheck(model, ids, targets)
+
+
+class IdRangeCheck:
+    """`check()` raises as the model's input check does when a replayed call's id buffers (input, target) hold
+    ids outside the vocabulary: their [min, max] come from a small graph of their own, read back with one wait
+    before the call's graph replays (the model's check costs ~6 launches and a read-back on the host, which the
+    GPU waits for)."""
+
+    def __init__(self, model: TRMModel, ids: torch.Tensor, targets: Optional[torch.Tensor]):
+        self.named = {"input_ids": ids, **({"target_ids": targets} if targets is not None else {})}
+        self.vocab_size = model.config.vocab_size
+        self.host = torch.empty(2 * len(self.named), dtype=torch.long, pin_memory=ids.is_cuda)
+        self.graph = cuda_graphs.capture(lambda: self.host.copy_(id_bounds(self.named), non_blocking=True))
+        self.done = torch.cuda.Event() if ids.is_cuda else None
+
+    def __call__(self) -> None:
+        self.graph.replay()
+        if self.done is not None:
+            self.done.record()
+            self.done.synchronize()
+        check_id_bounds(self.named, self.host.tolist(), self.vocab_size)
 
 
 def forward_for_capture(model: TRMModel, ids, mask, targets, supervision_steps, keep_logits: bool,

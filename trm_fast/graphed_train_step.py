@@ -21,7 +21,7 @@ from typing import Dict, Optional
 import torch
 
 from . import cuda_graphs
-from .graphed_forward import _graphs_on, autocast_state, forward_for_capture
+from .graphed_forward import IdRangeCheck, _graphs_on, autocast_state, forward_for_capture
 from .model import TRMModel
 
 LOSSES = ("loss", "ce_loss", "act_loss")
@@ -64,24 +64,27 @@ class GraphedTrainStep:
         model = self.model
         if target_ids is None:
             raise ValueError("GraphedTrainStep needs target_ids (a training step minimizes their loss)")
-        model._check_inputs(input_ids, attention_mask, target_ids, supervision_steps)
+        graphs_on = _graphs_on(input_ids.device)
+        model._check_inputs(input_ids, attention_mask, target_ids, supervision_steps, check_ranges=not graphs_on)
         inputs = (input_ids, attention_mask, target_ids)
         autocast = autocast_state()
-        if not _graphs_on(input_ids.device):
+        if not graphs_on:
             return self._step(inputs, supervision_steps, autocast)
         if self._memory_key() != self.memory:  # first call, weights moved, optimizer state replaced: stale graphs
             self.graphs = {}
         key = (cuda_graphs.inputs_key(inputs), supervision_steps, autocast, model.training)
         if key not in self.graphs:
+            model._check_inputs(input_ids, attention_mask, target_ids, supervision_steps)  # the ranges, before any step
             losses = cuda_graphs.on_side_stream(lambda: self._step(inputs, supervision_steps, autocast))
             self.graphs[key] = self._capture(inputs, supervision_steps, autocast)
             self.memory = self._memory_key()  # (the first step created the optimizer's state)
             return losses
-        graph, static_inputs, static_losses, lrs = self.graphs[key]
+        graph, static_inputs, static_losses, lrs, check_ranges = self.graphs[key]
         if self._float_lrs() != lrs:
             raise ValueError("a learning rate given as a float changed since the step was captured; give the "
                              "optimizer tensor learning rates and update them in place (fill_)")
         cuda_graphs.copy_into(static_inputs, inputs)
+        check_ranges()  # before the step changes any weight
         graph.replay()
         return {name: t.clone() for name, t in static_losses.items()}
 
@@ -93,14 +96,16 @@ class GraphedTrainStep:
         return {name: result[name].detach() for name in LOSSES}
 
     def _capture(self, inputs, supervision_steps, autocast) -> tuple:
-        """(graph, static input buffers, static losses, float learning rates) of a step on inputs like `inputs`.
+        """(graph, static input buffers, static losses, float learning rates, the buffers' IdRangeCheck) of a
+        step on inputs like `inputs`.
         Each graph has its own memory pool: its gradients and optimizer reads stay its own."""
         self._check_capturable()
         static_inputs = cuda_graphs.static_copies(inputs, self.model.token_embed.weight.device)
         static_losses: Dict[str, torch.Tensor] = {}
         graph = cuda_graphs.capture(lambda: static_losses.update(self._step(static_inputs, supervision_steps,
                                                                             autocast)), warmups=0)
-        return graph, static_inputs, static_losses, self._float_lrs()
+        return graph, static_inputs, static_losses, self._float_lrs(), IdRangeCheck(self.model, static_inputs[0],
+                                                                                    static_inputs[2])
 
     def _check_capturable(self) -> None:
         if any(group.get("capturable") is False for group in self.optimizer.param_groups):

@@ -102,8 +102,16 @@ def _check_ids(name: str, ids: torch.Tensor, vocab_size: int, device: torch.devi
         raise ValueError(f"{name} must have shape [batch, seq_len] with both > 0, got {tuple(ids.shape)}")
     if ids.device != device:
         raise ValueError(f"{name} is on {ids.device} but the model is on {device}")
-    if not torch.compiler.is_compiling():
-        low, high = (int(v) for v in torch.aminmax(ids))
+
+
+def id_bounds(named_ids: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """[min, max] of each tensor, in one int64 tensor on their device (one read-back checks them all)."""
+    return torch.cat([torch.stack(torch.aminmax(ids)) for ids in named_ids.values()]).long()
+
+
+def check_id_bounds(names, bounds: List[int], vocab_size: int) -> None:
+    """Raise unless each named tensor's [min, max] (flattened in `bounds`) lies within [0, vocab_size)."""
+    for name, low, high in zip(names, bounds[::2], bounds[1::2]):
         if low < 0 or high >= vocab_size:
             raise ValueError(f"{name} has ids outside [0, vocab_size={vocab_size}): min {low}, max {high}")
 
@@ -159,17 +167,23 @@ class TRMModel(reference.TRMModel):
         with self.tiny_net.memoized():
             return super().forward(input_ids, attention_mask, target_ids, supervision_steps, return_diagnostics)
 
-    def _check_inputs(self, input_ids, attention_mask, target_ids, supervision_steps) -> None:
-        """The forward's arguments: ids in range on the model's device, mask and targets of their shape."""
+    def _check_inputs(self, input_ids, attention_mask, target_ids, supervision_steps,
+                      check_ranges: bool = True) -> None:
+        """The forward's arguments: ids in range on the model's device, mask and targets of their shape. The
+        replayed graphs check the ranges themselves (`check_ranges=False`: trm_fast.graphed_forward)."""
         device = self.token_embed.weight.device
         _check_ids("input_ids", input_ids, self.config.vocab_size, device)
         for name, other in (("attention_mask", attention_mask), ("target_ids", target_ids)):
             if other is not None and (not isinstance(other, torch.Tensor) or other.shape != input_ids.shape):
                 shape = tuple(other.shape) if isinstance(other, torch.Tensor) else type(other).__name__
                 raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}")
+        named_ids = {"input_ids": input_ids}
         if target_ids is not None:
             _check_ids("target_ids", target_ids, self.config.vocab_size, device)
+            named_ids["target_ids"] = target_ids
         _check_positive_int("supervision_steps", supervision_steps, allow_none=True)
+        if check_ranges and not torch.compiler.is_compiling():
+            check_id_bounds(named_ids, id_bounds(named_ids).tolist(), self.config.vocab_size)
 
     def _supervision_losses(self, logits, q_hat, target_ids, attention_mask):
         """The seed's step losses, the cross-entropy and argmax on the kernels' op (one read of the logits)."""
