@@ -61,5 +61,6 @@ def main():
         show(mode, CASES["B16-L512-d512"])
         torch.cuda.empty_cache()
 
+
 if __name__ == "__main__":
     main()

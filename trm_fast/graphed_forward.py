@@ -89,10 +89,9 @@ class GraphedForward:
 
 
 class IdRangeCheck:
-    """`check()` raises as the model's input check does when a replayed call's id buffers (input, target) hold
-    ids outside the vocabulary: their [min, max] come from a small graph of their own, read back with one wait
-    before the call's graph replays (the model's check costs ~6 launches and a read-back on the host, which the
-    GPU waits for)."""
+    """Called before a replay, raises as the model's input check does when the call's id buffers (input,
+    target) hold ids outside the vocabulary: their [min, max] come from a small graph of their own, read back
+    with one wait (the model's check costs ~6 launches and a read-back on the host, which the GPU waits for)."""
 
     def __init__(self, model: TRMModel, ids: torch.Tensor, targets: Optional[torch.Tensor]):
         self.named = {"input_ids": ids, **({"target_ids": targets} if targets is not None else {})}
