@@ -1,8 +1,9 @@
 """The dropout masks of the training kernels: drawn from (seed, row, column) by an integer hash, never stored.
 
-`keep_mask(row_key(seed, rows), cols, p)` hashes each row once and each element once more (the `lowbias32` mixer, two
-multiplies and three shifts), so a backward draws the forward's mask again at a small cost; `tl.rand`
-(Philox, 10 rounds per element) cost attention's training forward 4x its time without dropout (NOTES.md).
+`keep_mask(row_key(seed, rows), cols, p)` hashes each row once (the `lowbias32` mixer, two multiplies and three
+shifts) and each element once more (two multiplies and one shift: the row key is already mixed), so a backward
+draws the forward's mask again at a small cost; `tl.rand` (Philox, 10 rounds per element) cost attention's
+training forward 4x its time without dropout, the full mixer per element ~17 us of its 46 (NOTES.md).
 Seeds are int64 device tensors drawn from torch's CUDA generator (`trm_fast.seeds.new_seed`): a CUDA graph
 replays them as fresh draws, where a seed passed as a Python int would freeze one mask into the graph.
 """
@@ -23,6 +24,14 @@ def _mix(x):
 
 
 @triton.jit
+def _mix_column(x):
+    """The per-element hash: a multiply, a shift, a multiply (its top bits are the mixed ones)."""
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    return x * 0x846CA68B
+
+
+@triton.jit
 def load_seed(seed_ptr):
     """The seed tensor's value as a uint32."""
     return tl.load(seed_ptr).to(tl.uint32)
@@ -37,11 +46,11 @@ def row_key(seed, rows):
 @triton.jit
 def keep_mask(key, cols, p):
     """Dropout's keep-mask, each element True with probability 1 - p, at row keys `key` (row_key) and column
-    indices `cols` (broadcast against each other: [M, 1] keys and [1, N] columns give an [M, N] tile): the hash's
-    top 24 bits, u, keep the element when u / 2**24 >= p, compared as integers (u >= ceil(p * 2**24)) so that no
-    element is converted to float."""
-    threshold = tl.math.ceil(p * 16777216.0).to(tl.uint32)
-    return (_mix(key ^ cols.to(tl.uint32)) >> 8) >= threshold
+    indices `cols` (broadcast against each other: [M, 1] keys and [1, N] columns give an [M, N] tile): the top 24
+    bits u of `_mix_column(key ^ column)` keep the element when u / 2**24 >= p, compared as integers (the hash
+    >= ceil(p * 2**24) * 2**8) so that no element is shifted or converted to float."""
+    threshold = tl.minimum(tl.math.ceil(p * 16777216.0).to(tl.uint32), 16777215) << 8
+    return _mix_column(key ^ cols.to(tl.uint32)) >= threshold
 
 
 def torch_keep_mask(shape, p: float, seed: torch.Tensor) -> torch.Tensor:

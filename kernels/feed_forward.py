@@ -1,7 +1,9 @@
 """`trm_fast::feed_forward`: `linear(gelu(linear(h, w1, b1)), w2, b2)` (exact GELU), forward and backward.
 
-Forward: the first matmul adds the bias and applies GELU in its epilogue, keeping the pre-activation for
-the backward; the second adds its bias (the residual add and dropout belong to `add_layer_norm`).
+Forward: cuBLAS computes the pre-activation with its bias (h cast to the weights' dtype first), one elementwise
+kernel applies GELU (in place when the pre-activation is not kept), the Triton matmul adds the second bias (the
+residual add and dropout belong to `add_layer_norm`). (With GELU in the Triton matmul's epilogue instead, the
+first matmul took ~82 us in the d512 train step, cuBLAS' product alone ~31: benchmarks/NOTES.md, session 18.)
 Backward: grad_out @ w2 by cuBLAS, then one elementwise kernel multiplies it by GELU'(pre-activation) in place,
 writes gelu(pre-activation) for grad w2 and sums grad b1 per band of rows; grad h by the Triton matmul (it
 writes h's dtype), the weight gradients by cuBLAS (long K), grad b2 by kernels/column_sum.py. (With dGELU in
@@ -15,9 +17,18 @@ import triton
 import triton.language as tl
 
 from trm_fast.kernels.column_sum import BAND_ROWS, sum_rows
-from trm_fast.kernels.matmul import BIAS, BIAS_GELU, autocast_cast, gelu_parts, matmul_into
+from trm_fast.kernels.matmul import BIAS, autocast_cast, gelu_parts, matmul_into
 
 _BAND_ROWS = tl.constexpr(BAND_ROWS)
+_GELU_BLOCK = 4096
+
+
+@triton.jit
+def _gelu_kernel(pre_ptr, act_ptr, n, BLOCK: tl.constexpr):
+    """act = gelu(pre) elementwise over n elements (act may be pre)."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    act, _ = gelu_parts(tl.load(pre_ptr + offsets, mask=offsets < n, other=0.0).to(tl.float32))
+    tl.store(act_ptr + offsets, act.to(act_ptr.dtype.element_ty), mask=offsets < n)
 
 
 @triton.jit
@@ -38,13 +49,12 @@ def _gelu_backward_kernel(grad_ptr, pre_ptr, act_ptr, sums_ptr, M, N, BLOCK_N: t
 
 def feed_forward_fwd_triton(h, w1, b1, w2, b2, keep_pre: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out [M, D], pre-activation [M, F] or None) for a contiguous [M, D] h, computed in w1's dtype."""
-    M, F = h.shape[0], w1.shape[0]
-    act = torch.empty(M, F, device=h.device, dtype=w1.dtype)
-    pre = torch.empty_like(act) if keep_pre else None
-    matmul_into(h, w1.t(), act, w1.dtype, BIAS_GELU, bias=b1, aux=pre)
-    out = torch.empty(M, w2.shape[0], device=h.device, dtype=w1.dtype)
+    pre = torch.addmm(b1, h.to(w1.dtype), w1.t())
+    act = torch.empty_like(pre) if keep_pre else pre
+    _gelu_kernel[(triton.cdiv(pre.numel(), _GELU_BLOCK),)](pre, act, pre.numel(), BLOCK=_GELU_BLOCK, num_warps=8)
+    out = torch.empty(h.shape[0], w2.shape[0], device=h.device, dtype=w1.dtype)
     matmul_into(act, w2.t(), out, w1.dtype, BIAS, bias=b2)
-    return out, pre
+    return out, pre if keep_pre else None
 
 
 def feed_forward_bwd_triton(grad_out, h, pre, w1, w2):

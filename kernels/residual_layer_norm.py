@@ -2,7 +2,9 @@
 
 Forward: one program per row, float32 statistics; the dropout mask is never stored: it is drawn from
 (seed, row, column) by kernels/dropout.py and drawn again in the backward. Saved for the backward: h,
-residual, and per row the mean and 1/std. Backward: a program walks a band of rows, writes the input
+residual, and per row the mean and 1/std. `add_layer_norm_and_cast` also writes the output cast to the dtype
+its next matmul runs in (autocast's copy, made here instead of by a separate cast kernel); the backward adds
+that copy's gradient to the output's. Backward: a program walks a band of rows, writes the input
 gradients (the residual's through the same mask) and keeps float32 partial sums of the weight and bias
 gradients, reduced over bands afterwards (kernels/column_sum.py, both in one reduction).
 """
@@ -29,8 +31,8 @@ def _dropout_scale(seed_ptr, row, cols, p, HAS_DROPOUT: tl.constexpr):
 
 
 @triton.jit
-def _residual_layer_norm_fwd_kernel(h_ptr, r_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, N, eps, p, seed_ptr,
-                                    HAS_DROPOUT: tl.constexpr, BLOCK: tl.constexpr):
+def _residual_layer_norm_fwd_kernel(h_ptr, r_ptr, w_ptr, b_ptr, out_ptr, cast_ptr, mean_ptr, rstd_ptr, N, eps, p,
+                                    seed_ptr, HAS_DROPOUT: tl.constexpr, HAS_CAST: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -43,15 +45,18 @@ def _residual_layer_norm_fwd_kernel(h_ptr, r_ptr, w_ptr, b_ptr, out_ptr, mean_pt
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offsets, (centered * rstd * w + b).to(out_ptr.dtype.element_ty), mask=mask)
+    y = centered * rstd * w + b
+    tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if HAS_CAST:
+        tl.store(cast_ptr + offsets, y.to(cast_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
 
 
 @triton.jit
-def _residual_layer_norm_bwd_kernel(dy_ptr, h_ptr, r_ptr, w_ptr, mean_ptr, rstd_ptr, dh_ptr, dr_ptr, sums_ptr,
-                                    M, N, p, seed_ptr, HAS_DROPOUT: tl.constexpr, ROWS: tl.constexpr,
-                                    BLOCK: tl.constexpr):
+def _residual_layer_norm_bwd_kernel(dy_ptr, dcast_ptr, h_ptr, r_ptr, w_ptr, mean_ptr, rstd_ptr, dh_ptr, dr_ptr,
+                                    sums_ptr, M, N, p, seed_ptr, HAS_DROPOUT: tl.constexpr, HAS_CAST: tl.constexpr,
+                                    ROWS: tl.constexpr, BLOCK: tl.constexpr):
     band = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -63,6 +68,8 @@ def _residual_layer_norm_bwd_kernel(dy_ptr, h_ptr, r_ptr, w_ptr, mean_ptr, rstd_
         if row < M:
             offsets = row * N + cols
             dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            if HAS_CAST:
+                dy += tl.load(dcast_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             h = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             r = tl.load(r_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             scale = _dropout_scale(seed_ptr, row, cols, p, HAS_DROPOUT)
@@ -78,30 +85,34 @@ def _residual_layer_norm_bwd_kernel(dy_ptr, h_ptr, r_ptr, w_ptr, mean_ptr, rstd_
     tl.store(sums_ptr + band * 2 * N + N + cols, db, mask=mask)
 
 
-def residual_layer_norm_fwd_triton(h, residual, weight, bias, eps: float, p: float,
-                                   seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out in weight's dtype, mean, rstd) for contiguous [M, N] h and residual (of any float dtypes); `seed`
-    (kernels/dropout.py) is read only when p > 0."""
+def residual_layer_norm_fwd_triton(h, residual, weight, bias, eps: float, p: float, seed: Optional[torch.Tensor],
+                                   cast: Optional[torch.Tensor] = None
+                                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out in weight's dtype, mean, rstd) for contiguous [M, N] h and residual (of any float dtypes), and the
+    output again in `cast` (a contiguous [M, N] tensor) when given; `seed` (kernels/dropout.py) is read only when
+    p > 0."""
     M, N = h.shape
     out = torch.empty(M, N, device=h.device, dtype=weight.dtype)
     mean = torch.empty(M, device=h.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    _residual_layer_norm_fwd_kernel[(M,)](h, residual, weight, bias, out, mean, rstd, N, eps, p,
-                                          seed if p > 0 else mean, HAS_DROPOUT=p > 0, BLOCK=triton.next_power_of_2(N))
+    _residual_layer_norm_fwd_kernel[(M,)](h, residual, weight, bias, out, cast if cast is not None else out, mean,
+                                          rstd, N, eps, p, seed if p > 0 else mean, HAS_DROPOUT=p > 0,
+                                          HAS_CAST=cast is not None, BLOCK=triton.next_power_of_2(N))
     return out, mean, rstd
 
 
 def residual_layer_norm_bwd_triton(grad_out, h, residual, weight, mean, rstd, p: float,
-                                   seed: Optional[torch.Tensor]):
-    """(grad h, grad residual, grad weight, grad bias)."""
+                                   seed: Optional[torch.Tensor], grad_cast: Optional[torch.Tensor] = None):
+    """(grad h, grad residual, grad weight, grad bias); the output's gradient is grad_out + grad_cast."""
     M, N = h.shape
     bands = triton.cdiv(M, ROWS_PER_PROGRAM)
     grad_h, grad_residual = torch.empty_like(h), torch.empty_like(residual)
     partial_sums = torch.empty(bands, 2 * N, device=h.device, dtype=torch.float32)  # per band: grad w, grad b
-    _residual_layer_norm_bwd_kernel[(bands,)](grad_out, h, residual, weight, mean, rstd, grad_h, grad_residual,
-                                              partial_sums, M, N, p,
+    _residual_layer_norm_bwd_kernel[(bands,)](grad_out, grad_cast if grad_cast is not None else grad_out, h, residual,
+                                              weight, mean, rstd, grad_h, grad_residual, partial_sums, M, N, p,
                                               seed if p > 0 else mean, HAS_DROPOUT=p > 0,
-                                              ROWS=ROWS_PER_PROGRAM, BLOCK=triton.next_power_of_2(N))
+                                              HAS_CAST=grad_cast is not None, ROWS=ROWS_PER_PROGRAM,
+                                              BLOCK=triton.next_power_of_2(N))
     grad_weight, grad_bias = sum_rows(partial_sums, weight.dtype).view(2, N)
     return grad_h, grad_residual, grad_weight, grad_bias
 
@@ -131,29 +142,43 @@ def _normalized_torch(h, residual, eps, p, seed):
     return (s - mean[:, None]) * rstd[:, None], mean, rstd
 
 
-def add_layer_norm_forward(h, residual, weight, bias, eps: float, p: float, seed: Optional[torch.Tensor]):
-    """(out in weight's dtype, per-row mean, per-row 1/std): Triton on CUDA, the same math in torch elsewhere;
-    float32 statistics and sum whatever the dtypes of h and residual."""
+def _cast_wanted(dtype: Optional[torch.dtype], weight: torch.Tensor) -> bool:
+    return dtype is not None and dtype != weight.dtype
+
+
+def add_layer_norm_forward(h, residual, weight, bias, eps: float, p: float, seed: Optional[torch.Tensor],
+                           cast_dtype: Optional[torch.dtype] = None):
+    """(out in weight's dtype, out in cast_dtype (empty unless cast_dtype is given and differs), per-row mean,
+    per-row 1/std): Triton on CUDA, the same math in torch elsewhere; float32 statistics and sum whatever the
+    dtypes of h and residual."""
     _check(h, residual, weight, bias, p, seed)
     N = h.shape[-1]
     if not h.is_cuda:
         xhat, mean, rstd = _normalized_torch(h, residual, eps, p, seed)
-        return (xhat * weight.float() + bias.float()).to(weight.dtype).view(h.shape), mean, rstd
-    out, mean, rstd = residual_layer_norm_fwd_triton(h.reshape(-1, N).contiguous(),
-                                                     residual.reshape(-1, N).contiguous(), weight, bias, eps, p, seed)
-    return out.view(h.shape), mean, rstd
+        out = (xhat * weight.float() + bias.float()).to(weight.dtype).view(h.shape)
+        return out, out.to(cast_dtype) if _cast_wanted(cast_dtype, weight) else h.new_empty(0), mean, rstd
+    cast = torch.empty(h.shape, device=h.device, dtype=cast_dtype) if _cast_wanted(cast_dtype, weight) else None
+    out, mean, rstd = residual_layer_norm_fwd_triton(h.reshape(-1, N).contiguous(), residual.reshape(-1, N).contiguous(),
+                                                     weight, bias, eps, p, seed,
+                                                     cast.view(-1, N) if cast is not None else None)
+    return out.view(h.shape), cast if cast is not None else h.new_empty(0), mean, rstd
 
 
-def add_layer_norm_backward(grad_out, h, residual, weight, mean, rstd, p: float, seed: Optional[torch.Tensor]):
-    """(grad h, grad residual, grad weight, grad bias), each in its input's dtype."""
+def add_layer_norm_backward(grad_out, grad_cast, h, residual, weight, mean, rstd, p: float,
+                            seed: Optional[torch.Tensor]):
+    """(grad h, grad residual, grad weight, grad bias), each in its input's dtype; the output's gradient is
+    grad_out plus grad_cast (the cast copy's, None or empty when there was none)."""
     N = h.shape[-1]
+    if grad_cast is not None and grad_cast.numel() == 0:
+        grad_cast = None
     if h.is_cuda:
         grads = residual_layer_norm_bwd_triton(grad_out.reshape(-1, N).contiguous(), h.reshape(-1, N).contiguous(),
-                                               residual.reshape(-1, N).contiguous(), weight, mean, rstd, p, seed)
+                                               residual.reshape(-1, N).contiguous(), weight, mean, rstd, p, seed,
+                                               grad_cast.reshape(-1, N).contiguous() if grad_cast is not None else None)
         return grads[0].view(h.shape), grads[1].view(h.shape), grads[2], grads[3]
     s = (h.float() + _dropped_torch(residual.float(), p, seed)).reshape(-1, N)
     xhat = (s - mean[:, None]) * rstd[:, None]
-    dy = grad_out.float().reshape(-1, N)
+    dy = (grad_out.float() + (grad_cast.float() if grad_cast is not None else 0.0)).reshape(-1, N)
     wdy = dy * weight.float()
     ds = (wdy - xhat * (xhat * wdy).mean(dim=1, keepdim=True) - wdy.mean(dim=1, keepdim=True)) * rstd[:, None]
     grad_h = ds.to(h.dtype).view(h.shape)
@@ -163,45 +188,48 @@ def add_layer_norm_backward(grad_out, h, residual, weight, mean, rstd, p: float,
 
 @torch.library.custom_op("trm_fast::add_layer_norm", mutates_args=())
 def add_layer_norm_op(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                      p: float, seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, per-row mean, per-row 1/std): Triton on CUDA, the same math in torch elsewhere."""
-    return add_layer_norm_forward(h, residual, weight, bias, eps, p, seed)
+                      p: float, seed: Optional[torch.Tensor], cast_dtype: Optional[torch.dtype]
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, out in cast_dtype or empty, per-row mean, per-row 1/std): Triton on CUDA, the same math in torch
+    elsewhere."""
+    return add_layer_norm_forward(h, residual, weight, bias, eps, p, seed, cast_dtype)
 
 
 @add_layer_norm_op.register_fake
-def _(h, residual, weight, bias, eps, p, seed):
+def _(h, residual, weight, bias, eps, p, seed, cast_dtype):
     rows = h.numel() // h.shape[-1]
-    return (h.new_empty(h.shape, dtype=weight.dtype), h.new_empty(rows, dtype=torch.float32),
+    cast = h.new_empty(h.shape, dtype=cast_dtype) if _cast_wanted(cast_dtype, weight) else h.new_empty(0)
+    return (h.new_empty(h.shape, dtype=weight.dtype), cast, h.new_empty(rows, dtype=torch.float32),
             h.new_empty(rows, dtype=torch.float32))
 
 
 @torch.library.custom_op("trm_fast::add_layer_norm_backward", mutates_args=())
-def add_layer_norm_backward_op(grad_out: torch.Tensor, h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                               mean: torch.Tensor, rstd: torch.Tensor, p: float,
-                               seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                      torch.Tensor]:
-    grad_h, grad_residual, grad_weight, grad_bias = add_layer_norm_backward(grad_out, h, residual, weight, mean,
-                                                                            rstd, p, seed)
+def add_layer_norm_backward_op(grad_out: torch.Tensor, grad_cast: Optional[torch.Tensor], h: torch.Tensor,
+                               residual: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                               p: float, seed: Optional[torch.Tensor]
+                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_h, grad_residual, grad_weight, grad_bias = add_layer_norm_backward(grad_out, grad_cast, h, residual, weight,
+                                                                            mean, rstd, p, seed)
     return grad_h, grad_residual, grad_weight, grad_bias.clone()  # on CUDA they are halves of one tensor
 
 
 @add_layer_norm_backward_op.register_fake
-def _(grad_out, h, residual, weight, mean, rstd, p, seed):
+def _(grad_out, grad_cast, h, residual, weight, mean, rstd, p, seed):
     return torch.empty_like(h), torch.empty_like(residual), torch.empty_like(weight), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
-    h, residual, weight, _, _, p, seed = inputs
-    _, mean, rstd = output
+    h, residual, weight, _, _, p, seed, _ = inputs
+    _, _, mean, rstd = output
     ctx.save_for_backward(h, residual, weight, mean, rstd, seed)
     ctx.p = p
 
 
-def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
+def _backward(ctx, grad_out, grad_cast, _grad_mean, _grad_rstd):
     h, residual, weight, mean, rstd, seed = ctx.saved_tensors
-    grad_h, grad_residual, grad_weight, grad_bias = add_layer_norm_backward_op(grad_out, h, residual, weight, mean,
-                                                                               rstd, ctx.p, seed)
-    return grad_h, grad_residual, grad_weight, grad_bias, None, None, None
+    grad_h, grad_residual, grad_weight, grad_bias = add_layer_norm_backward_op(grad_out, grad_cast, h, residual,
+                                                                               weight, mean, rstd, ctx.p, seed)
+    return grad_h, grad_residual, grad_weight, grad_bias, None, None, None, None
 
 
 add_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
@@ -211,23 +239,35 @@ class _AddLayerNorm(torch.autograd.Function):
     """The eager path (see kernels/concat_linear.py)."""
 
     @staticmethod
-    def forward(ctx, h, residual, weight, bias, eps, p, seed):
-        out, mean, rstd = add_layer_norm_forward(h, residual, weight, bias, eps, p, seed)
+    def forward(ctx, h, residual, weight, bias, eps, p, seed, cast_dtype):
+        out, cast, mean, rstd = add_layer_norm_forward(h, residual, weight, bias, eps, p, seed, cast_dtype)
         ctx.save_for_backward(h, residual, weight, mean, rstd, seed)
         ctx.p = p
-        return out
+        return out, cast
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_cast):
         *saved, seed = ctx.saved_tensors
-        return (*add_layer_norm_backward(grad_out, *saved, ctx.p, seed), None, None, None)
+        return (*add_layer_norm_backward(grad_out, grad_cast, *saved, ctx.p, seed), None, None, None, None)
+
+
+def _add_layer_norm(h, residual, weight, bias, eps: float, dropout_p: float, cast_dtype: Optional[torch.dtype]):
+    seed = new_seed(h.device) if dropout_p > 0 else None
+    if torch.compiler.is_compiling():
+        return add_layer_norm_op(h, residual, weight, bias, eps, dropout_p, seed, cast_dtype)[:2]
+    return _AddLayerNorm.apply(h, residual, weight, bias, eps, dropout_p, seed, cast_dtype)
 
 
 def add_layer_norm(h, residual, weight, bias, eps: float, dropout_p: float) -> torch.Tensor:
     """The TinyNet op: `layer_norm(h + dropout(residual))`, a fresh dropout seed per call; h and residual may
     differ in dtype (summed in float32); the output has the LayerNorm weight's dtype (float32 under autocast,
     as autocast runs layer_norm)."""
-    seed = new_seed(h.device) if dropout_p > 0 else None
-    if torch.compiler.is_compiling():
-        return add_layer_norm_op(h, residual, weight, bias, eps, dropout_p, seed)[0]
-    return _AddLayerNorm.apply(h, residual, weight, bias, eps, dropout_p, seed)
+    return _add_layer_norm(h, residual, weight, bias, eps, dropout_p, None)[0]
+
+
+def add_layer_norm_and_cast(h, residual, weight, bias, eps: float, dropout_p: float,
+                            dtype: Optional[torch.dtype]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(add_layer_norm's output, the output in `dtype`), the copy written by the same kernel (the output itself
+    when `dtype` is None or its own dtype)."""
+    out, cast = _add_layer_norm(h, residual, weight, bias, eps, dropout_p, dtype)
+    return out, cast if _cast_wanted(dtype, weight) else out

@@ -83,6 +83,45 @@ def test_residual_layer_norm_kernels(M, N, p):
         _close(got, leaf.grad)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_residual_layer_norm_cast_copy(p):
+    """The LayerNorm kernels' cast copy: the output again in bf16, and a gradient that adds to the output's."""
+    M, N = 19, 48
+    h, residual, weight, bias, grad_out = (_randn(*shape, seed=i) for i, shape in
+                                           enumerate([(M, N), (M, N), (N,), (N,), (M, N)]))
+    grad_cast = _randn(M, N, seed=9).bfloat16()
+    cast = torch.empty(M, N, dtype=torch.bfloat16, device=KERNEL_DEVICE)
+    out, mean, rstd = rln.residual_layer_norm_fwd_triton(h, residual, weight, bias, 1e-5, p, _seed(5), cast)
+    _close(cast, out.double(), 1e-2)
+    got = rln.residual_layer_norm_bwd_triton(grad_out, h, residual, weight, mean, rstd, p, _seed(5), grad_cast)
+    expected = rln.residual_layer_norm_bwd_triton(grad_out + grad_cast.float(), h, residual, weight, mean, rstd, p,
+                                                  _seed(5))
+    for a, b in zip(got, expected):
+        _close(a, b.double(), 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_add_layer_norm_and_cast_op(device):
+    """The TinyNet op table's add_layer_norm_and_cast: the torch path's values and gradients (both outputs
+    used), opcheck, and the output itself when no cast is asked for."""
+    g = torch.Generator().manual_seed(3)
+    leaves = [torch.randn(*shape, generator=g).to(device).requires_grad_() for shape in ((2, 5, 16), (2, 5, 16),
+                                                                                          (16,), (16,))]
+    grads = [torch.randn(2, 5, 16, generator=g).to(device) for _ in range(2)]
+    results = []
+    for fn in (rln.add_layer_norm_and_cast, torch_ops.add_layer_norm_and_cast):
+        out, cast = fn(*leaves, 1e-5, 0.0, torch.bfloat16)
+        assert out.dtype == torch.float32 and cast.dtype == torch.bfloat16
+        loss = (out * grads[0]).sum() + (cast.float() * grads[1]).sum()
+        results.append((out, cast.float(), *torch.autograd.grad(loss, leaves)))
+    for got, expected in zip(*results):
+        _close(got, expected.detach().double(), 1e-2 if got is results[0][1] else 1e-4)
+    out, same = rln.add_layer_norm_and_cast(*leaves, 1e-5, 0.0, None)
+    assert same is out
+    for dtype in (None, torch.bfloat16):
+        torch.library.opcheck(torch.ops.trm_fast.add_layer_norm.default, (*leaves, 1e-5, 0.0, None, dtype))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_ops_autograd_and_opcheck(device):
     """The registered ops (Triton on CUDA, the same math in torch on CPU): values, gradients, opcheck."""
@@ -95,7 +134,7 @@ def test_ops_autograd_and_opcheck(device):
     h, r = torch.randn(2, 5, 16, generator=g).to(device), torch.randn(2, 5, 16, generator=g).to(device)
     w, b = torch.randn(16, generator=g).to(device), torch.randn(16, generator=g).to(device)
     for p, seed in ((0.0, None), (0.25, _seed(7, device))):
-        args = (h.requires_grad_(), r.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 1e-5, p, seed)
+        args = (h.requires_grad_(), r.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 1e-5, p, seed, None)
         torch.library.opcheck(torch.ops.trm_fast.add_layer_norm.default, args)
     _close(rln.add_layer_norm(h, r, w, b, 1e-5, 0.0),
            F.layer_norm((h + r).double(), (16,), w.double(), b.double(), 1e-5))
@@ -220,12 +259,13 @@ def _mix_np(x):
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_mask_is_the_documented_hash(p):
-    """keep[b, h, i, j] = top 24 bits of mix(mix((b*H+h)*L+i) * golden + seed) ^ j) >= ceil(p * 2**24)."""
+    """keep[b, h, i, j] = top 24 bits of mix_column(mix(((b*H+h)*L+i) * golden + seed) ^ j) >= ceil(p * 2**24)."""
     import numpy as np
     B, H, L, seed = 1, 2, 40, 123457
     rows = np.arange(B * H * L, dtype=np.uint64)
     key = _mix_np((rows * np.uint64(0x9E3779B9) + np.uint64(seed)) & np.uint64(0xFFFFFFFF))
-    bits = _mix_np(key[:, None] ^ np.arange(L, dtype=np.uint64)[None, :]) >> np.uint64(8)
+    x = (key[:, None] ^ np.arange(L, dtype=np.uint64)[None, :]) * np.uint64(0x7FEB352D) & np.uint64(0xFFFFFFFF)
+    bits = ((x ^ (x >> np.uint64(15))) * np.uint64(0x846CA68B) & np.uint64(0xFFFFFFFF)) >> np.uint64(8)
     expected = bits >= np.uint64(math.ceil(float(np.float32(p)) * 2**24))
     got = attn.dropout_keep_mask(B, H, L, p, _seed(seed)).cpu().numpy().reshape(B * H * L, L)
     assert (got == expected).all()

@@ -12,9 +12,9 @@ from . import decoding, reference, seeds
 from .early_exit import EarlyExit, compacted_early_exit
 from .early_exit import reset_runs as reset_early_exit_runs
 from .dispatch import check_kernels_choice, tinynet_ops
+from .torch_ops import autocast_dtype
 from .linear_cross_entropy import linear_cross_entropy
 from .reference import TRMConfig
-from .torch_ops import autocast_dtype
 
 
 class DispatchTinyNet(reference.TinyNet):
@@ -70,8 +70,11 @@ class DispatchTinyNet(reference.TinyNet):
         a = ops.causal_attention(h, key_valid, *self._linear(attn.in_proj_weight, attn.in_proj_bias,
                                                              attn.out_proj.weight, attn.out_proj.bias),
                                  attn.num_heads, p(attn.dropout))
-        h = ops.add_layer_norm(h, a, block.ln1.weight, block.ln1.bias, block.ln1.eps, p(block.dropout.p))
-        f = ops.feed_forward(h, *self._linear(block.ffn[0].weight, block.ffn[0].bias, block.ffn[2].weight,
+        # the FFN reads the LayerNorm's output in the autocast dtype: the copy autocast would make, written by the
+        # LayerNorm itself
+        h, h_cast = ops.add_layer_norm_and_cast(h, a, block.ln1.weight, block.ln1.bias, block.ln1.eps,
+                                                p(block.dropout.p), autocast_dtype(h.device.type))
+        f = ops.feed_forward(h_cast, *self._linear(block.ffn[0].weight, block.ffn[0].bias, block.ffn[2].weight,
                                               block.ffn[2].bias))
         return ops.add_layer_norm(h, f, block.ln2.weight, block.ln2.bias, block.ln2.eps, p(block.ffn[3].p))
 

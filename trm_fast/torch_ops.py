@@ -40,6 +40,13 @@ def add_layer_norm(h, residual, weight, bias, eps: float, dropout_p: float) -> t
     return F.layer_norm(h + F.dropout(residual, dropout_p), (h.size(-1),), weight, bias, eps)
 
 
+def add_layer_norm_and_cast(h, residual, weight, bias, eps: float, dropout_p: float, dtype: Optional[torch.dtype]):
+    """(add_layer_norm's output, that output in `dtype`: the copy its next matmul reads; the output itself when
+    `dtype` is None)."""
+    out = add_layer_norm(h, residual, weight, bias, eps, dropout_p)
+    return out, out.to(dtype) if dtype is not None else out
+
+
 def feed_forward(h, w1, b1, w2, b2) -> torch.Tensor:
     """`linear(gelu(linear(h)))` with exact (erf) GELU; its dropout is `add_layer_norm`'s."""
     return F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
