@@ -17,10 +17,17 @@ import triton
 import triton.language as tl
 
 from trm_fast.kernels.column_sum import BAND_ROWS, sum_rows
-from trm_fast.kernels.matmul import BIAS, autocast_cast, gelu_parts, matmul_into
+from trm_fast.kernels.matmul import BIAS, autocast_cast, matmul_into
 
 _BAND_ROWS = tl.constexpr(BAND_ROWS)
 _GELU_BLOCK = 4096
+
+
+@triton.jit
+def gelu_parts(x):
+    """(gelu(x), gelu'(x)) for the exact GELU."""
+    cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    return x * cdf, cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
 
 
 @triton.jit

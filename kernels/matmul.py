@@ -3,8 +3,8 @@ the dtype rules they share.
 
 `matmul_into(a, b, out, ...)`: out = epilogue(a @ b) for 2-D tensors of any strides and dtypes (transposes
 and column blocks are views; a and b are cast to the dot dtype as they are loaded, so an fp32 state meets a
-bf16 weight without a copy), float32 accumulation. Epilogues: add a bias; add a bias then exact (erf) GELU,
-keeping the pre-activation; multiply by GELU'(pre-activation) (the FFN backward).
+bf16 weight without a copy), float32 accumulation, optionally plus a bias. (A bias + erf-GELU epilogue for the
+FFN's first matmul was slower in the train step than cuBLAS then a GELU pass: benchmarks/NOTES.md, session 18.)
 
 The kernels use it where the output has many rows (8192 tokens): forward projections and input gradients.
 Weight gradients (a [N, K] output summed over all tokens: few output tiles, long K) go to cuBLAS, which
@@ -21,7 +21,7 @@ import triton.language as tl
 
 from trm_fast.torch_ops import autocast_dtype
 
-NONE, BIAS, BIAS_GELU = 0, 1, 2  # BIAS_GELU keeps the pre-activation in `aux` when one is given
+NONE, BIAS = 0, 1
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("TRM_FAST_AUTOTUNE", "1") != "0"
 TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -61,13 +61,6 @@ def dot_as(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def gelu_parts(x):
-    """(gelu(x), gelu'(x)) for the exact GELU."""
-    cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
-    return x * cdf, cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
-
-
-@triton.jit
 def _grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(tile row, tile column) of the `tile`-th output tile, walked in column strips GROUP_M tile rows high so
     that tiles running together share their operand tiles in L2."""
@@ -86,9 +79,8 @@ def _grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROU
     (128, 64, 64, 8, 4, 4), (128, 128, 64, 1, 8, 3)], (32, 32, 32, 2, 4, 1)), key=["M", "N", "K", "EPILOGUE"])
 @triton.heuristics({"EVEN": lambda args: all(args[d] % args["BLOCK_" + d] == 0 for d in "MNK")})
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                   stride_cm, stride_cn, EPILOGUE: tl.constexpr, HAS_AUX: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                   PRECISION: tl.constexpr,
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                   stride_cm, stride_cn, EPILOGUE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                    EVEN: tl.constexpr):
     """One output tile per program: the K loop (unmasked when EVEN: M, N, K multiples of the blocks), then the
@@ -109,16 +101,10 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, M, N, K, stride_am, s
         acc = dot_as(a, b, acc, DOT_DTYPE, PRECISION)
         a_tile += BLOCK_K * stride_ak
         b_tile += BLOCK_K * stride_bk
-    in_range = (rows[:, None] < M) & (cols[None, :] < N)
-    aux_offsets = rows[:, None] * N + cols[None, :]  # aux: a contiguous [M, N] tensor
-    if EPILOGUE == 1 or EPILOGUE == 2:
+    if EPILOGUE == 1:
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    if EPILOGUE == 2 and HAS_AUX:
-        tl.store(aux_ptr + aux_offsets, acc.to(aux_ptr.dtype.element_ty), mask=in_range)
-    if EPILOGUE == 2:
-        acc, _ = gelu_parts(acc)
-    out = acc.to(c_ptr.dtype.element_ty)
-    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, out, mask=in_range)
+    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
 def autocast_cast(*tensors: torch.Tensor):
@@ -130,15 +116,13 @@ def autocast_cast(*tensors: torch.Tensor):
 
 
 def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, dot_dtype: torch.dtype, epilogue: int = NONE,
-                bias: torch.Tensor = None, aux: torch.Tensor = None) -> None:
-    """out[:] = epilogue(a @ b), the dot in `dot_dtype`. BIAS: + bias. BIAS_GELU: out = gelu(a @ b + bias),
-    and aux[:] = a @ b + bias (a contiguous [M, N] tensor) when `aux` is given."""
+                bias: torch.Tensor = None) -> None:
+    """out[:] = a @ b (epilogue NONE) or a @ b + bias (BIAS), the dot in `dot_dtype`."""
     (M, K), N = a.shape, b.shape[1]
     dtype, precision = dot_config(dot_dtype)
-    _matmul_kernel[_matmul_grid(M, N)](a, b, out, bias if bias is not None else out, aux if aux is not None else out,
-                                       M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0),
-                                       out.stride(1), EPILOGUE=epilogue, HAS_AUX=aux is not None, DOT_DTYPE=dtype,
-                                       PRECISION=precision)
+    _matmul_kernel[_matmul_grid(M, N)](a, b, out, bias if bias is not None else out, M, N, K, a.stride(0),
+                                       a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+                                       EPILOGUE=epilogue, DOT_DTYPE=dtype, PRECISION=precision)
 
 
 def _matmul_grid(M: int, N: int):

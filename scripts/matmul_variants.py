@@ -1,7 +1,8 @@
 """Experiment (issue 3, session 16): the FFN-up product (M 8192, N 2048, K 512, bias + GELU epilogue) and the
-FFN-down product by a persistent TMA-descriptor Triton kernel, beside the tiled kernel of kernels/matmul.py and
-cuBLAS (+ a separate GELU pass), with float32 and bf16 A. Faster alone, slower in the graphed step: not adopted
-(benchmarks/NOTES.md, session 16); kept as the record of what was measured.
+FFN-down product by a persistent TMA-descriptor Triton kernel, beside cuBLAS (+ a separate GELU pass, the path
+adopted in session 18) and kernels/matmul.py for FFN down. Faster alone, slower in the graphed step: not adopted
+(benchmarks/NOTES.md, session 16); kept as the record of what was measured. (The tiled kernel's GELU epilogue that
+session 16 also timed here has left kernels/matmul.py.)
 
     python3 scripts/matmul_variants.py [--cold] [--json out.json]
 """
@@ -16,7 +17,8 @@ from triton.testing import do_bench
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from trm_fast.kernels import matmul
-from trm_fast.kernels.matmul import _grouped_tile, dot_as, gelu_parts
+from trm_fast.kernels.feed_forward import gelu_parts
+from trm_fast.kernels.matmul import _grouped_tile, dot_as
 
 M = 8192
 
@@ -129,11 +131,6 @@ def cold_l2_times(D: int, F_: int, tile, count: int) -> dict:
              torch.empty(M, F_, device="cuda", dtype=bf)) for _ in range(count)]
     sets16 = [(h.to(bf), act, pre) for h, act, pre in sets]
     return {
-        "tiled, h float32": bench(lambda h, act, pre: matmul.matmul_into(h, w1.t(), act, bf, matmul.BIAS_GELU, b1),
-                                  buffer_sets=sets),
-        "tiled, h float32, keep pre": bench(
-            lambda h, act, pre: matmul.matmul_into(h, w1.t(), act, bf, matmul.BIAS_GELU, b1, aux=pre),
-            buffer_sets=sets),
         f"TMA {tile}, h bf16": bench(lambda h, act, pre: matmul_tma(h, w1, act, 2, b1, None, tile),
                                      buffer_sets=sets16),
         f"TMA {tile}, h bf16, keep pre": bench(lambda h, act, pre: matmul_tma(h, w1, act, 2, b1, pre, tile),
@@ -143,7 +140,7 @@ def cold_l2_times(D: int, F_: int, tile, count: int) -> dict:
 
 
 def warm_l2_times(D: int, F_: int) -> dict:
-    """FFN up (the tiled kernel, the TMA kernel under each tile and epilogue, cuBLAS), the fast GELU's accuracy,
+    """FFN up (the TMA kernel under each tile and epilogue, cuBLAS), the fast GELU's accuracy,
     and FFN down, on the same buffers every call."""
     bf = torch.bfloat16
     w1, w2 = (torch.randn(*s, device="cuda", dtype=bf) * 0.05 for s in ((F_, D), (D, F_)))
@@ -154,9 +151,7 @@ def warm_l2_times(D: int, F_: int) -> dict:
     out = torch.empty(M, D, device="cuda", dtype=bf)
     ref_act = F.gelu(F.linear(h16, w1, b1).float())
     ref_out = F.linear(act.copy_(ref_act), w2, b2).float()
-    up = {"tiled A bf16": bench(lambda: matmul.matmul_into(h16, w1.t(), act, bf, matmul.BIAS_GELU, b1)),
-          "tiled A bf16 keep pre": bench(lambda: matmul.matmul_into(h16, w1.t(), act, bf, matmul.BIAS_GELU, b1,
-                                                                    aux=pre))}
+    up = {}
     for tile in TMA_TILES:
         for epi, epi_name in ((2, "erf"), (3, "fast erf"), (1, "bias only")):
             name = f"tma A bf16 {tile} {epi_name}"
