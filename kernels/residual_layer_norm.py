@@ -158,8 +158,8 @@ def add_layer_norm_forward(h, residual, weight, bias, eps: float, p: float, seed
         out = (xhat * weight.float() + bias.float()).to(weight.dtype).view(h.shape)
         return out, out.to(cast_dtype) if _cast_wanted(cast_dtype, weight) else h.new_empty(0), mean, rstd
     cast = torch.empty(h.shape, device=h.device, dtype=cast_dtype) if _cast_wanted(cast_dtype, weight) else None
-    out, mean, rstd = residual_layer_norm_fwd_triton(h.reshape(-1, N).contiguous(), residual.reshape(-1, N).contiguous(),
-                                                     weight, bias, eps, p, seed,
+    out, mean, rstd = residual_layer_norm_fwd_triton(h.reshape(-1, N).contiguous(),
+                                                     residual.reshape(-1, N).contiguous(), weight, bias, eps, p, seed,
                                                      cast.view(-1, N) if cast is not None else None)
     return out.view(h.shape), cast if cast is not None else h.new_empty(0), mean, rstd
 

@@ -18,11 +18,12 @@ def test_doctor_reports_every_op(capsys):
     assert main(["doctor", "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert set(status["ops"]) == {"tinynet.concat_linear", "tinynet.causal_attention", "tinynet.add_layer_norm",
-                                  "tinynet.add_layer_norm_and_cast", "tinynet.feed_forward", "tinynet.cross_entropy", "decode.decode_linear",
-                                  "decode.decode_add_norm_linear", "decode.decode_ffn_add_norm", "decode.decode_attention",
-                                  "decode.add_layer_norm_into", "decode.decode_append", "decode.decode_pool",
-                                  "decode.decode_select", "decode.decode_emit", "token_confidence", "route_tokens",
-                                  "route_rows", "gather_rows", "scatter_rows", "hidden_confidence",
+                                  "tinynet.add_layer_norm_and_cast", "tinynet.feed_forward", "tinynet.cross_entropy",
+                                  "decode.decode_linear", "decode.decode_add_norm_linear", "decode.decode_ffn_add_norm",
+                                  "decode.decode_attention", "decode.add_layer_norm_into", "decode.decode_append",
+                                  "decode.decode_pool", "decode.decode_select", "decode.decode_emit",
+                                  "token_confidence", "route_tokens", "route_rows", "gather_rows", "scatter_rows",
+                                  "hidden_confidence",
                                   "early_exit.compact_attention", "early_exit.confidence"}
     assert status["ops"]["tinynet.causal_attention"] in ("torch", "triton")
     assert status["ops"]["decode.decode_attention"] == ("triton" if status["device"].startswith("cuda") else "torch")

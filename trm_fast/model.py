@@ -12,9 +12,9 @@ from . import decoding, reference, seeds
 from .early_exit import EarlyExit, compacted_early_exit
 from .early_exit import reset_runs as reset_early_exit_runs
 from .dispatch import check_kernels_choice, tinynet_ops
-from .torch_ops import autocast_dtype
 from .linear_cross_entropy import linear_cross_entropy
 from .reference import TRMConfig
+from .torch_ops import autocast_dtype
 
 
 class DispatchTinyNet(reference.TinyNet):
@@ -75,7 +75,7 @@ class DispatchTinyNet(reference.TinyNet):
         h, h_cast = ops.add_layer_norm_and_cast(h, a, block.ln1.weight, block.ln1.bias, block.ln1.eps,
                                                 p(block.dropout.p), autocast_dtype(h.device.type))
         f = ops.feed_forward(h_cast, *self._linear(block.ffn[0].weight, block.ffn[0].bias, block.ffn[2].weight,
-                                              block.ffn[2].bias))
+                                                   block.ffn[2].bias))
         return ops.add_layer_norm(h, f, block.ln2.weight, block.ln2.bias, block.ln2.eps, p(block.ffn[3].p))
 
     def forward_xyz(self, x, y, z, attn_mask):
