@@ -13,22 +13,19 @@ import triton.language as tl
 
 
 @triton.jit
-def _mix(x):
-    """A bijective 32-bit hash with full avalanche (Chris Wellons' lowbias32)."""
-    x ^= x >> 16
-    x *= 0x7FEB352D
-    x ^= x >> 15
-    x *= 0x846CA68B
-    x ^= x >> 16
-    return x
-
-
-@triton.jit
 def _mix_column(x):
-    """The per-element hash: a multiply, a shift, a multiply (its top bits are the mixed ones)."""
+    """The per-element hash: a multiply, a shift, a multiply (its top bits are the mixed ones); the core of
+    `_mix`."""
     x *= 0x7FEB352D
     x ^= x >> 15
     return x * 0x846CA68B
+
+
+@triton.jit
+def _mix(x):
+    """A bijective 32-bit hash with full avalanche (Chris Wellons' lowbias32)."""
+    x = _mix_column(x ^ (x >> 16))
+    return x ^ (x >> 16)
 
 
 @triton.jit

@@ -249,12 +249,18 @@ def test_seeds_drawn_together_are_views_of_one_draw():
     assert alone[0].untyped_storage().data_ptr() != alone[1].untyped_storage().data_ptr()
 
 
-def _mix_np(x):
-    """kernels/dropout.py's 32-bit mixer in numpy (uint64 holding uint32 values)."""
+def _mix_column_np(x):
+    """kernels/dropout.py's per-element hash in numpy (uint64 holding uint32 values)."""
     import numpy as np
-    for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
-        x = ((x ^ (x >> shift)) * np.uint64(multiplier)) & np.uint64(0xFFFFFFFF)
-    return x ^ (x >> 16)
+    x = (x * np.uint64(0x7FEB352D)) & np.uint64(0xFFFFFFFF)
+    return ((x ^ (x >> np.uint64(15))) * np.uint64(0x846CA68B)) & np.uint64(0xFFFFFFFF)
+
+
+def _mix_np(x):
+    """kernels/dropout.py's 32-bit mixer in numpy."""
+    import numpy as np
+    x = _mix_column_np(x ^ (x >> np.uint64(16)))
+    return x ^ (x >> np.uint64(16))
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -264,8 +270,7 @@ def test_dropout_mask_is_the_documented_hash(p):
     B, H, L, seed = 1, 2, 40, 123457
     rows = np.arange(B * H * L, dtype=np.uint64)
     key = _mix_np((rows * np.uint64(0x9E3779B9) + np.uint64(seed)) & np.uint64(0xFFFFFFFF))
-    x = (key[:, None] ^ np.arange(L, dtype=np.uint64)[None, :]) * np.uint64(0x7FEB352D) & np.uint64(0xFFFFFFFF)
-    bits = ((x ^ (x >> np.uint64(15))) * np.uint64(0x846CA68B) & np.uint64(0xFFFFFFFF)) >> np.uint64(8)
+    bits = _mix_column_np(key[:, None] ^ np.arange(L, dtype=np.uint64)[None, :]) >> np.uint64(8)
     expected = bits >= np.uint64(math.ceil(float(np.float32(p)) * 2**24))
     got = attn.dropout_keep_mask(B, H, L, p, _seed(seed)).cpu().numpy().reshape(B * H * L, L)
     assert (got == expected).all()
