@@ -27,14 +27,15 @@ def _column_sum_kernel(x_ptr, out_ptr, R, N, stride_r, band_rows, BLOCK_R: tl.co
 
 def _sum_bands(x: torch.Tensor, out: torch.Tensor, band_rows: int, block_r: int, block_n: int) -> None:
     R, N = x.shape
-    _column_sum_kernel[(triton.cdiv(N, block_n), triton.cdiv(R, band_rows))](x, out, R, N, x.stride(0), band_rows,
-                                                                            BLOCK_R=block_r, BLOCK_N=block_n)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(R, band_rows))
+    _column_sum_kernel[grid](x, out, R, N, x.stride(0), band_rows, BLOCK_R=block_r, BLOCK_N=block_n,
+                             num_warps=8 if block_r * block_n > 4096 else 4)
 
 
 def sum_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x.sum(0) in `dtype`, accumulated in float32, for a CUDA (or, under TRITON_INTERPRET=1, CPU) [R, N] tensor
     with unit column stride: over more than ONE_PASS_ROWS rows, bands of BAND_ROWS first (one tile per program),
-    then the band sums in narrow column strips (many programs, few loads each)."""
+    then the band sums in narrow column strips, all rows of a strip in one tile (many programs, one load each)."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"sum_rows: expects a 2-D tensor with unit column stride, got {tuple(x.shape)} strides "
                          f"{x.stride()}")
@@ -44,5 +45,6 @@ def sum_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         bands = torch.empty(triton.cdiv(R, BAND_ROWS), N, device=x.device, dtype=torch.float32)
         _sum_bands(x, bands, BAND_ROWS, BAND_ROWS, 128)
         x, R = bands, bands.shape[0]
-    _sum_bands(x, out, R, min(max(triton.next_power_of_2(R), 16), 128), 32)
+    block_r = min(max(triton.next_power_of_2(R), 16), ONE_PASS_ROWS)
+    _sum_bands(x, out, R, block_r, min(32, 8192 // block_r))
     return out

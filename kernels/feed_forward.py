@@ -2,22 +2,23 @@
 
 Forward: cuBLAS computes the pre-activation with its bias (h cast to the weights' dtype first), one elementwise
 kernel applies GELU (in place when the pre-activation is not kept), the Triton matmul adds the second bias (the
-residual add and dropout belong to `add_layer_norm`). (With GELU in the Triton matmul's epilogue instead, the
-first matmul took ~82 us in the d512 train step, cuBLAS' product alone ~31: benchmarks/NOTES.md, session 18.)
+residual add and dropout belong to `add_layer_norm`, which may take that bias too: b2 None). (With GELU in the
+Triton matmul's epilogue instead, the first matmul took ~82 us in the d512 train step, cuBLAS' product alone ~31:
+benchmarks/NOTES.md, session 18.)
 Backward: grad_out @ w2 by cuBLAS, then one elementwise kernel multiplies it by GELU'(pre-activation) in place,
 writes gelu(pre-activation) for grad w2 and sums grad b1 per band of rows; grad h by the Triton matmul (it
-writes h's dtype), the weight gradients by cuBLAS (long K), grad b2 by kernels/column_sum.py. (With dGELU in
-a Triton matmul's epilogue instead, grad_out @ w2 took 0.095 ms at d512, cuBLAS alone 0.033: benchmarks/NOTES.md,
-sessions 14 and 15.)
+writes h's dtype), the weight gradients by cuBLAS (long K), grad b2 (when there is one) by kernels/column_sum.py.
+(With dGELU in a Triton matmul's epilogue instead, grad_out @ w2 took 0.095 ms at d512, cuBLAS alone 0.033:
+benchmarks/NOTES.md, sessions 14 and 15.)
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from trm_fast.kernels.column_sum import BAND_ROWS, sum_rows
-from trm_fast.kernels.matmul import BIAS, autocast_cast, matmul_into
+from trm_fast.kernels.matmul import BIAS, NONE, autocast_cast, matmul_into
 
 _BAND_ROWS = tl.constexpr(BAND_ROWS)
 _GELU_BLOCK = 4096
@@ -55,18 +56,19 @@ def _gelu_backward_kernel(grad_ptr, pre_ptr, act_ptr, sums_ptr, M, N, BLOCK_N: t
 
 
 def feed_forward_fwd_triton(h, w1, b1, w2, b2, keep_pre: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out [M, D], pre-activation [M, F] or None) for a contiguous [M, D] h, computed in w1's dtype."""
+    """(out [M, D], pre-activation [M, F] or None) for a contiguous [M, D] h, computed in w1's dtype; b2 may be
+    None."""
     pre = torch.addmm(b1, h.to(w1.dtype), w1.t())
     act = torch.empty_like(pre) if keep_pre else pre
     _gelu_kernel[(triton.cdiv(pre.numel(), _GELU_BLOCK),)](pre, act, pre.numel(), BLOCK=_GELU_BLOCK, num_warps=8)
     out = torch.empty(h.shape[0], w2.shape[0], device=h.device, dtype=w1.dtype)
-    matmul_into(act, w2.t(), out, w1.dtype, BIAS, bias=b2)
+    matmul_into(act, w2.t(), out, w1.dtype, NONE if b2 is None else BIAS, bias=b2)
     return out, pre if keep_pre else None
 
 
-def feed_forward_bwd_triton(grad_out, h, pre, w1, w2):
-    """(grad h in h's dtype, grad w1, grad b1, grad w2, grad b2) for contiguous [M, D] grad_out and h and [M, F]
-    pre-activation."""
+def feed_forward_bwd_triton(grad_out, h, pre, w1, w2, has_b2: bool):
+    """(grad h in h's dtype, grad w1, grad b1, grad w2, grad b2 or None) for contiguous [M, D] grad_out and h and
+    [M, F] pre-activation."""
     dtype = w1.dtype
     (M, F), block_n = pre.shape, 128
     grad_pre = grad_out.to(dtype) @ w2
@@ -77,16 +79,18 @@ def feed_forward_bwd_triton(grad_out, h, pre, w1, w2):
     grad_h = torch.empty_like(h)
     matmul_into(grad_pre, w1, grad_h, dtype)
     return (grad_h, grad_pre.t() @ h.to(dtype), sum_rows(b1_bands, dtype), grad_out.t().to(dtype) @ act,
-            sum_rows(grad_out, dtype))
+            sum_rows(grad_out, dtype) if has_b2 else None)
 
 
 def _check(h, w1, b1, w2, b2):
     D = h.shape[-1]
     F = w1.shape[0] if w1.dim() == 2 else -1
-    if w1.shape != (F, D) or b1.shape != (F,) or w2.shape != (D, F) or b2.shape != (D,):
-        raise ValueError(f"feed_forward: for h [..., {D}] expects w1 [F, {D}], b1 [F], w2 [{D}, F], b2 [{D}]; got "
-                         f"{tuple(w1.shape)}, {tuple(b1.shape)}, {tuple(w2.shape)}, {tuple(b2.shape)}")
-    if any(t.dtype != w1.dtype or t.device != h.device for t in (b1, w2, b2)) or w1.device != h.device:
+    if w1.shape != (F, D) or b1.shape != (F,) or w2.shape != (D, F) or (b2 is not None and b2.shape != (D,)):
+        raise ValueError(f"feed_forward: for h [..., {D}] expects w1 [F, {D}], b1 [F], w2 [{D}, F], b2 [{D}] or None; "
+                         f"got {tuple(w1.shape)}, {tuple(b1.shape)}, {tuple(w2.shape)}, "
+                         f"{None if b2 is None else tuple(b2.shape)}")
+    weights = (b1, w2) if b2 is None else (b1, w2, b2)
+    if any(t.dtype != w1.dtype or t.device != h.device for t in weights) or w1.device != h.device:
         raise ValueError(f"feed_forward: weights must share w1's dtype {w1.dtype} and h's device {h.device}")
 
 
@@ -102,22 +106,23 @@ def feed_forward_forward(h, w1, b1, w2, b2, keep_pre: bool = True):
     return out.view(*h.shape[:-1], w2.shape[0]), pre
 
 
-def feed_forward_backward(grad_out, h, pre, w1, w2):
+def feed_forward_backward(grad_out, h, pre, w1, w2, has_b2: bool):
+    """(grad h, grad w1, grad b1, grad w2, grad b2 or None)."""
     D = h.shape[-1]
     grad_flat, flat = grad_out.reshape(-1, D).contiguous(), h.reshape(-1, D).contiguous()
     if h.is_cuda:
-        grads = feed_forward_bwd_triton(grad_flat, flat, pre, w1, w2)
+        grads = feed_forward_bwd_triton(grad_flat, flat, pre, w1, w2, has_b2)
     else:
         act = torch.nn.functional.gelu(pre)
         grad_pre = (grad_flat @ w2) * torch.ops.aten.gelu_backward(torch.ones_like(pre), pre)
         grads = ((grad_pre @ w1).to(h.dtype), grad_pre.t() @ flat.to(w1.dtype), grad_pre.sum(0),
-                 grad_flat.t() @ act, grad_flat.sum(0))
+                 grad_flat.t() @ act, grad_flat.sum(0) if has_b2 else None)
     return (grads[0].view(h.shape),) + tuple(grads[1:])
 
 
 @torch.library.custom_op("trm_fast::feed_forward", mutates_args=())
 def feed_forward_op(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                    b2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+                    b2: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out, pre-activation [rows, F]): Triton on CUDA, torch elsewhere."""
     return feed_forward_forward(h, w1, b1, w2, b2)
 
@@ -129,25 +134,29 @@ def _(h, w1, b1, w2, b2):
 
 @torch.library.custom_op("trm_fast::feed_forward_backward", mutates_args=())
 def feed_forward_backward_op(grad_out: torch.Tensor, h: torch.Tensor, pre: torch.Tensor, w1: torch.Tensor,
-                             w2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                        torch.Tensor]:
-    return feed_forward_backward(grad_out, h, pre, w1, w2)
+                             w2: torch.Tensor, has_b2: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                      torch.Tensor, torch.Tensor]:
+    """(grad h, grad w1, grad b1, grad w2, grad b2 or empty)."""
+    grads = feed_forward_backward(grad_out, h, pre, w1, w2, has_b2)
+    return grads[:4] + (grads[4] if has_b2 else w2.new_empty(0),)
 
 
 @feed_forward_backward_op.register_fake
-def _(grad_out, h, pre, w1, w2):
+def _(grad_out, h, pre, w1, w2, has_b2):
     return (torch.empty_like(h), torch.empty_like(w1), w1.new_empty(w1.shape[0]), torch.empty_like(w2),
-            w2.new_empty(w2.shape[0]))
+            w2.new_empty(w2.shape[0] if has_b2 else 0))
 
 
 def _setup_context(ctx, inputs, output):
-    h, w1, _, w2, _ = inputs
+    h, w1, _, w2, b2 = inputs
     ctx.save_for_backward(h, output[1], w1, w2)
+    ctx.has_b2 = b2 is not None
 
 
 def _backward(ctx, grad_out, _grad_pre):
     h, pre, w1, w2 = ctx.saved_tensors
-    return feed_forward_backward_op(grad_out, h, pre, w1, w2)
+    grads = feed_forward_backward_op(grad_out, h, pre, w1, w2, ctx.has_b2)
+    return grads[:4] + (grads[4] if ctx.has_b2 else None,)
 
 
 feed_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -160,16 +169,17 @@ class _FeedForward(torch.autograd.Function):
     def forward(ctx, h, w1, b1, w2, b2):
         out, pre = feed_forward_forward(h, w1, b1, w2, b2, keep_pre=any(ctx.needs_input_grad))
         ctx.save_for_backward(h, pre, w1, w2)
+        ctx.has_b2 = b2 is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        return feed_forward_backward(grad_out, *ctx.saved_tensors)
+        return feed_forward_backward(grad_out, *ctx.saved_tensors, ctx.has_b2)
 
 
 def feed_forward(h, w1, b1, w2, b2) -> torch.Tensor:
     """The TinyNet op (the signature of `torch_ops.feed_forward`), in w1's dtype or the autocast dtype; h may be
-    wider (cast as it is loaded)."""
+    wider (cast as it is loaded); b2 may be None."""
     w1, b1, w2, b2 = autocast_cast(w1, b1, w2, b2)
     if torch.compiler.is_compiling():
         return feed_forward_op(h, w1, b1, w2, b2)[0]

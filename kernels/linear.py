@@ -2,6 +2,8 @@
 output projections. It differs from F.linear only in the backward's bias gradient: kernels/column_sum.py on
 CUDA instead of torch's reduction over the 8192 token rows (~0.8 TB/s on the H100, NOTES.md).
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -10,31 +12,33 @@ from trm_fast.kernels.matmul import autocast_cast
 
 
 def _check(x, weight, bias):
-    if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or bias.shape != (weight.shape[0],):
-        raise ValueError(f"linear: for x [..., {x.shape[-1]}] expects weight [N, {x.shape[-1]}] and bias [N], got "
-                         f"{tuple(weight.shape)} and {tuple(bias.shape)}")
-    if bias.dtype != weight.dtype or weight.device != x.device or bias.device != x.device:
-        raise ValueError(f"linear: weight / bias ({weight.dtype}, {bias.dtype}) must share a dtype and x's device "
-                         f"({x.device})")
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or (bias is not None and bias.shape != (weight.shape[0],)):
+        raise ValueError(f"linear: for x [..., {x.shape[-1]}] expects weight [N, {x.shape[-1]}] and bias [N] or None, "
+                         f"got {tuple(weight.shape)} and {None if bias is None else tuple(bias.shape)}")
+    if weight.device != x.device or (bias is not None and (bias.dtype != weight.dtype or bias.device != x.device)):
+        raise ValueError(f"linear: weight / bias ({weight.dtype}, {None if bias is None else bias.dtype}) must share a "
+                         f"dtype and x's device ({x.device})")
 
 
 def linear_forward(x, weight, bias):
-    """In weight's dtype (x is cast to it)."""
+    """In weight's dtype (x is cast to it); bias may be None."""
     _check(x, weight, bias)
     return F.linear(x.to(weight.dtype), weight, bias)
 
 
-def linear_backward(grad_out, x, weight):
-    """(grad x in x's dtype, grad weight, grad bias)."""
+def linear_backward(grad_out, x, weight, has_bias: bool):
+    """(grad x in x's dtype, grad weight, grad bias or None)."""
     flat = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
     grad_x = (flat @ weight).to(x.dtype).view(x.shape)
     grad_weight = flat.t() @ x.reshape(-1, x.shape[-1]).to(weight.dtype)
+    if not has_bias:
+        return grad_x, grad_weight, None
     grad_bias = sum_rows(flat, weight.dtype) if flat.is_cuda else flat.sum(0, dtype=torch.float32).to(weight.dtype)
     return grad_x, grad_weight, grad_bias
 
 
 @torch.library.custom_op("trm_fast::linear", mutates_args=())
-def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return linear_forward(x, weight, bias)
 
 
@@ -44,23 +48,27 @@ def _(x, weight, bias):
 
 
 @torch.library.custom_op("trm_fast::linear_backward", mutates_args=())
-def linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor,
-                       weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return linear_backward(grad_out, x, weight)
+def linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                       has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad x, grad weight, grad bias or empty)."""
+    grad_x, grad_weight, grad_bias = linear_backward(grad_out, x, weight, has_bias)
+    return grad_x, grad_weight, grad_bias if has_bias else weight.new_empty(0)
 
 
 @linear_backward_op.register_fake
-def _(grad_out, x, weight):
-    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+def _(grad_out, x, weight, has_bias):
+    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0] if has_bias else 0)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, _ = inputs
+    x, weight, bias = inputs
     ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_out):
-    return linear_backward_op(grad_out, *ctx.saved_tensors)
+    grad_x, grad_weight, grad_bias = linear_backward_op(grad_out, *ctx.saved_tensors, ctx.has_bias)
+    return grad_x, grad_weight, grad_bias if ctx.has_bias else None
 
 
 linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -72,15 +80,17 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
         return linear_forward(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        return linear_backward(grad_out, *ctx.saved_tensors)
+        return linear_backward(grad_out, *ctx.saved_tensors, ctx.has_bias)
 
 
 def linear(x, weight, bias) -> torch.Tensor:
-    """F.linear(x, weight, bias) with the fast bias gradient, in weight's dtype or the autocast dtype."""
+    """F.linear(x, weight, bias) with the fast bias gradient, in weight's dtype or the autocast dtype; bias may be
+    None."""
     weight, bias = autocast_cast(weight, bias)
     if torch.compiler.is_compiling():
         return linear_op(x, weight, bias)

@@ -14,6 +14,7 @@ Dots follow PyTorch's float32 matmul precision: with fp32 operands they are IEEE
 `torch.set_float32_matmul_precision("high")` allows TF32, as cuBLAS would.
 """
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -107,12 +108,13 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, stride_am, stride_ak,
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
-def autocast_cast(*tensors: torch.Tensor):
-    """The tensors in the autocast dtype when autocast is on for their device (what F.linear would run in)."""
+def autocast_cast(*tensors: Optional[torch.Tensor]):
+    """The tensors in the autocast dtype when autocast is on for their device (what F.linear would run in); None
+    stays None."""
     dtype = autocast_dtype(tensors[0].device.type)
     if dtype is None:
         return tensors
-    return tuple(t if t.dtype == dtype else t.to(dtype) for t in tensors)
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
 def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, dot_dtype: torch.dtype, epilogue: int = NONE,

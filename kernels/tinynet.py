@@ -14,3 +14,6 @@ from trm_fast.kernels.feed_forward import feed_forward  # noqa: F401
 from trm_fast.kernels.residual_layer_norm import add_layer_norm, add_layer_norm_and_cast  # noqa: F401
 
 AUTO_ON_CUDA = False
+# TinyNet leaves the biases of the output projection and of the FFN's second layer to `add_layer_norm`, whose
+# backward reduction then forms their gradients (no column sums of their own)
+RESIDUAL_BIAS_IN_NORM = True

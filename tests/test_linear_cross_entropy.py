@@ -7,7 +7,7 @@ from parity_helpers import make_pair, random_batch
 from trm_fast.linear_cross_entropy import linear_cross_entropy
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 4096])
+@pytest.mark.parametrize("chunk", [1, 7, 4096, None])
 def test_matches_cross_entropy_of_the_logits(chunk):
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(37, 16, generator=g, requires_grad=True)
@@ -47,7 +47,7 @@ def test_bad_input():
         linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 3), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="targets must be int64"):
         linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.int32))
-    with pytest.raises(ValueError, match="chunk must be a positive int"):
+    with pytest.raises(ValueError, match="chunk must be None or a positive int"):
         linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), chunk=0)
 
 

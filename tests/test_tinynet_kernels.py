@@ -66,20 +66,26 @@ def test_cast_join(num_inputs, M, K):
 
 @pytest.mark.parametrize("M, N", [(19, 48), (5, 130), (1, 32)])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_residual_layer_norm_kernels(M, N, p):
-    h, residual, weight, bias, grad_out = (_randn(*shape, seed=i) for i, shape in
-                                           enumerate([(M, N), (M, N), (N,), (N,), (M, N)]))
-    out, mean, rstd = rln.residual_layer_norm_fwd_triton(h, residual, weight, bias, 1e-5, p, _seed(123))
-    grad_h, grad_residual, grad_weight, grad_bias = rln.residual_layer_norm_bwd_triton(
-        grad_out, h, residual, weight, mean, rstd, p, _seed(123))
-    keep = torch.ones_like(h, dtype=torch.bool) if p == 0 else grad_residual != 0  # the mask the kernels drew
+@pytest.mark.parametrize("with_residual_bias", [False, True])
+def test_residual_layer_norm_kernels(M, N, p, with_residual_bias):
+    """layer_norm(h + dropout(residual (+ residual_bias))) and every gradient against float64 autograd."""
+    h, residual, weight, bias, residual_bias, grad_out = (_randn(*shape, seed=i) for i, shape in
+                                                          enumerate([(M, N), (M, N), (N,), (N,), (N,), (M, N)]))
+    residual_bias = residual_bias if with_residual_bias else None
+    out, mean, rstd = rln.residual_layer_norm_fwd_triton(h, residual, weight, bias, 1e-5, p, _seed(123),
+                                                         residual_bias=residual_bias)
+    grads = rln.residual_layer_norm_bwd_triton(grad_out, h, residual, weight, mean, rstd, p, _seed(123),
+                                               residual_bias=residual_bias)
+    keep = torch.ones_like(h, dtype=torch.bool) if p == 0 else grads[1] != 0  # the mask the kernels drew
     if p > 0:
         assert abs(1 - float(keep.float().mean()) - p) < 0.15
-    leaves = _double_leaves(h, residual, weight, bias)
-    expected = F.layer_norm(leaves[0] + leaves[1] * keep / (1 - p), (N,), leaves[2], leaves[3], 1e-5)
+    leaves = _double_leaves(h, residual, weight, bias, *([residual_bias] if with_residual_bias else []))
+    r = leaves[1] + leaves[4] if with_residual_bias else leaves[1]
+    expected = F.layer_norm(leaves[0] + r * keep / (1 - p), (N,), leaves[2], leaves[3], 1e-5)
     (expected * grad_out.double()).sum().backward()
     _close(out, expected.detach())
-    for got, leaf in zip((grad_h, grad_residual, grad_weight, grad_bias), leaves):
+    assert (grads[4] is None) != with_residual_bias
+    for got, leaf in zip(grads, leaves):
         _close(got, leaf.grad)
 
 
@@ -96,7 +102,7 @@ def test_residual_layer_norm_cast_copy(p):
     got = rln.residual_layer_norm_bwd_triton(grad_out, h, residual, weight, mean, rstd, p, _seed(5), grad_cast)
     expected = rln.residual_layer_norm_bwd_triton(grad_out + grad_cast.float(), h, residual, weight, mean, rstd, p,
                                                   _seed(5))
-    for a, b in zip(got, expected):
+    for a, b in zip(got[:4], expected[:4]):
         _close(a, b.double(), 1e-5)
 
 
@@ -119,7 +125,32 @@ def test_add_layer_norm_and_cast_op(device):
     out, same = rln.add_layer_norm_and_cast(*leaves, 1e-5, 0.0, None)
     assert same is out
     for dtype in (None, torch.bfloat16):
-        torch.library.opcheck(torch.ops.trm_fast.add_layer_norm.default, (*leaves, 1e-5, 0.0, None, dtype))
+        torch.library.opcheck(torch.ops.trm_fast.add_layer_norm.default, (*leaves, 1e-5, 0.0, None, dtype, None))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_add_layer_norm_residual_bias_op(device, p):
+    """add_layer_norm with the bias of the residual's layer (a bf16 residual, a float32 bias, as in the model):
+    the values and gradients of adding the bias to the residual first, on the same dropout mask; opcheck."""
+    g = torch.Generator().manual_seed(4)
+    h, residual_bias = (torch.randn(*shape, generator=g).to(device).requires_grad_() for shape in ((2, 5, 16), (16,)))
+    residual = torch.randn(2, 5, 16, generator=g).to(device).bfloat16().requires_grad_()
+    weight, bias = (torch.randn(16, generator=g).to(device).requires_grad_() for _ in range(2))
+    grad_out = torch.randn(2, 5, 16, generator=g).to(device)
+    seed = _seed(11, device) if p > 0 else None
+    leaves = (h, residual, weight, bias, residual_bias)
+    out = torch.ops.trm_fast.add_layer_norm(h, residual, weight, bias, 1e-5, p, seed, None, residual_bias)[0]
+    got = torch.autograd.grad(out, leaves, grad_out)
+    expected_out = torch.ops.trm_fast.add_layer_norm(h, residual.float() + residual_bias, weight, bias, 1e-5, p, seed,
+                                                     None, None)[0]
+    expected = torch.autograd.grad(expected_out, leaves, grad_out)
+    _close(out, expected_out.detach().double(), 1e-5)
+    grad_residual_sum = expected[1].float().sum((0, 1))
+    for a, b in zip(got, expected[:4] + (grad_residual_sum,)):
+        _close(a.float(), b.detach().double(), 1e-2 if a.dtype == torch.bfloat16 else 1e-5)
+    torch.library.opcheck(torch.ops.trm_fast.add_layer_norm.default,
+                          (h, residual.float(), weight, bias, 1e-5, p, seed, None, residual_bias))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -134,7 +165,8 @@ def test_ops_autograd_and_opcheck(device):
     h, r = torch.randn(2, 5, 16, generator=g).to(device), torch.randn(2, 5, 16, generator=g).to(device)
     w, b = torch.randn(16, generator=g).to(device), torch.randn(16, generator=g).to(device)
     for p, seed in ((0.0, None), (0.25, _seed(7, device))):
-        args = (h.requires_grad_(), r.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 1e-5, p, seed, None)
+        args = (h.requires_grad_(), r.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 1e-5, p, seed, None,
+                None)
         torch.library.opcheck(torch.ops.trm_fast.add_layer_norm.default, args)
     _close(rln.add_layer_norm(h, r, w, b, 1e-5, 0.0),
            F.layer_norm((h + r).double(), (16,), w.double(), b.double(), 1e-5))
@@ -147,6 +179,11 @@ def test_ops_autograd_and_opcheck(device):
     got = linear.linear(*inputs)
     _close(got, expected.detach())
     for grad, leaf in zip(torch.autograd.grad(got, inputs, grad_out), leaves):
+        _close(grad, leaf.grad)
+    torch.library.opcheck(torch.ops.trm_fast.linear.default, (*inputs[:2], None))
+    without_bias = linear.linear(*inputs[:2], None)
+    _close(without_bias, F.linear(*leaves[:2]).detach())
+    for grad, leaf in zip(torch.autograd.grad(without_bias, inputs[:2], grad_out), leaves):
         _close(grad, leaf.grad)
 
 
@@ -162,8 +199,10 @@ def test_ops_reject_bad_input():
         cl.concat_linear([x, x], torch.randn(3, 16, dtype=torch.float64), torch.randn(3))
     with pytest.raises(ValueError, match="dropout probability must be in"):
         rln.add_layer_norm(x, x, torch.ones(8), torch.zeros(8), 1e-5, 1.0)
-    with pytest.raises(ValueError, match="weight and bias must be"):
+    with pytest.raises(ValueError, match=r"weight must be \[8\]"):
         rln.add_layer_norm(x, x, torch.ones(7), torch.zeros(8), 1e-5, 0.0)
+    with pytest.raises(ValueError, match=r"residual_bias must be \[8\]"):
+        rln.add_layer_norm(x, x, torch.ones(8), torch.zeros(8), 1e-5, 0.0, torch.zeros(4))
     with pytest.raises(ValueError, match=r"linear: for x \[..., 8\] expects weight \[N, 8\]"):
         linear.linear(x, torch.randn(3, 7), torch.randn(3))
 
@@ -373,16 +412,20 @@ def test_sum_rows(R, N, dtype):
 
 
 @pytest.mark.parametrize("M, D, F_", [(37, 24, 96), (1, 16, 64), (70, 32, 40), (64, 32, 64)])  # last: unmasked tiles
-def test_feed_forward_kernels(M, D, F_):
+@pytest.mark.parametrize("with_b2", [True, False])
+def test_feed_forward_kernels(M, D, F_, with_b2):
     h, w1, b1, w2, b2, grad_out = (_randn(*shape, seed=i) for i, shape in
                                    enumerate([(M, D), (F_, D), (F_,), (D, F_), (D,), (M, D)]))
+    b2 = b2 if with_b2 else None
     out, pre = ffn.feed_forward_fwd_triton(h, w1 * 0.3, b1, w2 * 0.3, b2)
-    leaves = _double_leaves(h, w1 * 0.3, b1, w2 * 0.3, b2)
-    expected = torch_ops.feed_forward(*leaves)
+    leaves = _double_leaves(h, w1 * 0.3, b1, w2 * 0.3, *([b2] if with_b2 else []))
+    expected = torch_ops.feed_forward(*leaves, *([] if with_b2 else [None]))
     (expected * grad_out.double()).sum().backward()
     tol = 1e-4
     _close(out, expected.detach(), tol)
-    for got, leaf in zip(ffn.feed_forward_bwd_triton(grad_out, h, pre, w1 * 0.3, w2 * 0.3), leaves):
+    grads = ffn.feed_forward_bwd_triton(grad_out, h, pre, w1 * 0.3, w2 * 0.3, with_b2)
+    assert (grads[4] is None) != with_b2
+    for got, leaf in zip(grads, leaves):
         _close(got, leaf.grad, tol)
 
 
@@ -396,6 +439,12 @@ def test_feed_forward_op(device):
     expected = torch_ops.feed_forward(h, *weights)
     tol = 1e-5 if device == "cpu" else 1e-4
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    without_b2 = (h, *weights[:3], None)
+    torch.library.opcheck(torch.ops.trm_fast.feed_forward.default, without_b2)
+    got, expected = ffn.feed_forward(*without_b2), torch_ops.feed_forward(*without_b2)
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    for a, b in zip(*(torch.autograd.grad(out.sum(), without_b2[:4]) for out in (got, expected))):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
     with pytest.raises(ValueError, match="expects w1"):
         ffn.feed_forward(h, weights[0][:, :7], *weights[1:])
 

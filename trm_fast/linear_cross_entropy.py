@@ -7,15 +7,22 @@ chunks: each chunk's logits are formed (under autocast from its dtype's matmul, 
 reduced to its loss, and turned at once into its share of the gradients (softmax - one-hot; on CUDA one
 Triton pass over the chunk, kernels/cross_entropy.py, writes the gradient over the logits), so the forward
 keeps grad_hidden [N, D] and grad_weight [V, D] and never more than [chunk, V] of logits; the backward
-scales them by the incoming gradient.
+scales them by the incoming gradient. Against the logits kept for autograd (the seed's way), the gradient is
+written by the forward's kernel over the logits (no backward kernel reads them again) and never scaled in a
+pass of its own.
+
+The default chunk holds up to CHUNK_BYTES of logits: at the seed's config (8192 tokens, vocab 16000, bf16)
+the whole batch is one chunk, whose gradients are single matmuls (no float32 accumulation over chunks).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from .torch_ops import autocast_dtype
+
+CHUNK_BYTES = 1 << 28  # logits per chunk by default (256 MiB)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -28,33 +35,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)
         loss = hidden.new_zeros((), dtype=torch.float32)
         correct = torch.zeros_like(counted)
-        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if needs_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        grad_hidden = torch.empty_like(hidden, dtype=dtype) if needs_grad else None
+        grad_weight = None  # the first chunk's, then a float32 sum over chunks
         rows_kernel = _cross_entropy_rows_kernel(hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             h, t, keep = hidden[rows].to(dtype), targets[rows], counted[rows]
             if rows_kernel is not None:  # loss, argmax and gradient in one pass, in place over the chunk's logits
-                logits = h @ w.t()
-                chunk_loss, _, correct[rows] = rows_kernel(logits, t, ignore_index,
+                grad_logits = h @ w.t()
+                chunk_loss, _, correct[rows] = rows_kernel(grad_logits, t, ignore_index,
                                                            scale.reshape(1) if needs_grad else None)
                 loss += chunk_loss.sum()
+            else:
+                logits = (h @ w.t()).float()
+                safe_t = torch.where(keep, t, 0)
+                lse = torch.logsumexp(logits, dim=-1)
+                loss += ((lse - logits.gather(1, safe_t[:, None]).squeeze(1)) * keep).sum()
+                correct[rows] = logits.argmax(-1) == t
                 if needs_grad:
-                    grad_hidden[rows] = logits @ w
-                    grad_weight += logits.t() @ h
-                continue
-            logits = (h @ w.t()).float()
-            safe_t = torch.where(keep, t, 0)
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += ((lse - logits.gather(1, safe_t[:, None]).squeeze(1)) * keep).sum()
-            correct[rows] = logits.argmax(-1) == t
+                    grad_logits = torch.softmax(logits, dim=-1)
+                    grad_logits[torch.arange(len(t), device=t.device), safe_t] -= 1.0
+                    grad_logits = (grad_logits * (keep[:, None] * scale)).to(dtype)
             if needs_grad:
-                grad_logits = torch.softmax(logits, dim=-1)
-                grad_logits[torch.arange(len(t), device=t.device), safe_t] -= 1.0
-                grad_logits *= keep[:, None] * scale
-                grad_logits = grad_logits.to(dtype)
-                grad_hidden[rows] = grad_logits @ w
-                grad_weight += grad_logits.t() @ h
+                torch.mm(grad_logits, w, out=grad_hidden[rows])
+                part = grad_logits.t() @ h
+                grad_weight = part if grad_weight is None else grad_weight.float() + part
         loss = torch.where(count > 0, loss * scale, torch.full_like(loss, float("nan")))  # F.cross_entropy's 0/0
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = (hidden.dtype, weight.dtype)
@@ -65,6 +70,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_correct):
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
+        grad_loss = grad_loss.float().reshape(1)  # one element, not a 0-dim tensor: the products are float32
         return ((grad_hidden * grad_loss).to(hidden_dtype) if ctx.needs_input_grad[0] else None,
                 (grad_weight * grad_loss).to(weight_dtype) if ctx.needs_input_grad[1] else None, None, None, None, None,
                 None)
@@ -82,18 +88,21 @@ def _cross_entropy_rows_kernel(device: torch.device):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                         chunk: int = 4096) -> Tuple[torch.Tensor, torch.Tensor]:
+                         chunk: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(mean cross-entropy over tokens whose target is not `ignore_index`, bool [N] argmax == target) for
-    hidden [N, D], weight [V, D], targets [N] int64; float32 loss."""
+    hidden [N, D], weight [V, D], targets [N] int64; float32 loss. `chunk`: rows of logits formed at a time
+    (default: as many as fit in CHUNK_BYTES)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: hidden [N, D] and weight [V, D] must agree, got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
     if targets.shape != (hidden.shape[0],) or targets.dtype != torch.long:
         raise ValueError(f"linear_cross_entropy: targets must be int64 [{hidden.shape[0]}], got {targets.dtype} "
                          f"{tuple(targets.shape)}")
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"linear_cross_entropy: chunk must be a positive int, got {chunk!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"linear_cross_entropy: chunk must be None or a positive int, got {chunk!r}")
     # under no_grad the forward computes the loss only (needs_input_grad does not see grad mode); under autocast
     # the logits are computed in its dtype, as the seed's output head's are
     dtype = autocast_dtype(hidden.device.type) or hidden.dtype
+    if chunk is None:
+        chunk = max(1, CHUNK_BYTES // (weight.shape[0] * dtype.itemsize))
     return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk, torch.is_grad_enabled(), dtype)

@@ -67,16 +67,22 @@ class DispatchTinyNet(reference.TinyNet):
         def p(rate: float) -> float:  # dropout rates apply in training only
             return rate if self.training else 0.0
 
+        # where the op table says so, the biases of the output projection and of the FFN's second layer are added by
+        # the LayerNorms after them (float32 masters, summed there), which also form their gradients
+        out_bias, ffn_bias = attn.out_proj.bias, block.ffn[2].bias
+        in_norm = ops.RESIDUAL_BIAS_IN_NORM
         a = ops.causal_attention(h, key_valid, *self._linear(attn.in_proj_weight, attn.in_proj_bias,
-                                                             attn.out_proj.weight, attn.out_proj.bias),
-                                 attn.num_heads, p(attn.dropout))
+                                                             attn.out_proj.weight),
+                                 None if in_norm else self._linear(out_bias)[0], attn.num_heads, p(attn.dropout))
         # the FFN reads the LayerNorm's output in the autocast dtype: the copy autocast would make, written by the
         # LayerNorm itself
         h, h_cast = ops.add_layer_norm_and_cast(h, a, block.ln1.weight, block.ln1.bias, block.ln1.eps,
-                                                p(block.dropout.p), autocast_dtype(h.device.type))
-        f = ops.feed_forward(h_cast, *self._linear(block.ffn[0].weight, block.ffn[0].bias, block.ffn[2].weight,
-                                                   block.ffn[2].bias))
-        return ops.add_layer_norm(h, f, block.ln2.weight, block.ln2.bias, block.ln2.eps, p(block.ffn[3].p))
+                                                p(block.dropout.p), autocast_dtype(h.device.type),
+                                                out_bias if in_norm else None)
+        f = ops.feed_forward(h_cast, *self._linear(block.ffn[0].weight, block.ffn[0].bias, block.ffn[2].weight),
+                             None if in_norm else self._linear(ffn_bias)[0])
+        return ops.add_layer_norm(h, f, block.ln2.weight, block.ln2.bias, block.ln2.eps, p(block.ffn[3].p),
+                                  ffn_bias if in_norm else None)
 
     def forward_xyz(self, x, y, z, attn_mask):
         ops = tinynet_ops(self.kernels, x.device)

@@ -6,6 +6,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+# whether TinyNet leaves the biases of the layers before its residual LayerNorms to `add_layer_norm`: not here
+# (F.linear adds them in cuBLAS' epilogue, at no cost)
+RESIDUAL_BIAS_IN_NORM = False
+
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The dtype autocast runs matmuls in on `device_type` while it is on there, else None."""
@@ -19,7 +23,8 @@ def concat_linear(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: to
 
 def causal_attention(h, key_valid, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
                      n_heads: int, dropout_p: float) -> torch.Tensor:
-    """Self-attention of `nn.MultiheadAttention` with a causal mask and key padding (`key_valid` [B, L]).
+    """Self-attention of `nn.MultiheadAttention` with a causal mask and key padding (`key_valid` [B, L]);
+    `out_proj_bias` may be None (left to `add_layer_norm`'s residual_bias).
 
     A query with no valid key (the start of a left-padded row) outputs zero before the output projection
     and carries no gradient, where the seed's attention gives NaN.
@@ -35,20 +40,26 @@ def causal_attention(h, key_valid, in_proj_weight, in_proj_bias, out_proj_weight
     return F.linear(o, out_proj_weight, out_proj_bias)
 
 
-def add_layer_norm(h, residual, weight, bias, eps: float, dropout_p: float) -> torch.Tensor:
-    """`layer_norm(h + dropout(residual))`."""
+def add_layer_norm(h, residual, weight, bias, eps: float, dropout_p: float,
+                   residual_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`layer_norm(h + dropout(residual + residual_bias))` (residual_bias: the bias of the layer that made the
+    residual, or None)."""
+    if residual_bias is not None:
+        residual = residual + residual_bias
     return F.layer_norm(h + F.dropout(residual, dropout_p), (h.size(-1),), weight, bias, eps)
 
 
-def add_layer_norm_and_cast(h, residual, weight, bias, eps: float, dropout_p: float, dtype: Optional[torch.dtype]):
+def add_layer_norm_and_cast(h, residual, weight, bias, eps: float, dropout_p: float, dtype: Optional[torch.dtype],
+                            residual_bias: Optional[torch.Tensor] = None):
     """(add_layer_norm's output, that output in `dtype`: the copy its next matmul reads; the output itself when
     `dtype` is None)."""
-    out = add_layer_norm(h, residual, weight, bias, eps, dropout_p)
+    out = add_layer_norm(h, residual, weight, bias, eps, dropout_p, residual_bias)
     return out, out.to(dtype) if dtype is not None else out
 
 
 def feed_forward(h, w1, b1, w2, b2) -> torch.Tensor:
-    """`linear(gelu(linear(h)))` with exact (erf) GELU; its dropout is `add_layer_norm`'s."""
+    """`linear(gelu(linear(h)))` with exact (erf) GELU; its dropout is `add_layer_norm`'s; b2 may be None (left to
+    `add_layer_norm`'s residual_bias)."""
     return F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
 
 
