@@ -42,10 +42,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + chunk)
             h, t, keep = hidden[rows].to(dtype), targets[rows], counted[rows]
             if rows_kernel is not None:  # loss, argmax and gradient in one pass, in place over the chunk's logits
-                grad_logits = h @ w.t()
-                chunk_loss, _, correct[rows] = rows_kernel(grad_logits, t, ignore_index,
+                logits = h @ w.t()
+                chunk_loss, _, correct[rows] = rows_kernel(logits, t, ignore_index,
                                                            scale.reshape(1) if needs_grad else None)
                 loss += chunk_loss.sum()
+                grad_logits = logits  # with needs_grad, the kernel wrote the gradient over them
             else:
                 logits = (h @ w.t()).float()
                 safe_t = torch.where(keep, t, 0)
