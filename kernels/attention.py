@@ -7,9 +7,11 @@ into one tensor of that layout, the gradient of the projection's output (no stac
 j <= i with key_valid[b, j]; a query with no such key outputs zero and gets no gradient (its log-sum-exp is
 stored as +inf). The dropout mask is drawn from (seed tensor, row, column) by kernels/dropout.py and drawn
 again in the backward, never stored. Backward: the FlashAttention-2 split, one kernel for dK / dV (a program
-per key block) and one for dQ (a program per query block), with delta = rowsum(dO * O) computed first. Scores
-are kept in log2 units (exp2); only the tiles on the diagonal apply the causal test. Tile sizes are autotuned
-on CUDA.
+per key block) and one for dQ (a program per query block), with delta = rowsum(dO * O) computed first. Per score
+the kernels do as little as they can (benchmarks/NOTES.md, session 20): the softmax scale and log2(e) are folded
+into exp2's multiply-add, only the tiles on the diagonal apply the causal test, only key tiles from the first
+padded key on (or, in dK / dV, key blocks holding padding) apply the key test, and dropout's 1 / (1 - p) is
+applied once to O, dQ, dK and dV. Tile sizes are autotuned on CUDA.
 """
 import math
 from typing import Optional, Tuple
@@ -51,14 +53,32 @@ def _key_ok(key_valid_ptr, cols, L):
 
 
 @triton.jit
-def _scores(q, k, key_ok, rows, cols, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    """q @ k.T in log2 units (qk_scale = log2(e) / sqrt(Dh)), -inf where a key is padding or past L (key_ok)
-    and, on the diagonal tiles (CAUSAL), where it lies after the query."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    allowed = key_ok[None, :]
-    if CAUSAL:
-        allowed = allowed & (cols[None, :] <= rows[:, None])
-    return tl.where(allowed, s, float("-inf"))
+def _scores(q, k, key_valid_ptr, rows, cols, L, CAUSAL: tl.constexpr, KEY_MASK: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """q @ k.T (unscaled: the callers fold log2(e) / sqrt(Dh) into their exp2's multiply-add), -inf where a key is
+    padding or past L (KEY_MASK) and, on the diagonal tiles (CAUSAL), where it lies after the query."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if KEY_MASK:
+        allowed = _key_ok(key_valid_ptr, cols, L)[None, :]
+        if CAUSAL:
+            allowed = allowed & (cols[None, :] <= rows[:, None])
+        s = tl.where(allowed, s, float("-inf"))
+    elif CAUSAL:
+        s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _unpadded_end(key_valid_ptr, end, BLOCK_N: tl.constexpr):
+    """The start of the first key tile (of BLOCK_N) before `end` that holds padding, or `end` (a multiple of
+    BLOCK_N): the key tiles before it are run without the key test. Sequential loops, not the branches of an if,
+    since Triton gives each branch's pipelined loop its own shared memory."""
+    first_invalid = end
+    for start in range(0, end, 1024):
+        cols = start + tl.arange(0, 1024)
+        valid = tl.load(key_valid_ptr + cols, mask=cols < end, other=1) != 0
+        first_invalid = tl.minimum(first_invalid, tl.min(tl.where(valid, end, cols), axis=0))
+    return first_invalid // BLOCK_N * BLOCK_N
 
 
 @triton.jit
@@ -68,17 +88,26 @@ def _keep(seed_ptr, bh, rows, cols, L, p):
 
 
 @triton.jit
+def _unfolded_zero(finite_rows):
+    """Zeros that the compiler cannot see as a constant: the backward's `tl.where(keep, probs, 0.0).to(bf16)` is
+    compiled as a select of the bf16 halves after the conversion (byte permutes around each select); against a
+    computed zero it stays a float32 select before it (dK / dV loop on sm90: 633 -> 591 instructions; the
+    forward's loop grew with it, so it keeps the constant)."""
+    return finite_rows * 0.0
+
+
+@triton.jit
 def _attend(acc, m_i, l_i, q, k_ptr, v_ptr, key_valid_ptr, rows, dims, start, end, stride_l, L, qk_scale, p, seed_ptr,
-            bh, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The online-softmax update of one query tile over the key tiles start..end."""
+            bh, CAUSAL: tl.constexpr, KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+            BLOCK_N: tl.constexpr):
+    """The online-softmax update of one query tile over the key tiles start..end (m_i in log2 units)."""
     for kstart in range(start, end, BLOCK_N):
         cols = kstart + tl.arange(0, BLOCK_N)
-        key_ok = _key_ok(key_valid_ptr, cols, L)
-        s = _scores(q, _load_tile(k_ptr, cols, dims, stride_l, L), key_ok, rows, cols, qk_scale, CAUSAL,
+        s = _scores(q, _load_tile(k_ptr, cols, dims, stride_l, L), key_valid_ptr, rows, cols, L, CAUSAL, KEY_MASK,
                     PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no allowed key yet stay at zero
-        probs = tl.math.exp2(s - m_safe[:, None])
+        probs = tl.math.exp2(s * qk_scale - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(probs, axis=1)
         if HAS_DROPOUT:  # kept probabilities; the output is scaled by 1 / (1 - p) once, at the end
@@ -106,11 +135,16 @@ def _attention_fwd_kernel(qkv_ptr, key_valid_ptr, o_ptr, lse_ptr, stride_b, stri
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    # keys before the tile's first query need no causal test; the diagonal tiles do
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_ptr + base, v_ptr + base, key_valid_ptr + b * L, rows, dims, 0,
-                            first_row, stride_l, L, qk_scale, p, seed_ptr, bh, False, HAS_DROPOUT, PRECISION, BLOCK_N)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_ptr + base, v_ptr + base, key_valid_ptr + b * L, rows, dims,
-                            first_row, tl.minimum(L, first_row + BLOCK_M), stride_l, L, qk_scale, p, seed_ptr, bh, True,
+    # keys before the tile's first query need no causal test (and no key test without padding); the diagonal
+    # tiles do
+    k_ptr, v_ptr, key_valid_ptr = k_ptr + base, v_ptr + base, key_valid_ptr + b * L
+    unpadded = _unpadded_end(key_valid_ptr, first_row, BLOCK_N)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_ptr, v_ptr, key_valid_ptr, rows, dims, 0, unpadded, stride_l, L,
+                            qk_scale, p, seed_ptr, bh, False, False, HAS_DROPOUT, PRECISION, BLOCK_N)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_ptr, v_ptr, key_valid_ptr, rows, dims, unpadded, first_row, stride_l,
+                            L, qk_scale, p, seed_ptr, bh, False, True, HAS_DROPOUT, PRECISION, BLOCK_N)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_ptr, v_ptr, key_valid_ptr, rows, dims, first_row,
+                            tl.minimum(L, first_row + BLOCK_M), stride_l, L, qk_scale, p, seed_ptr, bh, True, True,
                             HAS_DROPOUT, PRECISION, BLOCK_N)
     has_key = l_i > 0
     out = acc * ((1.0 / (1.0 - p)) / tl.where(has_key, l_i, 1.0))[:, None]
@@ -122,16 +156,17 @@ def _attention_fwd_kernel(qkv_ptr, key_valid_ptr, o_ptr, lse_ptr, stride_b, stri
 
 
 @triton.jit
-def _attention_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, stride_b, stride_l, stride_h, H, L, HEAD_DIM: tl.constexpr,
-                                BLOCK: tl.constexpr):
-    """delta[b, h, l] = sum over the head dim of dO * O (float32)."""
+def _attention_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, stride_b, stride_l, stride_h, H, L, keep_p,
+                                HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """delta[b, h, l] = (1 - p) * the sum over the head dim of dO * O (float32): dS's delta in the units of the
+    unscaled kept dP (the 1 / (1 - p) of dropout is applied to dQ and dK at the end)."""
     bh = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     base = (bh // H) * stride_b + (bh % H) * stride_h
     dims = tl.arange(0, HEAD_DIM)
     o = _load_tile(o_ptr + base, rows, dims, stride_l, L).to(tl.float32)
     do = _load_tile(do_ptr + base, rows, dims, stride_l, L).to(tl.float32)
-    tl.store(delta_ptr + bh * L + rows, tl.sum(o * do, axis=1), mask=rows < L)
+    tl.store(delta_ptr + bh * L + rows, tl.sum(o * do, axis=1) * keep_p, mask=rows < L)
 
 
 @triton.jit
@@ -143,39 +178,54 @@ def _load_query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, rows, dims, stride_l
 
 
 @triton.jit
-def _probs_and_dscores(q, do, lse, delta, k, v, key_ok, seed_ptr, bh, rows, cols, L, qk_scale, p,
-                       CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    """For one [rows, cols] tile: the kept probabilities (not yet scaled by 1 / (1 - p): dV is, once, at the
-    end) and dS = P * (dP - delta)."""
-    s = _scores(q, k, key_ok, rows, cols, qk_scale, CAUSAL, PRECISION)
-    probs = tl.math.exp2(s - lse[:, None])  # 0 where masked (-inf) and on rows with no key (lse = +inf)
+def _probs_and_dscores(q, do, lse, delta, k, v, key_valid_ptr, seed_ptr, bh, rows, cols, L, qk_scale, p,
+                       CAUSAL: tl.constexpr, KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """For one [rows, cols] tile: the kept probabilities and (1 - p) dS = P * (kept dP - delta), both short of
+    dropout's 1 / (1 - p), which dV, dK and dQ take once, at the end."""
+    s = _scores(q, k, key_valid_ptr, rows, cols, L, CAUSAL, KEY_MASK, PRECISION)
+    probs = tl.math.exp2(s * qk_scale - lse[:, None])  # 0 where masked (-inf) and on rows with no key (lse = +inf)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     kept = probs
     if HAS_DROPOUT:
         keep = _keep(seed_ptr, bh, rows, cols, L, p)
-        kept = tl.where(keep, probs, 0.0)
-        dp = tl.where(keep, dp * (1.0 / (1.0 - p)), 0.0)
+        kept = tl.where(keep, probs, _unfolded_zero(delta)[:, None])
+        dp = tl.where(keep, dp, 0.0)
     return kept, probs * (dp - delta[:, None])
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, key_ok, q_ptr, do_ptr, lse_ptr, delta_ptr, bh, cols, dims, start, end, stride_l,
-               stride_gl, L, qk_scale, p, seed_ptr, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+def _dkdv_step(dk, dv, k, v, key_valid_ptr, q_ptr, do_ptr, lse_ptr, delta_ptr, bh, cols, dims, start, end, stride_l,
+               stride_gl, L, qk_scale, p, seed_ptr, CAUSAL: tl.constexpr, KEY_MASK: tl.constexpr,
+               HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
     for qstart in range(start, end, BLOCK_M):
         rows = qstart + tl.arange(0, BLOCK_M)
         q, do, lse, delta = _load_query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, rows, dims, stride_l, stride_gl, L)
-        kept, ds = _probs_and_dscores(q, do, lse, delta, k, v, key_ok, seed_ptr, bh, rows, cols, L, qk_scale, p,
-                                      CAUSAL, HAS_DROPOUT, PRECISION)
+        kept, ds = _probs_and_dscores(q, do, lse, delta, k, v, key_valid_ptr, seed_ptr, bh, rows, cols, L, qk_scale,
+                                      p, CAUSAL, KEY_MASK, HAS_DROPOUT, PRECISION)
         dv += tl.dot(tl.trans(kept).to(do.dtype), do, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
     return dk, dv
 
 
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, key_valid_ptr, q_ptr, do_ptr, lse_ptr, delta_ptr, bh, cols, dims, first_col, stride_l,
+                stride_gl, L, qk_scale, p, seed_ptr, KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV of the key block at first_col: queries before it see none of it; the diagonal tiles need the causal
+    test, later ones not."""
+    diagonal_end = tl.minimum(L, first_col + BLOCK_N)
+    dk, dv = _dkdv_step(dk, dv, k, v, key_valid_ptr, q_ptr, do_ptr, lse_ptr, delta_ptr, bh, cols, dims, first_col,
+                        diagonal_end, stride_l, stride_gl, L, qk_scale, p, seed_ptr, True, KEY_MASK, HAS_DROPOUT,
+                        PRECISION, BLOCK_M)
+    return _dkdv_step(dk, dv, k, v, key_valid_ptr, q_ptr, do_ptr, lse_ptr, delta_ptr, bh, cols, dims, diagonal_end, L,
+                      stride_l, stride_gl, L, qk_scale, p, seed_ptr, False, KEY_MASK, HAS_DROPOUT, PRECISION, BLOCK_M)
+
+
 @triton.autotune(configs=_DKDV_TILES, key=["L", "HEAD_DIM", "HAS_DROPOUT"])
 @triton.jit
 def _attention_bwd_dkdv_kernel(qkv_ptr, key_valid_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, stride_b, stride_l,
-                               stride_t, stride_h, stride_gb, stride_gl, stride_gh, H, L, qk_scale, scale, p,
+                               stride_t, stride_h, stride_gb, stride_gl, stride_gh, H, L, qk_scale, ds_scale, p,
                                seed_ptr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     q_ptr, k_ptr, v_ptr = qkv_ptr, qkv_ptr + stride_t, qkv_ptr + 2 * stride_t
@@ -188,32 +238,31 @@ def _attention_bwd_dkdv_kernel(qkv_ptr, key_valid_ptr, do_ptr, lse_ptr, delta_pt
     base, g_base = b * stride_b + h * stride_h, b * stride_gb + h * stride_gh
     k = _load_tile(k_ptr + base, cols, dims, stride_l, L)  # this program's keys / values, loaded once
     v = _load_tile(v_ptr + base, cols, dims, stride_l, L)
-    key_ok = _key_ok(key_valid_ptr + b * L, cols, L)
+    key_valid_ptr += b * L
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
-    # queries before the block's first key see none of it; the diagonal tiles need the causal test, later ones not
-    diagonal_end = tl.minimum(L, first_col + BLOCK_N)
-    dk, dv = _dkdv_step(dk, dv, k, v, key_ok, q_ptr + base, do_ptr + g_base, lse_ptr, delta_ptr, bh, cols, dims,
-                        first_col, diagonal_end, stride_l, stride_gl, L, qk_scale, p, seed_ptr, True, HAS_DROPOUT,
-                        PRECISION, BLOCK_M)
-    dk, dv = _dkdv_step(dk, dv, k, v, key_ok, q_ptr + base, do_ptr + g_base, lse_ptr, delta_ptr, bh, cols, dims,
-                        diagonal_end, L, stride_l, stride_gl, L, qk_scale, p, seed_ptr, False, HAS_DROPOUT,
-                        PRECISION, BLOCK_M)
+    if tl.min(_key_ok(key_valid_ptr, cols, L).to(tl.int32), axis=0) == 1:  # no padding in the block: no key test
+        dk, dv = _dkdv_tiles(dk, dv, k, v, key_valid_ptr, q_ptr + base, do_ptr + g_base, lse_ptr, delta_ptr, bh, cols,
+                             dims, first_col, stride_l, stride_gl, L, qk_scale, p, seed_ptr, False, HAS_DROPOUT,
+                             PRECISION, BLOCK_M, BLOCK_N)
+    else:
+        dk, dv = _dkdv_tiles(dk, dv, k, v, key_valid_ptr, q_ptr + base, do_ptr + g_base, lse_ptr, delta_ptr, bh, cols,
+                             dims, first_col, stride_l, stride_gl, L, qk_scale, p, seed_ptr, True, HAS_DROPOUT,
+                             PRECISION, BLOCK_M, BLOCK_N)
     out = base + cols[:, None] * stride_l + dims[None, :]  # dK, dV laid out as K, V
-    tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=cols[:, None] < L)
+    tl.store(dk_ptr + out, (dk * ds_scale).to(dk_ptr.dtype.element_ty), mask=cols[:, None] < L)
     tl.store(dv_ptr + out, (dv * (1.0 / (1.0 - p))).to(dv_ptr.dtype.element_ty), mask=cols[:, None] < L)
 
 
 @triton.jit
 def _dq_step(dq, q, do, lse, delta, k_ptr, v_ptr, key_valid_ptr, bh, rows, dims, start, end, stride_l, L, qk_scale,
-             p, seed_ptr, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-             BLOCK_N: tl.constexpr):
+             p, seed_ptr, CAUSAL: tl.constexpr, KEY_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+             PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     for kstart in range(start, end, BLOCK_N):
         cols = kstart + tl.arange(0, BLOCK_N)
         k = _load_tile(k_ptr, cols, dims, stride_l, L)
-        key_ok = _key_ok(key_valid_ptr, cols, L)
-        _, ds = _probs_and_dscores(q, do, lse, delta, k, _load_tile(v_ptr, cols, dims, stride_l, L), key_ok, seed_ptr,
-                                   bh, rows, cols, L, qk_scale, p, CAUSAL, HAS_DROPOUT, PRECISION)
+        _, ds = _probs_and_dscores(q, do, lse, delta, k, _load_tile(v_ptr, cols, dims, stride_l, L), key_valid_ptr,
+                                   seed_ptr, bh, rows, cols, L, qk_scale, p, CAUSAL, KEY_MASK, HAS_DROPOUT, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     return dq
 
@@ -221,7 +270,7 @@ def _dq_step(dq, q, do, lse, delta, k_ptr, v_ptr, key_valid_ptr, bh, rows, dims,
 @triton.autotune(configs=_DQ_TILES, key=["L", "HEAD_DIM", "HAS_DROPOUT"])
 @triton.jit
 def _attention_bwd_dq_kernel(qkv_ptr, key_valid_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, stride_b, stride_l,
-                             stride_t, stride_h, stride_gb, stride_gl, stride_gh, H, L, qk_scale, scale, p,
+                             stride_t, stride_h, stride_gb, stride_gl, stride_gh, H, L, qk_scale, ds_scale, p,
                              seed_ptr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     q_ptr, k_ptr, v_ptr, dq_ptr = qkv_ptr, qkv_ptr + stride_t, qkv_ptr + 2 * stride_t, dqkv_ptr
@@ -233,13 +282,17 @@ def _attention_bwd_dq_kernel(qkv_ptr, key_valid_ptr, do_ptr, lse_ptr, delta_ptr,
     base, g_base = b * stride_b + h * stride_h, b * stride_gb + h * stride_gh
     q, do, lse, delta = _load_query_rows(q_ptr + base, do_ptr + g_base, lse_ptr, delta_ptr, bh, rows, dims,
                                          stride_l, stride_gl, L)
+    k_ptr, v_ptr, key_valid_ptr = k_ptr + base, v_ptr + base, key_valid_ptr + b * L
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    dq = _dq_step(dq, q, do, lse, delta, k_ptr + base, v_ptr + base, key_valid_ptr + b * L, bh, rows, dims, 0,
-                  first_row, stride_l, L, qk_scale, p, seed_ptr, False, HAS_DROPOUT, PRECISION, BLOCK_N)
-    dq = _dq_step(dq, q, do, lse, delta, k_ptr + base, v_ptr + base, key_valid_ptr + b * L, bh, rows, dims, first_row,
-                  tl.minimum(L, first_row + BLOCK_M), stride_l, L, qk_scale, p, seed_ptr, True, HAS_DROPOUT, PRECISION,
-                  BLOCK_N)
-    tl.store(dq_ptr + base + rows[:, None] * stride_l + dims[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
+    unpadded = _unpadded_end(key_valid_ptr, first_row, BLOCK_N)
+    dq = _dq_step(dq, q, do, lse, delta, k_ptr, v_ptr, key_valid_ptr, bh, rows, dims, 0, unpadded, stride_l, L,
+                  qk_scale, p, seed_ptr, False, False, HAS_DROPOUT, PRECISION, BLOCK_N)
+    dq = _dq_step(dq, q, do, lse, delta, k_ptr, v_ptr, key_valid_ptr, bh, rows, dims, unpadded, first_row, stride_l, L,
+                  qk_scale, p, seed_ptr, False, True, HAS_DROPOUT, PRECISION, BLOCK_N)
+    dq = _dq_step(dq, q, do, lse, delta, k_ptr, v_ptr, key_valid_ptr, bh, rows, dims, first_row,
+                  tl.minimum(L, first_row + BLOCK_M), stride_l, L, qk_scale, p, seed_ptr, True, True, HAS_DROPOUT,
+                  PRECISION, BLOCK_N)
+    tl.store(dq_ptr + base + rows[:, None] * stride_l + dims[None, :], (dq * ds_scale).to(dq_ptr.dtype.element_ty),
              mask=rows[:, None] < L)
 
 
@@ -293,9 +346,9 @@ def attention_bwd_triton(do, qkv, o, lse, key_valid, p: float, seed: Optional[to
     dqkv = torch.empty_like(qkv)
     delta = torch.empty(B, H, L, device=qkv.device, dtype=torch.float32)
     _attention_bwd_delta_kernel[(triton.cdiv(L, 64), B * H)](o, do, delta, o.stride(0), o.stride(1), o.stride(2), H, L,
-                                                             HEAD_DIM=Dh, BLOCK=64)
+                                                             1.0 - p, HEAD_DIM=Dh, BLOCK=64)
     common = (*qkv.stride()[:4], do.stride(0), do.stride(1), do.stride(2), H, L, LOG2E / math.sqrt(Dh),
-              1.0 / math.sqrt(Dh), p, seed if p > 0 else lse)
+              1.0 / (math.sqrt(Dh) * (1.0 - p)), p, seed if p > 0 else lse)
     meta = dict(HAS_DROPOUT=p > 0, HEAD_DIM=Dh, PRECISION=dot_config(qkv.dtype)[1])
     _attention_bwd_dkdv_kernel[lambda m: (triton.cdiv(L, m["BLOCK_N"]), B * H)](
         qkv, key_valid, do, lse, delta, dqkv, *common, **meta)

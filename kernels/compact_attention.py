@@ -66,9 +66,9 @@ def _compact_attention_kernel(q_ptr, kv_ptr, rows_ptr, starts_ptr, key_valid_ptr
             l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
             acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
             acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_ptr, v_ptr, key_valid_ptr + b * L, pos, dims, 0, split,
-                                    stride_kv, L, qk_scale, 0.0, 0, 0, False, False, PRECISION, BLOCK_N)
+                                    stride_kv, L, qk_scale, 0.0, 0, 0, False, True, False, PRECISION, BLOCK_N)
             acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_ptr, v_ptr, key_valid_ptr + b * L, pos, dims, split,
-                                    tl.max(pos, axis=0) + 1, stride_kv, L, qk_scale, 0.0, 0, 0, True, False,
+                                    tl.max(pos, axis=0) + 1, stride_kv, L, qk_scale, 0.0, 0, 0, True, True, False,
                                     PRECISION, BLOCK_N)
             out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             tl.store(o_ptr + i[:, None] * stride_o + h * HEAD_DIM + dims[None, :],

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from trm_fast.grad_sums import weight_grad
 from trm_fast.kernels.column_sum import BAND_ROWS, sum_rows
 from trm_fast.kernels.matmul import BIAS, NONE, autocast_cast, matmul_into
 
@@ -66,9 +67,9 @@ def feed_forward_fwd_triton(h, w1, b1, w2, b2, keep_pre: bool = True) -> Tuple[t
     return out, pre if keep_pre else None
 
 
-def feed_forward_bwd_triton(grad_out, h, pre, w1, w2, has_b2: bool):
+def feed_forward_bwd_triton(grad_out, h, pre, w1, w2, has_b2: bool, grad_sums=(None, None)):
     """(grad h in h's dtype, grad w1, grad b1, grad w2, grad b2 or None) for contiguous [M, D] grad_out and h and
-    [M, F] pre-activation."""
+    [M, F] pre-activation; a weight's gradient is None when added into its grad_sums entry (trm_fast.grad_sums)."""
     dtype = w1.dtype
     (M, F), block_n = pre.shape, 128
     grad_pre = grad_out.to(dtype) @ w2
@@ -78,8 +79,8 @@ def feed_forward_bwd_triton(grad_out, h, pre, w1, w2, has_b2: bool):
                                                                               BLOCK_N=block_n, num_warps=8)
     grad_h = torch.empty_like(h)
     matmul_into(grad_pre, w1, grad_h, dtype)
-    return (grad_h, grad_pre.t() @ h.to(dtype), sum_rows(b1_bands, dtype), grad_out.t().to(dtype) @ act,
-            sum_rows(grad_out, dtype) if has_b2 else None)
+    return (grad_h, weight_grad(grad_sums[0], grad_pre.t(), h.to(dtype)), sum_rows(b1_bands, dtype),
+            weight_grad(grad_sums[1], grad_out.t().to(dtype), act), sum_rows(grad_out, dtype) if has_b2 else None)
 
 
 def _check(h, w1, b1, w2, b2):
@@ -106,17 +107,18 @@ def feed_forward_forward(h, w1, b1, w2, b2, keep_pre: bool = True):
     return out.view(*h.shape[:-1], w2.shape[0]), pre
 
 
-def feed_forward_backward(grad_out, h, pre, w1, w2, has_b2: bool):
-    """(grad h, grad w1, grad b1, grad w2, grad b2 or None)."""
+def feed_forward_backward(grad_out, h, pre, w1, w2, has_b2: bool, grad_sums=(None, None)):
+    """(grad h, grad w1, grad b1, grad w2, grad b2 or None); a weight's gradient is None when added into its
+    grad_sums entry."""
     D = h.shape[-1]
     grad_flat, flat = grad_out.reshape(-1, D).contiguous(), h.reshape(-1, D).contiguous()
     if h.is_cuda:
-        grads = feed_forward_bwd_triton(grad_flat, flat, pre, w1, w2, has_b2)
+        grads = feed_forward_bwd_triton(grad_flat, flat, pre, w1, w2, has_b2, grad_sums)
     else:
         act = torch.nn.functional.gelu(pre)
         grad_pre = (grad_flat @ w2) * torch.ops.aten.gelu_backward(torch.ones_like(pre), pre)
-        grads = ((grad_pre @ w1).to(h.dtype), grad_pre.t() @ flat.to(w1.dtype), grad_pre.sum(0),
-                 grad_flat.t() @ act, grad_flat.sum(0) if has_b2 else None)
+        grads = ((grad_pre @ w1).to(h.dtype), weight_grad(grad_sums[0], grad_pre.t(), flat.to(w1.dtype)),
+                 grad_pre.sum(0), weight_grad(grad_sums[1], grad_flat.t(), act), grad_flat.sum(0) if has_b2 else None)
     return (grads[0].view(h.shape),) + tuple(grads[1:])
 
 
@@ -170,11 +172,12 @@ class _FeedForward(torch.autograd.Function):
         out, pre = feed_forward_forward(h, w1, b1, w2, b2, keep_pre=any(ctx.needs_input_grad))
         ctx.save_for_backward(h, pre, w1, w2)
         ctx.has_b2 = b2 is not None
+        ctx.grad_sums = tuple(getattr(w, "grad_sum", None) for w in (w1, w2))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        return feed_forward_backward(grad_out, *ctx.saved_tensors, ctx.has_b2)
+        return feed_forward_backward(grad_out, *ctx.saved_tensors, ctx.has_b2, ctx.grad_sums)
 
 
 def feed_forward(h, w1, b1, w2, b2) -> torch.Tensor:

@@ -17,3 +17,5 @@ AUTO_ON_CUDA = False
 # TinyNet leaves the biases of the output projection and of the FFN's second layer to `add_layer_norm`, whose
 # backward reduction then forms their gradients (no column sums of their own)
 RESIDUAL_BIAS_IN_NORM = True
+# the ops add their weight gradients into the float32 sums of the weights' cast copies (trm_fast.grad_sums)
+SUMS_WEIGHT_GRADS = True

@@ -19,53 +19,61 @@ from trm_fast.kernels import residual_layer_norm as rln
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def compile_for_sm90(kernel, signature: dict, constexprs: dict, **options) -> None:
+def compile_for_sm90(kernel, signature: dict, constexprs: dict, **options):
+    """The compiled kernel, its integer and pointer arguments marked divisible by 16 as the launcher marks the
+    step's (so that loads are vectorized as they are on the GPU), but for the head count H."""
     jit = kernel
     while not isinstance(jit, triton.runtime.jit.JITFunction):  # under the autotuner / heuristics
         jit = jit.fn
+    attrs = {(jit.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
+             if kind != "fp32" and name != "H"}
     for name in constexprs:
         signature[name] = "constexpr"
-    compiled = triton.compile(ASTSource(fn=jit, signature=signature, constexprs=constexprs), target=TARGET,
-                              options=options)
+    compiled = triton.compile(ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs),
+                              target=TARGET, options=options)
     print(f"ok {jit.__name__} {constexprs} shared memory {compiled.metadata.shared} B")
+    return compiled
 
 
 def main():
-    pointers = dict(a_ptr="*fp32", b_ptr="*bf16", c_ptr="*bf16", bias_ptr="*bf16", aux_ptr="*bf16")
-    for epilogue, aux, even in ((2, True, True), (0, False, True), (1, False, False)):
-        compile_for_sm90(matmul._matmul_kernel, dict(pointers, **{k: "i32" for k in (
-            "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn")}),
-            dict(EPILOGUE=epilogue, HAS_AUX=aux, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", BLOCK_M=128,
-                 BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EVEN=even), num_warps=8, num_stages=3)
+    ints = lambda *names: {name: "i32" for name in names}  # noqa: E731
+    for epilogue, even in ((1, True), (0, False)):
+        compile_for_sm90(matmul._matmul_kernel, dict(
+            a_ptr="*bf16", b_ptr="*bf16", c_ptr="*bf16", bias_ptr="*fp32",
+            **ints("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn")),
+            dict(EPILOGUE=epilogue, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
+                 GROUP_M=8, EVEN=even), num_warps=8, num_stages=3)
     compile_for_sm90(ffn._gelu_backward_kernel, dict(grad_ptr="*bf16", pre_ptr="*bf16", act_ptr="*bf16",
-                                                     sums_ptr="*fp32", M="i32", N="i32"), dict(BLOCK_N=128),
+                                                     sums_ptr="*fp32", **ints("M", "N")), dict(BLOCK_N=128),
                      num_warps=8)
-    compile_for_sm90(cl._cast_join_kernel, dict(x0_ptr="*fp32", x1_ptr="*fp32", x2_ptr="*fp32", stride_x0="i32",
-                                                stride_x1="i32", stride_x2="i32", out_ptr="*bf16", stride_out="i32",
-                                                M="i32", K="i32"), dict(NUM_INPUTS=3, BLOCK_M=32, BLOCK_K=128))
-    strides = {k: "i32" for k in ("stride_b", "stride_l", "stride_t", "stride_h", "H", "L")}
+    compile_for_sm90(cl._cast_join_kernel, dict(x0_ptr="*fp32", x1_ptr="*fp32", x2_ptr="*fp32",
+                                                **ints("stride_x0", "stride_x1", "stride_x2"), out_ptr="*bf16",
+                                                **ints("stride_out", "M", "K")),
+                     dict(NUM_INPUTS=3, BLOCK_M=32, BLOCK_K=128))
+    strides = ints("stride_b", "stride_l", "stride_t", "stride_h", "H", "L")
     compile_for_sm90(attention._attention_fwd_kernel, dict(
-        qkv_ptr="*bf16", key_valid_ptr="*i1", o_ptr="*bf16", lse_ptr="*fp32", **strides, stride_ob="i32",
-        stride_ol="i32", stride_oh="i32", qk_scale="fp32", p="fp32", seed_ptr="*i64"),
+        qkv_ptr="*bf16", key_valid_ptr="*i1", o_ptr="*bf16", lse_ptr="*fp32", **strides,
+        **ints("stride_ob", "stride_ol", "stride_oh"), qk_scale="fp32", p="fp32", seed_ptr="*i64"),
         dict(HAS_DROPOUT=True, PRECISION="tf32", HEAD_DIM=64, BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=3)
     for kernel in (attention._attention_bwd_dkdv_kernel, attention._attention_bwd_dq_kernel):
         compile_for_sm90(kernel, dict(
             qkv_ptr="*bf16", key_valid_ptr="*i1", do_ptr="*bf16", lse_ptr="*fp32", delta_ptr="*fp32",
-            dqkv_ptr="*bf16", **strides, stride_gb="i32", stride_gl="i32", stride_gh="i32", qk_scale="fp32",
-            scale="fp32", p="fp32", seed_ptr="*i64"),
+            dqkv_ptr="*bf16", **strides, **ints("stride_gb", "stride_gl", "stride_gh"), qk_scale="fp32",
+            ds_scale="fp32", p="fp32", seed_ptr="*i64"),
             dict(HAS_DROPOUT=True, HEAD_DIM=64, PRECISION="tf32", BLOCK_M=64, BLOCK_N=64), num_warps=4,
             num_stages=2)
+    norm_flags = lambda dropout: dict(HAS_DROPOUT=dropout, HAS_CAST=True, HAS_RESIDUAL_BIAS=True)  # noqa: E731
     for dropout in (False, True):
         compile_for_sm90(rln._residual_layer_norm_fwd_kernel, dict(
-            h_ptr="*bf16", r_ptr="*bf16", w_ptr="*fp32", b_ptr="*fp32", out_ptr="*fp32", mean_ptr="*fp32",
-            rstd_ptr="*fp32", N="i32", eps="fp32", p="fp32", seed_ptr="*i64"),
-            dict(HAS_DROPOUT=dropout, BLOCK=512), num_warps=4)
+            h_ptr="*bf16", r_ptr="*fp32", rb_ptr="*fp32", w_ptr="*fp32", b_ptr="*fp32", out_ptr="*fp32",
+            cast_ptr="*bf16", mean_ptr="*fp32", rstd_ptr="*fp32", N="i32", eps="fp32", p="fp32", seed_ptr="*i64"),
+            dict(norm_flags(dropout), BLOCK=512), num_warps=4)
         compile_for_sm90(rln._residual_layer_norm_bwd_kernel, dict(
-            dy_ptr="*fp32", h_ptr="*bf16", r_ptr="*bf16", w_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32",
-            dh_ptr="*bf16", dr_ptr="*bf16", sums_ptr="*fp32", M="i32", N="i32", p="fp32", seed_ptr="*i64"),
-            dict(HAS_DROPOUT=dropout, ROWS=16, BLOCK=512), num_warps=4)
-    compile_for_sm90(column_sum._column_sum_kernel, dict(x_ptr="*bf16", out_ptr="*fp32", R="i32", N="i32",
-                                                         stride_r="i32", band_rows="i32"),
+            dy_ptr="*fp32", dcast_ptr="*bf16", h_ptr="*bf16", r_ptr="*fp32", rb_ptr="*fp32", w_ptr="*fp32",
+            mean_ptr="*fp32", rstd_ptr="*fp32", dh_ptr="*bf16", dr_ptr="*fp32", sums_ptr="*fp32", M="i32", N="i32",
+            p="fp32", seed_ptr="*i64"), dict(norm_flags(dropout), ROWS=16, BLOCK=512), num_warps=4)
+    compile_for_sm90(column_sum._column_sum_kernel, dict(x_ptr="*bf16", out_ptr="*fp32",
+                                                         **ints("R", "N", "stride_r", "band_rows")),
                      dict(BLOCK_R=64, BLOCK_N=128), num_warps=4)
 
 

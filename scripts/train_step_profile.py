@@ -74,7 +74,7 @@ def host_costs(calls: int = 2000):
                                        BLOCK_K=16, GROUP_M=1)
 
     def delta_kernel():
-        attention._attention_bwd_delta_kernel[(1, 1)](o, o, delta, 256, 16, 16, 1, 16, HEAD_DIM=16, BLOCK=16)
+        attention._attention_bwd_delta_kernel[(1, 1)](o, o, delta, 256, 16, 16, 1, 16, 1.0, HEAD_DIM=16, BLOCK=16)
 
     for name, fn in (("torch add", lambda: torch.add(a, a)), ("F.linear", lambda: torch.nn.functional.linear(a, a)),
                      ("Triton matmul, autotuned", lambda: matmul.matmul_into(a, a, out, a.dtype)),

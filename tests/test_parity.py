@@ -152,7 +152,7 @@ def test_autocast_casts_each_linear_weight_once_and_grads_flow(monkeypatch):
     ref, fast = make_pair()
     casts = []
     real_cast = DispatchTinyNet._cast
-    monkeypatch.setattr(DispatchTinyNet, "_cast", staticmethod(lambda p, dtype: casts.append(p) or real_cast(p, dtype)))
+    monkeypatch.setattr(DispatchTinyNet, "_cast", staticmethod(lambda p, *rest: casts.append(p) or real_cast(p, *rest)))
     ids, targets = random_batch(2, 8, SMALL["vocab_size"])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fast(ids, target_ids=targets)["loss"].backward()

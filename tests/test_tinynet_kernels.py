@@ -238,7 +238,7 @@ def _attention_float64(q, k, v, key_valid, keep_scale):
     return torch.einsum("bhlm,bmhd->blhd", probs * keep_scale, v)
 
 
-@pytest.mark.parametrize("B, L, H, Dh", [(2, 37, 2, 32), (1, 70, 1, 16), (2, 5, 2, 64), (1, 1, 1, 32), (1, 9, 1, 128)])
+@pytest.mark.parametrize("B, L, H, Dh", [(2, 37, 2, 32), (2, 70, 1, 16), (2, 5, 2, 64), (1, 1, 1, 32), (1, 9, 1, 128)])
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_attention_kernels(B, L, H, Dh, p):
     if KERNEL_DEVICE == "cuda" and Dh not in attn.TRITON_HEAD_DIMS:
@@ -246,6 +246,8 @@ def test_attention_kernels(B, L, H, Dh, p):
     qkv = _randn(B, L, 3, H, Dh)
     key_valid = torch.rand(B, L, generator=torch.Generator().manual_seed(1)) > 0.3
     key_valid[0, : min(3, L)] = False  # the first queries of row 0 have no key at all
+    if B > 1:  # right padding only: the key tiles before it are run without the key test
+        key_valid[1] = torch.arange(L) < 2 * L // 3
     key_valid = key_valid.to(KERNEL_DEVICE)
     out, lse = attn.attention_fwd_triton(qkv, key_valid, p, _seed(11))
     assert bool(torch.isfinite(out).all()) and bool((out[0, : min(3, L)] == 0).all())
@@ -475,12 +477,16 @@ def test_auto_keeps_the_torch_path_until_verified_on_a_gpu():
 
 
 def test_model_on_the_triton_op_table_under_autocast():
-    """bf16 autocast (CPU here, CUDA in the benchmarks): the op table casts as F.linear / layer_norm do."""
+    """bf16 autocast (CPU here, CUDA in the benchmarks): the op table casts as F.linear / layer_norm do, and the
+    weight gradients it sums in float32 (trm_fast.grad_sums) match the reference's."""
     ref, fast = make_pair(kernels="triton", d_model=64, n_heads=2)
     ids, targets = random_batch(2, 11, 61, lengths=[11, 6])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected, got = ref(ids, target_ids=targets), fast(ids, target_ids=targets)
         got["loss"].backward()
+        expected["loss"].backward()
     assert got["logits"].dtype == expected["logits"].dtype
     torch.testing.assert_close(got["loss"].float(), expected["loss"].float(), rtol=2e-2, atol=2e-2)
-    assert all(torch.isfinite(p.grad).all() for p in fast.parameters() if p.grad is not None)
+    for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
+        error = float((a.grad - b.grad).norm() / b.grad.norm().clamp(min=1e-12))
+        assert error < 5e-2, name

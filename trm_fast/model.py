@@ -12,6 +12,7 @@ from . import decoding, reference, seeds
 from .early_exit import EarlyExit, compacted_early_exit
 from .early_exit import reset_runs as reset_early_exit_runs
 from .dispatch import check_kernels_choice, tinynet_ops
+from .grad_sums import cast_summing_grads
 from .linear_cross_entropy import linear_cross_entropy
 from .reference import TRMConfig
 from .torch_ops import autocast_dtype
@@ -45,19 +46,22 @@ class DispatchTinyNet(reference.TinyNet):
             self._memo[key] = make()
         return self._memo[key]
 
-    def _linear(self, *params: torch.Tensor):
+    def _linear(self, ops, *params: torch.Tensor):
         """The linear-layer parameters in the autocast dtype when autocast is on (else as they are)."""
         dtype = autocast_dtype(params[0].device.type)
         if dtype is None:
             return params
-        return tuple(self._memo_get((p, dtype), lambda p=p: self._cast(p, dtype)) for p in params)
+        sum_grads = ops.SUMS_WEIGHT_GRADS and not torch.compiler.is_compiling()
+        return tuple(self._memo_get((p, dtype), lambda p=p: self._cast(p, dtype, sum_grads and p.dim() == 2))
+                     for p in params)
 
     @staticmethod
-    def _cast(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _cast(param: torch.Tensor, dtype: torch.dtype, sum_grads: bool) -> torch.Tensor:
         """param.to(dtype), recorded for autograd even under no_grad: the training forward's no-grad deep steps
-        come first, and its last step's gradient then flows through the same copy (one cast per parameter)."""
+        come first, and its last step's gradient then flows through the same copy (one cast per parameter). With
+        `sum_grads`, the ops add their gradients for it into a float32 sum (trm_fast.grad_sums)."""
         with torch.enable_grad():
-            return param.to(dtype)
+            return cast_summing_grads(param, dtype) if sum_grads else param.to(dtype)
 
     def _block(self, ops, h: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
         block, attn = self.block, self.block.attn
@@ -71,28 +75,28 @@ class DispatchTinyNet(reference.TinyNet):
         # the LayerNorms after them (float32 masters, summed there), which also form their gradients
         out_bias, ffn_bias = attn.out_proj.bias, block.ffn[2].bias
         in_norm = ops.RESIDUAL_BIAS_IN_NORM
-        a = ops.causal_attention(h, key_valid, *self._linear(attn.in_proj_weight, attn.in_proj_bias,
+        a = ops.causal_attention(h, key_valid, *self._linear(ops, attn.in_proj_weight, attn.in_proj_bias,
                                                              attn.out_proj.weight),
-                                 None if in_norm else self._linear(out_bias)[0], attn.num_heads, p(attn.dropout))
+                                 None if in_norm else self._linear(ops, out_bias)[0], attn.num_heads, p(attn.dropout))
         # the FFN reads the LayerNorm's output in the autocast dtype: the copy autocast would make, written by the
         # LayerNorm itself
         h, h_cast = ops.add_layer_norm_and_cast(h, a, block.ln1.weight, block.ln1.bias, block.ln1.eps,
                                                 p(block.dropout.p), autocast_dtype(h.device.type),
                                                 out_bias if in_norm else None)
-        f = ops.feed_forward(h_cast, *self._linear(block.ffn[0].weight, block.ffn[0].bias, block.ffn[2].weight),
-                             None if in_norm else self._linear(ffn_bias)[0])
+        f = ops.feed_forward(h_cast, *self._linear(ops, block.ffn[0].weight, block.ffn[0].bias, block.ffn[2].weight),
+                             None if in_norm else self._linear(ops, ffn_bias)[0])
         return ops.add_layer_norm(h, f, block.ln2.weight, block.ln2.bias, block.ln2.eps, p(block.ffn[3].p),
                                   ffn_bias if in_norm else None)
 
     def forward_xyz(self, x, y, z, attn_mask):
         ops = tinynet_ops(self.kernels, x.device)
-        return self._block(ops, ops.concat_linear((x, y, z), *self._linear(self.xyz_proj.weight, self.xyz_proj.bias)),
-                           attn_mask)
+        h = ops.concat_linear((x, y, z), *self._linear(ops, self.xyz_proj.weight, self.xyz_proj.bias))
+        return self._block(ops, h, attn_mask)
 
     def forward_yz(self, y, z, attn_mask):
         ops = tinynet_ops(self.kernels, y.device)
-        return self._block(ops, ops.concat_linear((y, z), *self._linear(self.yz_proj.weight, self.yz_proj.bias)),
-                           attn_mask)
+        h = ops.concat_linear((y, z), *self._linear(ops, self.yz_proj.weight, self.yz_proj.bias))
+        return self._block(ops, h, attn_mask)
 
 
 def _check_positive_int(name: str, value: Any, allow_none: bool = False, allow_zero: bool = False) -> None:

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 # whether TinyNet leaves the biases of the layers before its residual LayerNorms to `add_layer_norm`: not here
 # (F.linear adds them in cuBLAS' epilogue, at no cost)
 RESIDUAL_BIAS_IN_NORM = False
+# whether the ops add their weight gradients into trm_fast.grad_sums' float32 sums: not here (autograd sums them)
+SUMS_WEIGHT_GRADS = False
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
