@@ -241,7 +241,9 @@ def _attention_bwd_dkdv_kernel(qkv_ptr, key_valid_ptr, do_ptr, lse_ptr, delta_pt
     key_valid_ptr += b * L
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
-    if tl.min(_key_ok(key_valid_ptr, cols, L).to(tl.int32), axis=0) == 1:  # no padding in the block: no key test
+    # no padding in the block: no key test. The two branches' loops get shared memory each (91 KB at Dh64, was 58);
+    # at 255 registers a thread two programs fit an SM either way
+    if tl.min(_key_ok(key_valid_ptr, cols, L).to(tl.int32), axis=0) == 1:
         dk, dv = _dkdv_tiles(dk, dv, k, v, key_valid_ptr, q_ptr + base, do_ptr + g_base, lse_ptr, delta_ptr, bh, cols,
                              dims, first_col, stride_l, stride_gl, L, qk_scale, p, seed_ptr, False, HAS_DROPOUT,
                              PRECISION, BLOCK_M, BLOCK_N)
