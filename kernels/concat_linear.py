@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from trm_fast import torch_ops
-from trm_fast.grad_sums import weight_grad
+from trm_fast.grad_sums import grad_sum_of, weight_grad
 from trm_fast.kernels.column_sum import sum_rows
 from trm_fast.kernels.matmul import autocast_cast, dot_as, dot_config, matmul_into, tile_configs, tile_grid
 
@@ -208,7 +208,7 @@ class _ConcatLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, bias, *inputs):
         ctx.save_for_backward(*inputs, weight)
-        ctx.grad_sum = getattr(weight, "grad_sum", None)
+        ctx.grad_sum = grad_sum_of(weight)
         return concat_linear_forward(inputs, weight, bias)
 
     @staticmethod

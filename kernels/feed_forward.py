@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trm_fast.grad_sums import weight_grad
+from trm_fast.grad_sums import grad_sum_of, weight_grad
 from trm_fast.kernels.column_sum import BAND_ROWS, sum_rows
 from trm_fast.kernels.matmul import BIAS, NONE, autocast_cast, matmul_into
 
@@ -172,7 +172,7 @@ class _FeedForward(torch.autograd.Function):
         out, pre = feed_forward_forward(h, w1, b1, w2, b2, keep_pre=any(ctx.needs_input_grad))
         ctx.save_for_backward(h, pre, w1, w2)
         ctx.has_b2 = b2 is not None
-        ctx.grad_sums = tuple(getattr(w, "grad_sum", None) for w in (w1, w2))
+        ctx.grad_sums = (grad_sum_of(w1), grad_sum_of(w2))
         return out
 
     @staticmethod

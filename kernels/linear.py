@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from trm_fast.grad_sums import weight_grad
+from trm_fast.grad_sums import grad_sum_of, weight_grad
 from trm_fast.kernels.column_sum import sum_rows
 from trm_fast.kernels.matmul import autocast_cast
 
@@ -83,7 +83,7 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        ctx.grad_sum = getattr(weight, "grad_sum", None)
+        ctx.grad_sum = grad_sum_of(weight)
         return linear_forward(x, weight, bias)
 
     @staticmethod

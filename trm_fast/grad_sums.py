@@ -29,13 +29,12 @@ class GradSum:
         self._in_this_pass()
         with torch.autocast(a.device.type, enabled=False):  # a backward run inside an autocast region
             if not a.is_cuda:  # CPU GEMMs have no float32 output for bf16 operands
-                a, b = a.float(), b.float()
-            if self.total is None:
-                self.total = torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else a @ b
-            elif a.is_cuda:
-                torch.addmm(self.total, a, b, out_dtype=torch.float32, out=self.total)
+                product = a.float() @ b.float()
+                self.total = product if self.total is None else self.total.add_(product)
+            elif self.total is None:
+                self.total = torch.mm(a, b, out_dtype=torch.float32)
             else:
-                self.total.addmm_(a, b)
+                torch.addmm(self.total, a, b, out_dtype=torch.float32, out=self.total)
 
     def take(self) -> Optional[torch.Tensor]:
         self._in_this_pass()
@@ -62,6 +61,11 @@ class _CastSummingGrads(torch.autograd.Function):
 def cast_summing_grads(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """param.to(dtype) whose gradient the kernels may sum into its `grad_sum` (float32) instead of returning it."""
     return _CastSummingGrads.apply(param, dtype)
+
+
+def grad_sum_of(weight: torch.Tensor) -> Optional[GradSum]:
+    """The GradSum of a weight made by `cast_summing_grads`, else None (the ops' autograd Functions keep it)."""
+    return getattr(weight, "grad_sum", None)
 
 
 def weight_grad(grad_sum: Optional[GradSum], a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
