@@ -47,6 +47,13 @@ def _load_tile(ptr, idx, dims, stride_l, L):
 
 
 @triton.jit
+def _heaviest_first(BLOCK_M: tl.constexpr):
+    """The first query row of this program. Programs launch with the (batch, head) index varying fastest and the
+    last query blocks, which attend to the most keys, first: the short causal blocks fill the last wave."""
+    return (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+
+
+@triton.jit
 def _key_ok(key_valid_ptr, cols, L):
     """Whether each key of `cols` may be attended: a valid (non-padding) position before L."""
     return tl.load(key_valid_ptr + cols, mask=cols < L, other=0) != 0
@@ -125,9 +132,9 @@ def _attention_fwd_kernel(qkv_ptr, key_valid_ptr, o_ptr, lse_ptr, stride_b, stri
                           PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr):
     q_ptr, k_ptr, v_ptr = qkv_ptr, qkv_ptr + stride_t, qkv_ptr + 2 * stride_t
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
     b, h = bh // H, bh % H
-    first_row = tl.program_id(0) * BLOCK_M
+    first_row = _heaviest_first(BLOCK_M)
     rows = first_row + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     base = b * stride_b + h * stride_h
@@ -230,9 +237,9 @@ def _attention_bwd_dkdv_kernel(qkv_ptr, key_valid_ptr, do_ptr, lse_ptr, delta_pt
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     q_ptr, k_ptr, v_ptr = qkv_ptr, qkv_ptr + stride_t, qkv_ptr + 2 * stride_t
     dk_ptr, dv_ptr = dqkv_ptr + stride_t, dqkv_ptr + 2 * stride_t
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
     b, h = bh // H, bh % H
-    first_col = tl.program_id(0) * BLOCK_N
+    first_col = tl.program_id(1) * BLOCK_N  # the first key blocks meet the most queries: launched first
     cols = first_col + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     base, g_base = b * stride_b + h * stride_h, b * stride_gb + h * stride_gh
@@ -276,9 +283,9 @@ def _attention_bwd_dq_kernel(qkv_ptr, key_valid_ptr, do_ptr, lse_ptr, delta_ptr,
                              seed_ptr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     q_ptr, k_ptr, v_ptr, dq_ptr = qkv_ptr, qkv_ptr + stride_t, qkv_ptr + 2 * stride_t, dqkv_ptr
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)
     b, h = bh // H, bh % H
-    first_row = tl.program_id(0) * BLOCK_M
+    first_row = _heaviest_first(BLOCK_M)
     rows = first_row + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     base, g_base = b * stride_b + h * stride_h, b * stride_gb + h * stride_gh
@@ -335,7 +342,7 @@ def attention_fwd_triton(qkv, key_valid, p: float, seed: Optional[torch.Tensor])
     B, L, _, H, Dh = qkv.shape
     o = torch.empty(B, L, H, Dh, device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty(B, H, L, device=qkv.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
+    grid = lambda meta: (B * H, triton.cdiv(L, meta["BLOCK_M"]))  # noqa: E731
     _attention_fwd_kernel[grid](qkv, key_valid, o, lse, *qkv.stride()[:4], o.stride(0), o.stride(1), o.stride(2), H,
                                 L, LOG2E / math.sqrt(Dh), p, seed if p > 0 else lse, HAS_DROPOUT=p > 0, HEAD_DIM=Dh,
                                 PRECISION=dot_config(qkv.dtype)[1])
@@ -352,9 +359,9 @@ def attention_bwd_triton(do, qkv, o, lse, key_valid, p: float, seed: Optional[to
     common = (*qkv.stride()[:4], do.stride(0), do.stride(1), do.stride(2), H, L, LOG2E / math.sqrt(Dh),
               1.0 / (math.sqrt(Dh) * (1.0 - p)), p, seed if p > 0 else lse)
     meta = dict(HAS_DROPOUT=p > 0, HEAD_DIM=Dh, PRECISION=dot_config(qkv.dtype)[1])
-    _attention_bwd_dkdv_kernel[lambda m: (triton.cdiv(L, m["BLOCK_N"]), B * H)](
+    _attention_bwd_dkdv_kernel[lambda m: (B * H, triton.cdiv(L, m["BLOCK_N"]))](
         qkv, key_valid, do, lse, delta, dqkv, *common, **meta)
-    _attention_bwd_dq_kernel[lambda m: (triton.cdiv(L, m["BLOCK_M"]), B * H)](
+    _attention_bwd_dq_kernel[lambda m: (B * H, triton.cdiv(L, m["BLOCK_M"]))](
         qkv, key_valid, do, lse, delta, dqkv, *common, **meta)
     return dqkv
 

@@ -2,6 +2,8 @@
 that other kernels' epilogues write), in two passes: bands of rows summed in parallel, then the band sums.
 torch's `x.sum(0)` over 8192 rows ran at ~0.8 TB/s on the H100 for the TinyNet's bias gradients
 (benchmarks/NOTES.md, session 14)."""
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -11,8 +13,10 @@ ONE_PASS_ROWS = 512  # at most this many rows (partial sums, mostly) are summed 
 
 
 @triton.jit
-def _column_sum_kernel(x_ptr, out_ptr, R, N, stride_r, band_rows, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[band, cols] = sum of x[rows of the band, cols] (float32), in out's dtype."""
+def _column_sum_kernel(x_ptr, out_ptr, R, N, stride_r, band_rows, ACCUMULATE: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """out[band, cols] = sum of x[rows of the band, cols] (float32), in out's dtype; with ACCUMULATE (one band, a
+    float32 out) added to what out holds."""
     band = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     first = band * band_rows
@@ -22,29 +26,38 @@ def _column_sum_kernel(x_ptr, out_ptr, R, N, stride_r, band_rows, BLOCK_R: tl.co
         rows = start + tl.arange(0, BLOCK_R)
         acc += tl.load(x_ptr + rows[:, None] * stride_r + cols[None, :], mask=(rows[:, None] < end) &
                        (cols[None, :] < N), other=0.0).to(tl.float32)
-    tl.store(out_ptr + band * N + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=cols < N)
+    total = tl.sum(acc, axis=0)
+    if ACCUMULATE:
+        total += tl.load(out_ptr + cols, mask=cols < N, other=0.0)
+    tl.store(out_ptr + band * N + cols, total.to(out_ptr.dtype.element_ty), mask=cols < N)
 
 
-def _sum_bands(x: torch.Tensor, out: torch.Tensor, band_rows: int, block_r: int, block_n: int) -> None:
+def _sum_bands(x: torch.Tensor, out: torch.Tensor, band_rows: int, block_r: int, block_n: int,
+               accumulate: bool = False) -> None:
     R, N = x.shape
     grid = (triton.cdiv(N, block_n), triton.cdiv(R, band_rows))
-    _column_sum_kernel[grid](x, out, R, N, x.stride(0), band_rows, BLOCK_R=block_r, BLOCK_N=block_n,
-                             num_warps=8 if block_r * block_n > 4096 else 4)
+    _column_sum_kernel[grid](x, out, R, N, x.stride(0), band_rows, ACCUMULATE=accumulate, BLOCK_R=block_r,
+                             BLOCK_N=block_n, num_warps=8 if block_r * block_n > 4096 else 4)
 
 
-def sum_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def sum_rows(x: torch.Tensor, dtype: torch.dtype, into: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x.sum(0) in `dtype`, accumulated in float32, for a CUDA (or, under TRITON_INTERPRET=1, CPU) [R, N] tensor
     with unit column stride: over more than ONE_PASS_ROWS rows, bands of BAND_ROWS first (one tile per program),
-    then the band sums in narrow column strips, all rows of a strip in one tile (many programs, one load each)."""
+    then the band sums in narrow column strips, all rows of a strip in one tile (many programs, one load each).
+    With `into` (a contiguous float32 [N] tensor) the sums are added to it, which is returned."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"sum_rows: expects a 2-D tensor with unit column stride, got {tuple(x.shape)} strides "
                          f"{x.stride()}")
     R, N = x.shape
-    out = torch.empty(N, device=x.device, dtype=dtype)
+    if into is not None and (into.shape != (N,) or into.dtype != torch.float32 or not into.is_contiguous()
+                             or into.device != x.device):
+        raise ValueError(f"sum_rows: into must be a contiguous float32 [{N}] tensor on {x.device}, got {into.dtype} "
+                         f"{tuple(into.shape)} on {into.device}")
+    out = into if into is not None else torch.empty(N, device=x.device, dtype=dtype)
     if R > ONE_PASS_ROWS:
         bands = torch.empty(triton.cdiv(R, BAND_ROWS), N, device=x.device, dtype=torch.float32)
         _sum_bands(x, bands, BAND_ROWS, BAND_ROWS, 128)
         x, R = bands, bands.shape[0]
     block_r = min(max(triton.next_power_of_2(R), 16), ONE_PASS_ROWS)
-    _sum_bands(x, out, R, block_r, min(32, 8192 // block_r))
+    _sum_bands(x, out, R, block_r, min(32, 8192 // block_r), accumulate=into is not None)
     return out

@@ -18,8 +18,7 @@ import triton
 import triton.language as tl
 
 from trm_fast import torch_ops
-from trm_fast.grad_sums import grad_sum_of, weight_grad
-from trm_fast.kernels.column_sum import sum_rows
+from trm_fast.grad_sums import bias_grad, grad_sums_of, weight_grad
 from trm_fast.kernels.matmul import autocast_cast, dot_as, dot_config, matmul_into, tile_configs, tile_grid
 
 
@@ -107,18 +106,19 @@ def concat_linear_fwd_triton(inputs: Sequence[torch.Tensor], weight: torch.Tenso
 
 
 def concat_linear_bwd_triton(grad_out: torch.Tensor, inputs: Sequence[torch.Tensor], weight: torch.Tensor,
-                             grad_sum=None) -> Tuple[List[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
-    """(grads of the inputs, each in its input's dtype; grad of weight, None when added into `grad_sum`; grad of
-    bias) for 2-D [M, K] inputs and grad_out [M, N]: input gradients by the Triton matmul, the weight gradient by
-    one cuBLAS matmul (split-K)."""
+                             grad_sums=(None, None)) -> Tuple[List[torch.Tensor], Optional[torch.Tensor],
+                                                              Optional[torch.Tensor]]:
+    """(grads of the inputs, each in its input's dtype; grad of weight; grad of bias; either None when added into
+    its `grad_sums` entry) for 2-D [M, K] inputs and grad_out [M, N]: input gradients by the Triton matmul, the
+    weight gradient by one cuBLAS matmul (split-K)."""
     K = inputs[0].shape[1]
     grad_inputs = []
     for i, x in enumerate(inputs):
         grad_x = torch.empty_like(x)
         matmul_into(grad_out, weight[:, i * K:(i + 1) * K], grad_x, weight.dtype)
         grad_inputs.append(grad_x)
-    return (grad_inputs, weight_grad(grad_sum, grad_out.t(), cast_join(inputs, weight.dtype)),
-            sum_rows(grad_out, weight.dtype))
+    return (grad_inputs, weight_grad(grad_sums[0], grad_out.t(), cast_join(inputs, weight.dtype)),
+            bias_grad(grad_sums[1], grad_out, weight.dtype))
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -152,17 +152,18 @@ def concat_linear_forward(inputs: Sequence[torch.Tensor], weight: torch.Tensor, 
 
 
 def concat_linear_backward(grad_out: torch.Tensor, inputs: Sequence[torch.Tensor], weight: torch.Tensor,
-                           grad_sum=None) -> Tuple[List[torch.Tensor], Optional[torch.Tensor], torch.Tensor]:
-    """(grads of the inputs, grad of weight (None when added into `grad_sum`, trm_fast.grad_sums), grad of
-    bias)."""
+                           grad_sums=(None, None)) -> Tuple[List[torch.Tensor], Optional[torch.Tensor],
+                                                            Optional[torch.Tensor]]:
+    """(grads of the inputs, grad of weight, grad of bias; either None when added into its `grad_sums` entry,
+    trm_fast.grad_sums)."""
     flat = [_flat(x).contiguous() for x in inputs]
     grad_flat = _flat(grad_out).contiguous()
     if inputs[0].is_cuda:
-        grads, grad_weight, grad_bias = concat_linear_bwd_triton(grad_flat, flat, weight.contiguous(), grad_sum)
+        grads, grad_weight, grad_bias = concat_linear_bwd_triton(grad_flat, flat, weight.contiguous(), grad_sums)
     else:
         K = flat[0].shape[1]
         grads = [(grad_flat @ weight[:, i * K:(i + 1) * K]).to(x.dtype) for i, x in enumerate(flat)]
-        grad_weight = weight_grad(grad_sum, grad_flat.t(), torch.cat([x.to(weight.dtype) for x in flat], dim=1))
+        grad_weight = weight_grad(grad_sums[0], grad_flat.t(), torch.cat([x.to(weight.dtype) for x in flat], dim=1))
         grad_bias = grad_flat.sum(0)
     return [g.view(x.shape) for g, x in zip(grads, inputs)], grad_weight, grad_bias
 
@@ -208,13 +209,13 @@ class _ConcatLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, bias, *inputs):
         ctx.save_for_backward(*inputs, weight)
-        ctx.grad_sum = grad_sum_of(weight)
+        ctx.grad_sums = grad_sums_of(weight, bias)
         return concat_linear_forward(inputs, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         *xs, weight = ctx.saved_tensors
-        grads, grad_weight, grad_bias = concat_linear_backward(grad_out, xs, weight, ctx.grad_sum)
+        grads, grad_weight, grad_bias = concat_linear_backward(grad_out, xs, weight, ctx.grad_sums)
         return (grad_weight, grad_bias, *grads)
 
 

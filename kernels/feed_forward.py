@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from trm_fast.grad_sums import grad_sum_of, weight_grad
-from trm_fast.kernels.column_sum import BAND_ROWS, sum_rows
+from trm_fast.grad_sums import bias_grad, grad_sums_of, weight_grad
+from trm_fast.kernels.column_sum import BAND_ROWS
 from trm_fast.kernels.matmul import BIAS, NONE, autocast_cast, matmul_into
 
 _BAND_ROWS = tl.constexpr(BAND_ROWS)
@@ -67,9 +67,10 @@ def feed_forward_fwd_triton(h, w1, b1, w2, b2, keep_pre: bool = True) -> Tuple[t
     return out, pre if keep_pre else None
 
 
-def feed_forward_bwd_triton(grad_out, h, pre, w1, w2, has_b2: bool, grad_sums=(None, None)):
+def feed_forward_bwd_triton(grad_out, h, pre, w1, w2, has_b2: bool, grad_sums=(None,) * 4):
     """(grad h in h's dtype, grad w1, grad b1, grad w2, grad b2 or None) for contiguous [M, D] grad_out and h and
-    [M, F] pre-activation; a weight's gradient is None when added into its grad_sums entry (trm_fast.grad_sums)."""
+    [M, F] pre-activation; a parameter's gradient is None when added into its grad_sums entry (w1, b1, w2, b2;
+    trm_fast.grad_sums)."""
     dtype = w1.dtype
     (M, F), block_n = pre.shape, 128
     grad_pre = grad_out.to(dtype) @ w2
@@ -79,8 +80,9 @@ def feed_forward_bwd_triton(grad_out, h, pre, w1, w2, has_b2: bool, grad_sums=(N
                                                                               BLOCK_N=block_n, num_warps=8)
     grad_h = torch.empty_like(h)
     matmul_into(grad_pre, w1, grad_h, dtype)
-    return (grad_h, weight_grad(grad_sums[0], grad_pre.t(), h.to(dtype)), sum_rows(b1_bands, dtype),
-            weight_grad(grad_sums[1], grad_out.t().to(dtype), act), sum_rows(grad_out, dtype) if has_b2 else None)
+    return (grad_h, weight_grad(grad_sums[0], grad_pre.t(), h.to(dtype)), bias_grad(grad_sums[1], b1_bands, dtype),
+            weight_grad(grad_sums[2], grad_out.t().to(dtype), act),
+            bias_grad(grad_sums[3], grad_out, dtype) if has_b2 else None)
 
 
 def _check(h, w1, b1, w2, b2):
@@ -107,9 +109,9 @@ def feed_forward_forward(h, w1, b1, w2, b2, keep_pre: bool = True):
     return out.view(*h.shape[:-1], w2.shape[0]), pre
 
 
-def feed_forward_backward(grad_out, h, pre, w1, w2, has_b2: bool, grad_sums=(None, None)):
-    """(grad h, grad w1, grad b1, grad w2, grad b2 or None); a weight's gradient is None when added into its
-    grad_sums entry."""
+def feed_forward_backward(grad_out, h, pre, w1, w2, has_b2: bool, grad_sums=(None,) * 4):
+    """(grad h, grad w1, grad b1, grad w2, grad b2 or None); a parameter's gradient is None when added into its
+    grad_sums entry (Triton path)."""
     D = h.shape[-1]
     grad_flat, flat = grad_out.reshape(-1, D).contiguous(), h.reshape(-1, D).contiguous()
     if h.is_cuda:
@@ -118,7 +120,7 @@ def feed_forward_backward(grad_out, h, pre, w1, w2, has_b2: bool, grad_sums=(Non
         act = torch.nn.functional.gelu(pre)
         grad_pre = (grad_flat @ w2) * torch.ops.aten.gelu_backward(torch.ones_like(pre), pre)
         grads = ((grad_pre @ w1).to(h.dtype), weight_grad(grad_sums[0], grad_pre.t(), flat.to(w1.dtype)),
-                 grad_pre.sum(0), weight_grad(grad_sums[1], grad_flat.t(), act), grad_flat.sum(0) if has_b2 else None)
+                 grad_pre.sum(0), weight_grad(grad_sums[2], grad_flat.t(), act), grad_flat.sum(0) if has_b2 else None)
     return (grads[0].view(h.shape),) + tuple(grads[1:])
 
 
@@ -172,7 +174,7 @@ class _FeedForward(torch.autograd.Function):
         out, pre = feed_forward_forward(h, w1, b1, w2, b2, keep_pre=any(ctx.needs_input_grad))
         ctx.save_for_backward(h, pre, w1, w2)
         ctx.has_b2 = b2 is not None
-        ctx.grad_sums = (grad_sum_of(w1), grad_sum_of(w2))
+        ctx.grad_sums = grad_sums_of(w1, b1, w2, b2)
         return out
 
     @staticmethod

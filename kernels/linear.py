@@ -7,8 +7,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from trm_fast.grad_sums import grad_sum_of, weight_grad
-from trm_fast.kernels.column_sum import sum_rows
+from trm_fast.grad_sums import bias_grad, grad_sums_of, weight_grad
 from trm_fast.kernels.matmul import autocast_cast
 
 
@@ -27,15 +26,16 @@ def linear_forward(x, weight, bias):
     return F.linear(x.to(weight.dtype), weight, bias)
 
 
-def linear_backward(grad_out, x, weight, has_bias: bool, grad_sum=None):
-    """(grad x in x's dtype, grad weight (None when added into `grad_sum`, trm_fast.grad_sums), grad bias or
-    None)."""
+def linear_backward(grad_out, x, weight, has_bias: bool, grad_sums=(None, None)):
+    """(grad x in x's dtype, grad weight, grad bias or None); the weight's or bias's gradient is None when added
+    into its `grad_sums` entry (trm_fast.grad_sums)."""
     flat = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
     grad_x = (flat @ weight).to(x.dtype).view(x.shape)
-    grad_weight = weight_grad(grad_sum, flat.t(), x.reshape(-1, x.shape[-1]).to(weight.dtype))
+    grad_weight = weight_grad(grad_sums[0], flat.t(), x.reshape(-1, x.shape[-1]).to(weight.dtype))
     if not has_bias:
         return grad_x, grad_weight, None
-    grad_bias = sum_rows(flat, weight.dtype) if flat.is_cuda else flat.sum(0, dtype=torch.float32).to(weight.dtype)
+    grad_bias = (bias_grad(grad_sums[1], flat, weight.dtype) if flat.is_cuda
+                 else flat.sum(0, dtype=torch.float32).to(weight.dtype))
     return grad_x, grad_weight, grad_bias
 
 
@@ -83,12 +83,12 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        ctx.grad_sum = grad_sum_of(weight)
+        ctx.grad_sums = grad_sums_of(weight, bias)
         return linear_forward(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        return linear_backward(grad_out, *ctx.saved_tensors, ctx.has_bias, ctx.grad_sum)
+        return linear_backward(grad_out, *ctx.saved_tensors, ctx.has_bias, ctx.grad_sums)
 
 
 def linear(x, weight, bias) -> torch.Tensor:

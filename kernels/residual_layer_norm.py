@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from trm_fast.grad_sums import shared_grad_sum
 from trm_fast.kernels.column_sum import sum_rows
 from trm_fast.kernels.dropout import check_seed, keep_mask, load_seed, row_key, torch_keep_mask
 from trm_fast.seeds import new_seed
@@ -128,9 +129,10 @@ def residual_layer_norm_fwd_triton(h, residual, weight, bias, eps: float, p: flo
 
 def residual_layer_norm_bwd_triton(grad_out, h, residual, weight, mean, rstd, p: float,
                                    seed: Optional[torch.Tensor], grad_cast: Optional[torch.Tensor] = None,
-                                   residual_bias: Optional[torch.Tensor] = None):
+                                   residual_bias: Optional[torch.Tensor] = None, grad_sum=None):
     """(grad h, grad residual, grad weight, grad bias, grad residual bias or None); the output's gradient is
-    grad_out + grad_cast."""
+    grad_out + grad_cast. With `grad_sum` (the parameters', trm_fast.grad_sums) the parameters' gradients are
+    added into it and returned as None."""
     M, N = h.shape
     bands = triton.cdiv(M, ROWS_PER_PROGRAM)
     grad_h, grad_residual = torch.empty_like(h), torch.empty_like(residual)
@@ -143,6 +145,9 @@ def residual_layer_norm_bwd_triton(grad_out, h, residual, weight, mean, rstd, p:
                                               HAS_CAST=grad_cast is not None,
                                               HAS_RESIDUAL_BIAS=residual_bias is not None, ROWS=ROWS_PER_PROGRAM,
                                               BLOCK=triton.next_power_of_2(N))
+    if grad_sum is not None:
+        grad_sum.add_column_sums(partial_sums)
+        return grad_h, grad_residual, None, None, None
     grad_sums = sum_rows(partial_sums, weight.dtype).view(sums, N)
     return (grad_h, grad_residual, grad_sums[0], grad_sums[1],
             grad_sums[2].to(residual_bias.dtype) if residual_bias is not None else None)
@@ -198,9 +203,10 @@ def add_layer_norm_forward(h, residual, weight, bias, eps: float, p: float, seed
 
 
 def add_layer_norm_backward(grad_out, grad_cast, h, residual, weight, mean, rstd, p: float,
-                            seed: Optional[torch.Tensor], residual_bias: Optional[torch.Tensor] = None):
+                            seed: Optional[torch.Tensor], residual_bias: Optional[torch.Tensor] = None, grad_sum=None):
     """(grad h, grad residual, grad weight, grad bias, grad residual bias or None), each in its input's dtype; the
-    output's gradient is grad_out plus grad_cast (the cast copy's, None or empty when there was none)."""
+    output's gradient is grad_out plus grad_cast (the cast copy's, None or empty when there was none). With
+    `grad_sum` the parameters' gradients are added into it (concatenated) and returned as None."""
     N = h.shape[-1]
     if grad_cast is not None and grad_cast.numel() == 0:
         grad_cast = None
@@ -208,7 +214,7 @@ def add_layer_norm_backward(grad_out, grad_cast, h, residual, weight, mean, rstd
         grads = residual_layer_norm_bwd_triton(grad_out.reshape(-1, N).contiguous(), h.reshape(-1, N).contiguous(),
                                                residual.reshape(-1, N).contiguous(), weight, mean, rstd, p, seed,
                                                grad_cast.reshape(-1, N).contiguous() if grad_cast is not None else None,
-                                               residual_bias)
+                                               residual_bias, grad_sum)
         return (grads[0].view(h.shape), grads[1].view(h.shape)) + grads[2:]
     xhat = (_summed_torch(h, residual, p, seed, residual_bias) - mean[:, None]) * rstd[:, None]
     dy = (grad_out.float() + (grad_cast.float() if grad_cast is not None else 0.0)).reshape(-1, N)
@@ -216,11 +222,14 @@ def add_layer_norm_backward(grad_out, grad_cast, h, residual, weight, mean, rstd
     ds = (wdy - xhat * (xhat * wdy).mean(dim=1, keepdim=True) - wdy.mean(dim=1, keepdim=True)) * rstd[:, None]
     grad_h = ds.to(h.dtype).view(h.shape)
     grad_residual = _dropped_torch(ds.view(h.shape), p, seed).to(residual.dtype, copy=True)  # never grad_h's alias
-    grad_residual_bias = None
+    param_grads = [(dy * xhat).sum(0), dy.sum(0)]
     if residual_bias is not None:
-        grad_residual_bias = grad_residual.reshape(-1, N).sum(0, dtype=torch.float32).to(residual_bias.dtype)
-    return (grad_h, grad_residual, (dy * xhat).sum(0).to(weight.dtype), dy.sum(0).to(weight.dtype),
-            grad_residual_bias)
+        param_grads.append(grad_residual.reshape(-1, N).sum(0, dtype=torch.float32))
+    if grad_sum is not None:
+        grad_sum.add_column_sums(torch.cat(param_grads)[None])
+        return grad_h, grad_residual, None, None, None
+    return (grad_h, grad_residual, param_grads[0].to(weight.dtype), param_grads[1].to(weight.dtype),
+            param_grads[2].to(residual_bias.dtype) if residual_bias is not None else None)
 
 
 @torch.library.custom_op("trm_fast::add_layer_norm", mutates_args=())
@@ -287,13 +296,14 @@ class _AddLayerNorm(torch.autograd.Function):
                                                        residual_bias)
         ctx.save_for_backward(h, residual, weight, mean, rstd, seed, residual_bias)
         ctx.p = p
+        ctx.grad_sum = shared_grad_sum(weight, bias, *(() if residual_bias is None else (residual_bias,)))
         return out, cast
 
     @staticmethod
     def backward(ctx, grad_out, grad_cast):
         h, residual, weight, mean, rstd, seed, residual_bias = ctx.saved_tensors
         grad_h, grad_residual, grad_weight, grad_bias, grad_rb = add_layer_norm_backward(
-            grad_out, grad_cast, h, residual, weight, mean, rstd, ctx.p, seed, residual_bias)
+            grad_out, grad_cast, h, residual, weight, mean, rstd, ctx.p, seed, residual_bias, ctx.grad_sum)
         return grad_h, grad_residual, grad_weight, grad_bias, None, None, None, None, grad_rb
 
 

@@ -1,7 +1,8 @@
 """The attention kernels alone at the train step's two shapes (B16 L512 Dh64, B8 L1024 Dh32; 8 heads, bf16), beside
 PyTorch's SDPA (causal, FlashAttention backend, no padding mask) on the same sizes: medians of
-triton.testing.do_bench, forward with and without dropout and forward + backward with it. For A/B runs, put the
-old tree first on PYTHONPATH.
+triton.testing.do_bench, forward with and without dropout and forward + backward with it; then each Triton kernel's
+mean microseconds over 30 back-to-back forward + backward calls (the profiler's device times: do_bench flushes the
+L2 between calls, which a step does not). For A/B runs, put the old tree first on PYTHONPATH.
 
     python3 scripts/attention_bench.py [--json out.json]
 """
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
+from profiling import kernel_times
 from trm_fast.kernels import attention
 from trm_fast.seeds import new_seed
 
@@ -45,6 +47,12 @@ def main():
             "sdpa bwd": median_ms(lambda: torch.autograd.grad(sdpa_out, (q, k, v), do.transpose(1, 2),
                                                                retain_graph=True)),
         }
+        def forward_backward_calls():
+            for _ in range(30):
+                attention.attention_fwd_triton(qkv, key_valid, P, seed)
+                attention.attention_bwd_triton(do, qkv, o, lse, key_valid, P, seed)
+        _, _, by_name, calls = kernel_times(forward_backward_calls, name_width=40)
+        case["kernel us"] = {name: round(t / calls[name], 1) for name, t in by_name.items()}
         key_valid[:, -L // 4:] = False  # right padding: the key test where it is needed
         case["triton fwd padded"] = median_ms(lambda: attention.attention_fwd_triton(qkv, key_valid, P, seed))
         name = f"B{B} L{L} H{H} Dh{Dh}"

@@ -1,6 +1,6 @@
 """The host's timeline of one replayed call (issue 3): how long each stage of a GraphedForward / GraphedTrainStep
 call keeps the host before, during and after the replay (medians of 30 calls, B16 L512 d512, bf16 autocast).
-The GPU waits for everything before `replay`; what follows it overlaps the graph.
+The GPU waits for everything before the first replay; what follows it overlaps the graph.
 
     python3 scripts/graphed_call_timeline.py
 """
@@ -43,14 +43,17 @@ def show(mode: str, case: dict) -> None:
     graphed = runner if mode == "forward" else next(
         c.cell_contents for c in step.__closure__ if type(c.cell_contents).__name__ == "GraphedTrainStep")
     entry, = graphed.graphs.values()
-    graph, static_inputs, check_ranges = entry[0], entry[1], entry[-1]
+    static_inputs, id_range = entry[-4 if mode == "train" else 1], entry[-1]
     inputs = (ids, None, targets)
     with autocast():
         stages = {"checks": lambda: model._check_inputs(ids, None, targets, None, check_ranges=False),
-                  "keys": (lambda: cuda_graphs.weights_key(model)) if mode == "forward" else graphed._memory_key,
+                  "weights key": lambda: cuda_graphs.weights_key(model),
                   "key": lambda: (cuda_graphs.inputs_key(inputs), autocast_state()),
                   "copy": lambda: cuda_graphs.copy_into(static_inputs, inputs),
-                  "ranges": check_ranges, "replay": graph.replay, "sync": torch.cuda.synchronize}
+                  "replay": entry[0].replay, "range check": id_range.check}
+        if mode == "train":
+            stages.update({"state key": graphed._state_key, "update replay": entry[1].replay})
+        stages["sync"] = torch.cuda.synchronize
         print(mode, timeline(stages), flush=True)
         print(mode, "whole call", timeline({"call": step, "sync": torch.cuda.synchronize}), flush=True)
 

@@ -59,6 +59,9 @@ def test_capture_and_replay_logic(monkeypatch):
 
         def replay(self):
             self.fn()
+
+        def pool(self):
+            return None
     monkeypatch.setattr(graphed_train_step, "_graphs_on", lambda device: True)
     monkeypatch.setattr(graphed_train_step.cuda_graphs, "capture", lambda fn, warmups=1, pool=None: RerunGraph(fn))
     monkeypatch.setattr(graphed_train_step.cuda_graphs, "on_side_stream", lambda fn: fn())
@@ -75,11 +78,13 @@ def test_capture_and_replay_logic(monkeypatch):
     expected = _eager_steps(twin, torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9), batches + [_batch(5)])
     _assert_same_training(model, twin, got, expected)
     weights = [p.detach().clone() for p in model.parameters()]
+    momenta = [s["momentum_buffer"].clone() for s in optimizer.state.values()]
     ids, targets = _batch(5)
     for bad in (dict(input_ids=ids + 100, target_ids=targets), dict(input_ids=ids, target_ids=targets - 100)):
-        with pytest.raises(ValueError, match="outside"):  # a captured shape: the replay's own check, before the step
+        with pytest.raises(ValueError, match="outside"):  # a captured shape: the replay's own check, before the update
             step(**bad)
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    assert all(torch.equal(s["momentum_buffer"], m) for s, m in zip(optimizer.state.values(), momenta))
     optimizer.param_groups[0]["lr"] = 0.01
     with pytest.raises(ValueError, match="learning rate given as a float changed"):
         step(*_batch(5)[:1], target_ids=_batch(5)[1])

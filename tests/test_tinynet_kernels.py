@@ -10,6 +10,7 @@ from parity_helpers import DEVICES, make_pair, random_batch
 
 triton = pytest.importorskip("triton")
 from trm_fast import torch_ops  # noqa: E402
+from trm_fast.grad_sums import GradSum  # noqa: E402
 from trm_fast.kernels import attention as attn  # noqa: E402
 from trm_fast.kernels import column_sum  # noqa: E402
 from trm_fast.kernels import concat_linear as cl  # noqa: E402
@@ -51,6 +52,11 @@ def test_concat_linear_kernels(num_inputs, M, K, N):
     grads, grad_weight, grad_bias = cl.concat_linear_bwd_triton(grad_out, xs, weight)
     for got, leaf in zip(grads + [grad_weight, grad_bias], leaves):
         _close(got, leaf.grad, tol)
+    grad_sums = (GradSum(), GradSum())  # the weight's and bias's gradients added into float32 totals, twice
+    for _ in range(2):
+        assert cl.concat_linear_bwd_triton(grad_out, xs, weight, grad_sums)[1:] == (None, None)
+    for grad_sum, leaf in zip(grad_sums, leaves[-2:]):
+        _close(grad_sum.take(), 2 * leaf.grad, tol)
 
 
 @pytest.mark.parametrize("num_inputs, M, K", [(3, 37, 33), (2, 70, 200)])
@@ -87,6 +93,12 @@ def test_residual_layer_norm_kernels(M, N, p, with_residual_bias):
     assert (grads[4] is None) != with_residual_bias
     for got, leaf in zip(grads, leaves):
         _close(got, leaf.grad)
+    grad_sum = GradSum(3 if with_residual_bias else 2)  # the parameters' gradients added into a float32 total, twice
+    for _ in range(2):
+        summed = rln.residual_layer_norm_bwd_triton(grad_out, h, residual, weight, mean, rstd, p, _seed(123),
+                                                    residual_bias=residual_bias, grad_sum=grad_sum)
+    assert summed[2:] == (None, None, None)
+    _close(grad_sum.take(), 2 * torch.cat([leaf.grad for leaf in leaves[2:]]))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -409,8 +421,14 @@ def test_sum_rows(R, N, dtype):
     expected = x.double().sum(0)
     _close(column_sum.sum_rows(x, torch.float32), expected, 1e-5)
     _close(column_sum.sum_rows(x, dtype), expected, 1e-5 if dtype == torch.float32 else 1e-2)
+    total = _randn(N, seed=1)
+    into = total.clone()
+    assert column_sum.sum_rows(x, dtype, into=into) is into
+    _close(into, total.double() + expected, 1e-5)
     with pytest.raises(ValueError, match="unit column stride"):
         column_sum.sum_rows(x.t(), dtype)
+    with pytest.raises(ValueError, match="into must be a contiguous float32"):
+        column_sum.sum_rows(x, dtype, into=total[:-1])
 
 
 @pytest.mark.parametrize("M, D, F_", [(37, 24, 96), (1, 16, 64), (70, 32, 40), (64, 32, 64)])  # last: unmasked tiles

@@ -6,6 +6,8 @@ and convert the sum to float32 at the cast. `cast_summing_grads` instead hands t
 backwards add each call's gradient into its float32 total with a beta = 1 GEMM (`GradSum.addmm`) and return no
 gradient for the copy; the cast's backward, which autograd runs after every use's, returns the total. A total is
 kept per backward pass (autograd's graph task), so a pass that did not reach the cast leaves nothing behind.
+Float32 parameters that are not cast (a LayerNorm's) get the same through `params_summing_grads`: aliases whose
+op adds their column sums into one total (kernels/column_sum.py adding into it), instead of autograd's adds.
 """
 from typing import Optional
 
@@ -15,9 +17,10 @@ import torch
 class GradSum:
     """The float32 sum of one parameter's gradient over the uses of its cast copy in the running backward."""
 
-    def __init__(self):
+    def __init__(self, count: int = 1):
         self.total: Optional[torch.Tensor] = None
         self.task = None
+        self.count = count  # parameters whose gradients it sums, concatenated
 
     def _in_this_pass(self) -> None:
         task = torch._C._current_graph_task_id()
@@ -36,6 +39,16 @@ class GradSum:
             else:
                 torch.addmm(self.total, a, b, out_dtype=torch.float32, out=self.total)
 
+    def add_column_sums(self, x: torch.Tensor) -> None:
+        """total += x.sum(0) in float32 (on CUDA kernels/column_sum.py, adding into the total)."""
+        self._in_this_pass()
+        if not x.is_cuda:
+            sums = x.float().sum(0)
+            self.total = sums if self.total is None else self.total.add_(sums)
+            return
+        from trm_fast.kernels.column_sum import sum_rows  # (Triton: CUDA only)
+        self.total = sum_rows(x, torch.float32, into=self.total)
+
     def take(self) -> Optional[torch.Tensor]:
         self._in_this_pass()
         total, self.total = self.total, None
@@ -52,10 +65,46 @@ class _CastSummingGrads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        return _plus(ctx.grad_sum.take(), grad), None  # (uses that returned their gradient: a torch fallback)
+
+
+class _ParamsSummingGrads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *params):
+        ctx.set_materialize_grads(False)
+        ctx.grad_sum, ctx.shapes = GradSum(len(params)), [p.shape for p in params]
+        aliases = tuple(p.view_as(p) for p in params)
+        for alias in aliases:
+            alias.grad_sum = ctx.grad_sum
+        return aliases
+
+    @staticmethod
+    def backward(ctx, *grads):
         total = ctx.grad_sum.take()
-        if grad is not None:  # uses that returned their gradient (a torch fallback) add it here
-            total = grad.float() if total is None else total + grad
-        return total, None
+        parts = total.split([shape.numel() for shape in ctx.shapes]) if total is not None else [None] * len(grads)
+        return tuple(_plus(part.view(shape) if part is not None else None, grad)
+                     for part, shape, grad in zip(parts, ctx.shapes, grads))
+
+
+def _plus(total: Optional[torch.Tensor], grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A summed gradient plus one that a use returned (a torch fallback), either possibly None."""
+    if grad is None:
+        return total
+    return grad.float() if total is None else total + grad
+
+
+def params_summing_grads(*params: torch.Tensor) -> tuple:
+    """Aliases of float32 parameters (one op's, e.g. a LayerNorm's weight and bias) that share one `grad_sum`:
+    the op adds their gradients, concatenated in this order, into its float32 total."""
+    return _ParamsSummingGrads.apply(*params)
+
+
+def shared_grad_sum(*params: torch.Tensor) -> Optional[GradSum]:
+    """The GradSum that `params` share, in this order, from one `params_summing_grads` call, else None."""
+    grad_sum = grad_sum_of(params[0])
+    if grad_sum is None or len(params) != grad_sum.count or any(grad_sum_of(p) is not grad_sum for p in params):
+        return None
+    return grad_sum
 
 
 def cast_summing_grads(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -63,9 +112,15 @@ def cast_summing_grads(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _CastSummingGrads.apply(param, dtype)
 
 
-def grad_sum_of(weight: torch.Tensor) -> Optional[GradSum]:
-    """The GradSum of a weight made by `cast_summing_grads`, else None (the ops' autograd Functions keep it)."""
+def grad_sum_of(weight: Optional[torch.Tensor]) -> Optional[GradSum]:
+    """The GradSum of a parameter made by `cast_summing_grads` or `params_summing_grads`, else None (the ops'
+    autograd Functions keep it)."""
     return getattr(weight, "grad_sum", None)
+
+
+def grad_sums_of(*params: Optional[torch.Tensor]) -> tuple:
+    """grad_sum_of each parameter (None for None): what an op's backward takes as `grad_sums`."""
+    return tuple(grad_sum_of(p) for p in params)
 
 
 def weight_grad(grad_sum: Optional[GradSum], a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
@@ -74,3 +129,13 @@ def weight_grad(grad_sum: Optional[GradSum], a: torch.Tensor, b: torch.Tensor) -
         return a @ b
     grad_sum.addmm(a, b)
     return None
+
+
+def bias_grad(grad_sum: Optional[GradSum], x: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """A bias's gradient, the column sums of a CUDA [R, N] x (float32 accumulation, kernels/column_sum.py): added
+    into `grad_sum` (then None) when the bias has one, else returned in `dtype`."""
+    if grad_sum is not None:
+        grad_sum.add_column_sums(x)
+        return None
+    from trm_fast.kernels.column_sum import sum_rows
+    return sum_rows(x, dtype)

@@ -23,7 +23,7 @@ class GraphedForward:
     """`graphed(input_ids, attention_mask=None, target_ids=None, supervision_steps=None, keep_logits=True)`
     returns what `model(...)` returns under `torch.no_grad()`. One graph per shape and argument set, captured
     on its first call (a warm-up run, then the capture). Each call checks its arguments as the model does
-    (the ids' range by `IdRangeCheck`, before the replay). Outputs computed in the graph (the q_hats; without
+    (the ids' range by `IdRangeCheck`, while the graph runs). Outputs computed in the graph (the q_hats; without
     logits, the losses too) are copied out of its buffers, or, with `clone_outputs=False`, are those buffers:
     valid until the next call of the same shape."""
 
@@ -56,10 +56,10 @@ class GraphedForward:
         if key not in self.graphs:  # the ranges too, before the capture's warm-up run
             model._check_inputs(input_ids, attention_mask, target_ids, supervision_steps)
             self.graphs[key] = self._capture(inputs, supervision_steps, keep_logits, autocast)
-        graph, static_inputs, outputs, check_ranges = self.graphs[key]
+        graph, static_inputs, outputs, id_range = self.graphs[key]
         cuda_graphs.copy_into(static_inputs, inputs)
-        check_ranges()
         graph.replay()
+        id_range.check()
         if not keep_logits:
             return _cloned(outputs) if self.clone_outputs else outputs
         with torch.no_grad(), autocast_context(autocast):
@@ -69,14 +69,16 @@ class GraphedForward:
         return result
 
     def _capture(self, inputs, supervision_steps, keep_logits, autocast) -> tuple:
-        """(graph, static input buffers, static outputs, their IdRangeCheck) for inputs like `inputs`."""
+        """(graph, static input buffers, static outputs, the IdRangeCheck it holds) for inputs like `inputs`."""
         model = self.model
         device = model.token_embed.weight.device
         static_inputs = cuda_graphs.static_copies(inputs, device)
         ids, mask, targets = static_inputs
         outputs: Dict[str, Any] = {}
+        id_range = IdRangeCheck(model, ids, targets)
 
         def forward():
+            id_range.bounds_then_clamp()
             with torch.no_grad():
                 result = forward_for_capture(model, ids, mask, targets, supervision_steps, keep_logits, autocast,
                                              before_heads=True)
@@ -85,26 +87,33 @@ class GraphedForward:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = cuda_graphs.capture(forward, pool=self.pool)
-        return graph, static_inputs, outputs, IdRangeCheck(model, ids, targets)
+        return graph, static_inputs, outputs, id_range
 
 
 class IdRangeCheck:
-    """Called before a replay, raises as the model's input check does when the call's id buffers (input,
-    target) hold ids outside the vocabulary: their [min, max] come from a small graph of their own, read back
-    with one wait (the model's check costs ~6 launches and a read-back on the host, which the GPU waits for)."""
+    """The vocabulary check of a replay's id buffers (input, target), which holds the GPU back for none of the
+    replay: `bounds_then_clamp()`, captured first in the graph, copies their [min, max] to the host and then clamps
+    them into the vocabulary, so that the rest of the graph reads nothing outside the embeddings whatever the ids;
+    after launching the graph, `check()` waits for that copy alone and raises as the model's input check does.
+    A graph whose results a refused call throws away can hold it; one that changes state must be launched after
+    the check."""
 
     def __init__(self, model: TRMModel, ids: torch.Tensor, targets: Optional[torch.Tensor]):
         self.named = {"input_ids": ids, **({"target_ids": targets} if targets is not None else {})}
         self.vocab_size = model.config.vocab_size
         self.host = torch.empty(2 * len(self.named), dtype=torch.long, pin_memory=ids.is_cuda)
-        self.graph = cuda_graphs.capture(lambda: self.host.copy_(id_bounds(self.named), non_blocking=True))
-        self.done = torch.cuda.Event() if ids.is_cuda else None
+        self.copied = torch.cuda.Event(external=True) if ids.is_cuda else None  # a node of the graph that records it
 
-    def __call__(self) -> None:
-        self.graph.replay()
-        if self.done is not None:
-            self.done.record()
-            self.done.synchronize()
+    def bounds_then_clamp(self) -> None:
+        self.host.copy_(id_bounds(self.named), non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+        for ids in self.named.values():
+            ids.clamp_(0, self.vocab_size - 1)
+
+    def check(self) -> None:
+        if self.copied is not None:
+            self.copied.synchronize()
         check_id_bounds(self.named, self.host.tolist(), self.vocab_size)
 
 

@@ -1,7 +1,9 @@
-"""`GraphedTrainStep`: a whole training step (forward, backward, optimizer step) replayed as one CUDA graph.
+"""`GraphedTrainStep`: a whole training step (forward, backward, optimizer step) replayed as two CUDA graphs.
 
 A train step of the seed's config launches about 900 kernels, and on a slow host their launches, not the GPU,
-set its time (benchmarks/NOTES.md, issue 3). Captured once per input shape, a step is one launch. Dropout
+set its time (benchmarks/NOTES.md, issue 3). Captured once per input shape, a step is two launches: the forward
+and backward, then the update, which the host launches once the ids' range check (`IdRangeCheck`, read back
+from the first graph while the GPU runs it) has passed, so no weight changes on a refused step. Dropout
 stays random: the Triton kernels' seeds and torch's dropout are drawn from torch's CUDA generator, whose
 state a replay advances. The first call of a shape is an ordinary step (it also warms up: optimizer state,
 Triton autotuning), after which the step is captured; later calls replay it.
@@ -29,9 +31,13 @@ LOSSES = ("loss", "ce_loss", "act_loss")
 
 def backward_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
                       max_grad_norm: Optional[float] = None) -> None:
-    """The update of a training step from its loss, on gradients the caller zeroed: backward, gradient-norm
-    clipping (when `max_grad_norm` is given), the optimizer's step."""
+    """The update of a training step from its loss, on gradients the caller zeroed: backward, then `update`."""
     loss.backward()
+    update(model, optimizer, max_grad_norm)
+
+
+def update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: Optional[float] = None) -> None:
+    """Gradient-norm clipping (when `max_grad_norm` is given), then the optimizer's step."""
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
@@ -53,8 +59,8 @@ class GraphedTrainStep:
             raise ValueError(f"max_grad_norm must be None or > 0, got {max_grad_norm!r}")
         self.model, self.optimizer = model, optimizer
         self.max_grad_norm, self.keep_logits = max_grad_norm, keep_logits
-        self.graphs: Dict[tuple, tuple] = {}  # key -> (graph, static inputs, static losses, captured float lrs)
-        self.memory = None
+        self.graphs: Dict[tuple, tuple] = {}  # key -> what _capture returns
+        self.weights, self.state = None, None
         if _graphs_on(model.token_embed.weight.device):
             self._check_capturable()
 
@@ -70,52 +76,69 @@ class GraphedTrainStep:
         autocast = autocast_state()
         if not graphs_on:
             return self._step(inputs, supervision_steps, autocast)
-        if self._memory_key() != self.memory:  # first call, weights moved, optimizer state replaced: stale graphs
+        weights = cuda_graphs.weights_key(model)
+        if weights != self.weights:  # first call, weights moved: the graphs would read stale memory
             self.graphs = {}
         key = (cuda_graphs.inputs_key(inputs), supervision_steps, autocast, model.training)
         if key not in self.graphs:
             model._check_inputs(input_ids, attention_mask, target_ids, supervision_steps)  # the ranges, before any step
+            if self._state_key() != self.state:  # optimizer state replaced: other shapes' graphs are stale too
+                self.graphs = {}
             losses = cuda_graphs.on_side_stream(lambda: self._step(inputs, supervision_steps, autocast))
             self.graphs[key] = self._capture(inputs, supervision_steps, autocast)
-            self.memory = self._memory_key()  # (the first step created the optimizer's state)
+            self.weights, self.state = weights, self._state_key()  # (the first step created the optimizer's state)
             return losses
-        graph, static_inputs, static_losses, lrs, check_ranges = self.graphs[key]
+        forward_backward, update_graph, static_inputs, static_losses, lrs, id_range = self.graphs[key]
         if self._float_lrs() != lrs:
             raise ValueError("a learning rate given as a float changed since the step was captured; give the "
                              "optimizer tensor learning rates and update them in place (fill_)")
         cuda_graphs.copy_into(static_inputs, inputs)
-        check_ranges()  # before the step changes any weight
-        graph.replay()
+        forward_backward.replay()  # changes no weight: the host checks the ids' range while the GPU runs it
+        id_range.check()
+        if self._state_key() != self.state:  # optimizer state replaced: its graph would update stale memory
+            self.graphs = {}
+            return self(input_ids, attention_mask, target_ids, supervision_steps)
+        update_graph.replay()
         return {name: t.clone() for name, t in static_losses.items()}
 
     def _step(self, inputs, supervision_steps, autocast) -> Dict[str, torch.Tensor]:
         """One training step from zeroed gradients; the forward's losses, detached."""
+        losses = self._forward_backward(inputs, supervision_steps, autocast)
+        update(self.model, self.optimizer, self.max_grad_norm)
+        return losses
+
+    def _forward_backward(self, inputs, supervision_steps, autocast) -> Dict[str, torch.Tensor]:
+        """Zeroed gradients, the forward and its backward; the forward's losses, detached."""
         self.optimizer.zero_grad(set_to_none=True)
         result = forward_for_capture(self.model, *inputs, supervision_steps, self.keep_logits, autocast)
-        backward_and_step(self.model, self.optimizer, result["loss"], self.max_grad_norm)
+        result["loss"].backward()
         return {name: result[name].detach() for name in LOSSES}
 
     def _capture(self, inputs, supervision_steps, autocast) -> tuple:
-        """(graph, static input buffers, static losses, float learning rates, the buffers' IdRangeCheck) of a
-        step on inputs like `inputs`.
-        Each graph has its own memory pool: its gradients and optimizer reads stay its own."""
+        """(forward-backward graph, update graph, static input buffers, static losses, float learning rates, the
+        IdRangeCheck the first graph holds) of a step on inputs like `inputs`. The two graphs share a memory pool of their own
+        (the update reads the gradients the first leaves in it)."""
         self._check_capturable()
         static_inputs = cuda_graphs.static_copies(inputs, self.model.token_embed.weight.device)
         static_losses: Dict[str, torch.Tensor] = {}
-        graph = cuda_graphs.capture(lambda: static_losses.update(self._step(static_inputs, supervision_steps,
-                                                                            autocast)), warmups=0)
-        return graph, static_inputs, static_losses, self._float_lrs(), IdRangeCheck(self.model, static_inputs[0],
-                                                                                    static_inputs[2])
+        id_range = IdRangeCheck(self.model, static_inputs[0], static_inputs[2])
+
+        def forward_backward():
+            id_range.bounds_then_clamp()
+            static_losses.update(self._forward_backward(static_inputs, supervision_steps, autocast))
+        forward_backward_graph = cuda_graphs.capture(forward_backward, warmups=0)
+        update_graph = cuda_graphs.capture(lambda: update(self.model, self.optimizer, self.max_grad_norm),
+                                           warmups=0, pool=forward_backward_graph.pool())
+        return forward_backward_graph, update_graph, static_inputs, static_losses, self._float_lrs(), id_range
 
     def _check_capturable(self) -> None:
         if any(group.get("capturable") is False for group in self.optimizer.param_groups):
             raise ValueError(f"{type(self.optimizer).__name__} must be built with capturable=True to be replayed in "
                              "a CUDA graph (its step counter then lives on the GPU)")
 
-    def _memory_key(self) -> tuple:
-        """The addresses a captured step reads and writes: the weights and the optimizer's state tensors."""
-        state = [t.data_ptr() for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-        return cuda_graphs.weights_key(self.model) + tuple(state)
+    def _state_key(self) -> tuple:
+        """The addresses of the optimizer's state tensors, which the update graph reads and writes."""
+        return tuple(t.data_ptr() for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t))
 
     def _float_lrs(self) -> list:
         return [group["lr"] for group in self.optimizer.param_groups if not isinstance(group["lr"], torch.Tensor)]

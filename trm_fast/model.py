@@ -12,7 +12,7 @@ from . import decoding, reference, seeds
 from .early_exit import EarlyExit, compacted_early_exit
 from .early_exit import reset_runs as reset_early_exit_runs
 from .dispatch import check_kernels_choice, tinynet_ops
-from .grad_sums import cast_summing_grads
+from .grad_sums import cast_summing_grads, params_summing_grads
 from .linear_cross_entropy import linear_cross_entropy
 from .reference import TRMConfig
 from .torch_ops import autocast_dtype
@@ -52,8 +52,7 @@ class DispatchTinyNet(reference.TinyNet):
         if dtype is None:
             return params
         sum_grads = ops.SUMS_WEIGHT_GRADS and not torch.compiler.is_compiling()
-        return tuple(self._memo_get((p, dtype), lambda p=p: self._cast(p, dtype, sum_grads and p.dim() == 2))
-                     for p in params)
+        return tuple(self._memo_get((p, dtype), lambda p=p: self._cast(p, dtype, sum_grads)) for p in params)
 
     @staticmethod
     def _cast(param: torch.Tensor, dtype: torch.dtype, sum_grads: bool) -> torch.Tensor:
@@ -80,13 +79,26 @@ class DispatchTinyNet(reference.TinyNet):
                                  None if in_norm else self._linear(ops, out_bias)[0], attn.num_heads, p(attn.dropout))
         # the FFN reads the LayerNorm's output in the autocast dtype: the copy autocast would make, written by the
         # LayerNorm itself
-        h, h_cast = ops.add_layer_norm_and_cast(h, a, block.ln1.weight, block.ln1.bias, block.ln1.eps,
-                                                p(block.dropout.p), autocast_dtype(h.device.type),
-                                                out_bias if in_norm else None)
+        ln1 = self._norm_params(ops, block.ln1, out_bias if in_norm else None)
+        h, h_cast = ops.add_layer_norm_and_cast(h, a, ln1[0], ln1[1], block.ln1.eps, p(block.dropout.p),
+                                                autocast_dtype(h.device.type), ln1[2] if in_norm else None)
         f = ops.feed_forward(h_cast, *self._linear(ops, block.ffn[0].weight, block.ffn[0].bias, block.ffn[2].weight),
                              None if in_norm else self._linear(ops, ffn_bias)[0])
-        return ops.add_layer_norm(h, f, block.ln2.weight, block.ln2.bias, block.ln2.eps, p(block.ffn[3].p),
-                                  ffn_bias if in_norm else None)
+        ln2 = self._norm_params(ops, block.ln2, ffn_bias if in_norm else None)
+        return ops.add_layer_norm(h, f, ln2[0], ln2[1], block.ln2.eps, p(block.ffn[3].p), ln2[2] if in_norm else None)
+
+    def _norm_params(self, ops, norm: torch.nn.LayerNorm, residual_bias: Optional[torch.Tensor]) -> tuple:
+        """A LayerNorm's weight and bias (and the residual bias it adds, when given): where the op table sums
+        gradients, aliases that share one float32 gradient sum (trm_fast.grad_sums), once per forward as the
+        linear parameters' casts are."""
+        params = (norm.weight, norm.bias) + ((residual_bias,) if residual_bias is not None else ())
+        if not (ops.SUMS_WEIGHT_GRADS and norm.weight.requires_grad) or torch.compiler.is_compiling():
+            return params
+
+        def aliases():
+            with torch.enable_grad():
+                return params_summing_grads(*params)
+        return self._memo_get(("norm",) + params, aliases)
 
     def forward_xyz(self, x, y, z, attn_mask):
         ops = tinynet_ops(self.kernels, x.device)
