@@ -43,16 +43,19 @@ def show(mode: str, case: dict) -> None:
     graphed = runner if mode == "forward" else next(
         c.cell_contents for c in step.__closure__ if type(c.cell_contents).__name__ == "GraphedTrainStep")
     entry, = graphed.graphs.values()
-    static_inputs, id_range = entry[-4 if mode == "train" else 1], entry[-1]
+    if mode == "train":
+        replayed, update_graph, static_inputs, *_, id_range = entry
+    else:
+        replayed, static_inputs, _, id_range = entry
     inputs = (ids, None, targets)
     with autocast():
         stages = {"checks": lambda: model._check_inputs(ids, None, targets, None, check_ranges=False),
                   "weights key": lambda: cuda_graphs.weights_key(model),
                   "key": lambda: (cuda_graphs.inputs_key(inputs), autocast_state()),
                   "copy": lambda: cuda_graphs.copy_into(static_inputs, inputs),
-                  "replay": entry[0].replay, "range check": id_range.check}
+                  "replay": replayed.replay, "range check": id_range.check}
         if mode == "train":
-            stages.update({"state key": graphed._state_key, "update replay": entry[1].replay})
+            stages.update({"state key": graphed._state_key, "update replay": update_graph.replay})
         stages["sync"] = torch.cuda.synchronize
         print(mode, timeline(stages), flush=True)
         print(mode, "whole call", timeline({"call": step, "sync": torch.cuda.synchronize}), flush=True)

@@ -15,7 +15,8 @@ import torch
 
 
 class GradSum:
-    """The float32 sum of one parameter's gradient over the uses of its cast copy in the running backward."""
+    """The float32 sum of the gradients of `count` parameters (concatenated) over the uses of their cast copy or
+    aliases in the running backward."""
 
     def __init__(self, count: int = 1):
         self.total: Optional[torch.Tensor] = None

@@ -116,8 +116,8 @@ class GraphedTrainStep:
 
     def _capture(self, inputs, supervision_steps, autocast) -> tuple:
         """(forward-backward graph, update graph, static input buffers, static losses, float learning rates, the
-        IdRangeCheck the first graph holds) of a step on inputs like `inputs`. The two graphs share a memory pool of their own
-        (the update reads the gradients the first leaves in it)."""
+        IdRangeCheck the first graph holds) of a step on inputs like `inputs`. The two graphs share a memory pool
+        of their own (the update reads the gradients the first leaves in it)."""
         self._check_capturable()
         static_inputs = cuda_graphs.static_copies(inputs, self.model.token_embed.weight.device)
         static_losses: Dict[str, torch.Tensor] = {}
