@@ -2,10 +2,12 @@
 materializing the concatenation, forward and backward.
 
 Forward: one kernel; each output tile accumulates (float32) the dot products of every input with its
-column block of `weight` [N, len(inputs) * K]. Backward: grad of input i = grad_out @ weight[:, i*K:(i+1)*K],
-(the shared strided matmul, kernels/matmul.py), grad of weight = grad_out.T @ cat(inputs) (cuBLAS: a
-long-K matmul; the inputs cast-copied into one buffer in the weight's dtype by one kernel, `cast_join`), grad
-of bias = grad_out summed over rows (kernels/column_sum.py).
+column block of `weight` [N, len(inputs) * K] (at kernels/matmul.py's speed when the inputs are in the weight's
+dtype: TinyNet's states carry such a copy). Backward: grad of input i = grad_out @ weight[:, i*K:(i+1)*K] (the
+shared strided matmul, kernels/matmul.py; cuBLAS adding it into a float32 sum where the input is a copy that
+several ops read, trm_fast.grad_sums; none where the input needs none), grad of weight = grad_out.T @
+cat(inputs) (cuBLAS: a long-K matmul; the inputs cast-copied into one buffer in the weight's dtype by one
+kernel, `cast_join`), grad of bias = grad_out summed over rows (kernels/column_sum.py).
 
 Every op of kernels/ comes in two forms over the same forward and backward functions: a `torch.library`
 custom op (fake kernel, autograd), which `torch.compile` and `opcheck` use, and a `torch.autograd.Function`
@@ -18,8 +20,9 @@ import triton
 import triton.language as tl
 
 from trm_fast import torch_ops
-from trm_fast.grad_sums import bias_grad, grad_sums_of, weight_grad
-from trm_fast.kernels.matmul import autocast_cast, dot_as, dot_config, matmul_into, tile_configs, tile_grid
+from trm_fast.grad_sums import bias_grad, grad_sums_of, grad_product
+from trm_fast.kernels.matmul import (autocast_cast, dot_as, dot_config, grouped_tile, matmul_grid, matmul_into,
+                                     tile_configs)
 
 
 @triton.jit
@@ -38,24 +41,41 @@ def _accumulate(acc, x_ptr, stride_xm, w_ptr, stride_wn, rows, cols, M, N, K, DO
     return acc
 
 
-@triton.autotune(configs=tile_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), [
-    (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 256, 64, 8, 3),
-    (128, 256, 32, 8, 4)], (32, 32, 32, 4, 1)),
+@triton.autotune(configs=tile_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), [
+    (128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 4, 3), (64, 128, 64, 8, 4, 4),
+    (128, 64, 64, 8, 4, 4), (128, 256, 32, 8, 8, 4)], (32, 32, 32, 2, 4, 1)),
     key=["M", "N", "K", "NUM_INPUTS"])
+@triton.heuristics({"EVEN": lambda args: all(args[d] % args["BLOCK_" + d] == 0 for d in "MNK")})
 @triton.jit
 def _concat_linear_fwd_kernel(x0_ptr, x1_ptr, x2_ptr, stride_x0, stride_x1, stride_x2, w_ptr, stride_wn, b_ptr,
                               out_ptr, stride_om, M, N, K, NUM_INPUTS: tl.constexpr, DOT_DTYPE: tl.constexpr,
                               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+                              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN: tl.constexpr):
+    """One output tile per program (placed as kernels/matmul.py places them). When EVEN (blocks dividing M, N, K)
+    one K loop walks the inputs in turn (one software pipeline; the inputs share a row stride then), else a
+    masked loop per input; then the bias."""
+    tile_m, tile_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _accumulate(acc, x0_ptr, stride_x0, w_ptr, stride_wn, rows, cols, M, N, K, DOT_DTYPE, PRECISION, BLOCK_K)
-    acc = _accumulate(acc, x1_ptr, stride_x1, w_ptr + K, stride_wn, rows, cols, M, N, K, DOT_DTYPE, PRECISION,
-                      BLOCK_K)
-    if NUM_INPUTS == 3:
-        acc = _accumulate(acc, x2_ptr, stride_x2, w_ptr + 2 * K, stride_wn, rows, cols, M, N, K, DOT_DTYPE,
-                          PRECISION, BLOCK_K)
+    if EVEN:
+        ks = tl.arange(0, BLOCK_K)
+        x_offsets = rows[:, None] * stride_x0 + ks[None, :]
+        w_tile = w_ptr + cols[None, :] * stride_wn + ks[:, None]
+        for k0 in range(0, NUM_INPUTS * K, BLOCK_K):
+            x_ptr = tl.where(k0 < K, x0_ptr + k0, x1_ptr + (k0 - K))
+            if NUM_INPUTS == 3:
+                x_ptr = tl.where(k0 < 2 * K, x_ptr, x2_ptr + (k0 - 2 * K))
+            acc = dot_as(tl.load(x_ptr + x_offsets), tl.load(w_tile), acc, DOT_DTYPE, PRECISION)
+            w_tile += BLOCK_K
+    else:
+        acc = _accumulate(acc, x0_ptr, stride_x0, w_ptr, stride_wn, rows, cols, M, N, K, DOT_DTYPE, PRECISION,
+                          BLOCK_K)
+        acc = _accumulate(acc, x1_ptr, stride_x1, w_ptr + K, stride_wn, rows, cols, M, N, K, DOT_DTYPE, PRECISION,
+                          BLOCK_K)
+        if NUM_INPUTS == 3:
+            acc = _accumulate(acc, x2_ptr, stride_x2, w_ptr + 2 * K, stride_wn, rows, cols, M, N, K, DOT_DTYPE,
+                              PRECISION, BLOCK_K)
     acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
@@ -97,27 +117,41 @@ def concat_linear_fwd_triton(inputs: Sequence[torch.Tensor], weight: torch.Tenso
     M, K = inputs[0].shape
     N = weight.shape[0]
     x0, x1, x2 = inputs[0], inputs[1], inputs[-1]
+    if len({x.stride(0) for x in inputs}) > 1:  # the kernel's one-loop path reads them with x0's row stride
+        x0, x1, x2 = (x.contiguous() for x in (x0, x1, x2))
     out = torch.empty(M, N, device=x0.device, dtype=weight.dtype)
     dtype, precision = dot_config(weight.dtype)
-    _concat_linear_fwd_kernel[tile_grid(M, N)](x0, x1, x2, x0.stride(0), x1.stride(0), x2.stride(0), weight,
-                                               weight.stride(0), bias, out, out.stride(0), M, N, K,
-                                               NUM_INPUTS=len(inputs), DOT_DTYPE=dtype, PRECISION=precision)
+    _concat_linear_fwd_kernel[matmul_grid(M, N)](x0, x1, x2, x0.stride(0), x1.stride(0), x2.stride(0), weight,
+                                                 weight.stride(0), bias, out, out.stride(0), M, N, K,
+                                                 NUM_INPUTS=len(inputs), DOT_DTYPE=dtype, PRECISION=precision)
     return out
 
 
+def _wanted(inputs, needs_input_grads, input_grad_sums):
+    """(input index, its column block's start, its grad sum) of each input whose gradient is needed."""
+    K = inputs[0].shape[-1]
+    needs_input_grads = needs_input_grads or (True,) * len(inputs)
+    input_grad_sums = input_grad_sums or (None,) * len(inputs)
+    return [(i, i * K, s) for i, (needed, s) in enumerate(zip(needs_input_grads, input_grad_sums)) if needed]
+
+
 def concat_linear_bwd_triton(grad_out: torch.Tensor, inputs: Sequence[torch.Tensor], weight: torch.Tensor,
-                             grad_sums=(None, None)) -> Tuple[List[torch.Tensor], Optional[torch.Tensor],
-                                                              Optional[torch.Tensor]]:
-    """(grads of the inputs, each in its input's dtype; grad of weight; grad of bias; either None when added into
-    its `grad_sums` entry) for 2-D [M, K] inputs and grad_out [M, N]: input gradients by the Triton matmul, the
-    weight gradient by one cuBLAS matmul (split-K)."""
+                             grad_sums=(None, None), needs_input_grads=None, input_grad_sums=None
+                             ) -> Tuple[List[Optional[torch.Tensor]], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(grads of the inputs, each in its input's dtype; grad of weight; grad of bias) for 2-D [M, K] inputs and
+    grad_out [M, N]. An input's gradient is None where `needs_input_grads` says it is not needed or where it is
+    added into its `input_grad_sums` entry (float32, trm_fast.grad_sums); the weight's and bias's are None when
+    added into their `grad_sums` entries. Input gradients by the Triton matmul, the weight's by one cuBLAS matmul
+    (split-K) over the inputs joined in the weight's dtype."""
     K = inputs[0].shape[1]
-    grad_inputs = []
-    for i, x in enumerate(inputs):
-        grad_x = torch.empty_like(x)
-        matmul_into(grad_out, weight[:, i * K:(i + 1) * K], grad_x, weight.dtype)
-        grad_inputs.append(grad_x)
-    return (grad_inputs, weight_grad(grad_sums[0], grad_out.t(), cast_join(inputs, weight.dtype)),
+    grad_inputs = [None] * len(inputs)
+    for i, start, grad_sum in _wanted(inputs, needs_input_grads, input_grad_sums):
+        if grad_sum is not None:
+            grad_sum.addmm(grad_out, weight[:, start:start + K])
+        else:
+            grad_inputs[i] = torch.empty_like(inputs[i])
+            matmul_into(grad_out, weight[:, start:start + K], grad_inputs[i], weight.dtype)
+    return (grad_inputs, grad_product(grad_sums[0], grad_out.t(), cast_join(inputs, weight.dtype)),
             bias_grad(grad_sums[1], grad_out, weight.dtype))
 
 
@@ -152,20 +186,22 @@ def concat_linear_forward(inputs: Sequence[torch.Tensor], weight: torch.Tensor, 
 
 
 def concat_linear_backward(grad_out: torch.Tensor, inputs: Sequence[torch.Tensor], weight: torch.Tensor,
-                           grad_sums=(None, None)) -> Tuple[List[torch.Tensor], Optional[torch.Tensor],
-                                                            Optional[torch.Tensor]]:
-    """(grads of the inputs, grad of weight, grad of bias; either None when added into its `grad_sums` entry,
-    trm_fast.grad_sums)."""
+                           grad_sums=(None, None), needs_input_grads=None, input_grad_sums=None
+                           ) -> Tuple[List[Optional[torch.Tensor]], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """`concat_linear_bwd_triton`'s results for inputs of any shape [..., K] (Triton on CUDA, torch elsewhere)."""
     flat = [_flat(x).contiguous() for x in inputs]
     grad_flat = _flat(grad_out).contiguous()
     if inputs[0].is_cuda:
-        grads, grad_weight, grad_bias = concat_linear_bwd_triton(grad_flat, flat, weight.contiguous(), grad_sums)
+        grads, grad_weight, grad_bias = concat_linear_bwd_triton(grad_flat, flat, weight.contiguous(), grad_sums,
+                                                                 needs_input_grads, input_grad_sums)
     else:
-        K = flat[0].shape[1]
-        grads = [(grad_flat @ weight[:, i * K:(i + 1) * K]).to(x.dtype) for i, x in enumerate(flat)]
-        grad_weight = weight_grad(grad_sums[0], grad_flat.t(), torch.cat([x.to(weight.dtype) for x in flat], dim=1))
+        K, grads = flat[0].shape[1], [None] * len(inputs)
+        for i, start, grad_sum in _wanted(flat, needs_input_grads, input_grad_sums):
+            grad = grad_product(grad_sum, grad_flat, weight[:, start:start + K])
+            grads[i] = grad.to(flat[i].dtype) if grad is not None else None
+        grad_weight = grad_product(grad_sums[0], grad_flat.t(), torch.cat([x.to(weight.dtype) for x in flat], dim=1))
         grad_bias = grad_flat.sum(0)
-    return [g.view(x.shape) for g, x in zip(grads, inputs)], grad_weight, grad_bias
+    return [g.view(x.shape) if g is not None else None for g, x in zip(grads, inputs)], grad_weight, grad_bias
 
 
 @torch.library.custom_op("trm_fast::concat_linear", mutates_args=())
@@ -209,13 +245,14 @@ class _ConcatLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, bias, *inputs):
         ctx.save_for_backward(*inputs, weight)
-        ctx.grad_sums = grad_sums_of(weight, bias)
+        ctx.grad_sums, ctx.input_grad_sums = grad_sums_of(weight, bias), grad_sums_of(*inputs)
         return concat_linear_forward(inputs, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         *xs, weight = ctx.saved_tensors
-        grads, grad_weight, grad_bias = concat_linear_backward(grad_out, xs, weight, ctx.grad_sums)
+        grads, grad_weight, grad_bias = concat_linear_backward(grad_out, xs, weight, ctx.grad_sums,
+                                                               ctx.needs_input_grad[2:], ctx.input_grad_sums)
         return (grad_weight, grad_bias, *grads)
 
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trm_fast.grad_sums import bias_grad, grad_sums_of, weight_grad
+from trm_fast.grad_sums import bias_grad, grad_sums_of, grad_product
 from trm_fast.kernels.column_sum import BAND_ROWS
 from trm_fast.kernels.matmul import BIAS, NONE, autocast_cast, matmul_into
 
@@ -80,8 +80,8 @@ def feed_forward_bwd_triton(grad_out, h, pre, w1, w2, has_b2: bool, grad_sums=(N
                                                                               BLOCK_N=block_n, num_warps=8)
     grad_h = torch.empty_like(h)
     matmul_into(grad_pre, w1, grad_h, dtype)
-    return (grad_h, weight_grad(grad_sums[0], grad_pre.t(), h.to(dtype)), bias_grad(grad_sums[1], b1_bands, dtype),
-            weight_grad(grad_sums[2], grad_out.t().to(dtype), act),
+    return (grad_h, grad_product(grad_sums[0], grad_pre.t(), h.to(dtype)), bias_grad(grad_sums[1], b1_bands, dtype),
+            grad_product(grad_sums[2], grad_out.t().to(dtype), act),
             bias_grad(grad_sums[3], grad_out, dtype) if has_b2 else None)
 
 
@@ -119,8 +119,8 @@ def feed_forward_backward(grad_out, h, pre, w1, w2, has_b2: bool, grad_sums=(Non
     else:
         act = torch.nn.functional.gelu(pre)
         grad_pre = (grad_flat @ w2) * torch.ops.aten.gelu_backward(torch.ones_like(pre), pre)
-        grads = ((grad_pre @ w1).to(h.dtype), weight_grad(grad_sums[0], grad_pre.t(), flat.to(w1.dtype)),
-                 grad_pre.sum(0), weight_grad(grad_sums[2], grad_flat.t(), act), grad_flat.sum(0) if has_b2 else None)
+        grads = ((grad_pre @ w1).to(h.dtype), grad_product(grad_sums[0], grad_pre.t(), flat.to(w1.dtype)),
+                 grad_pre.sum(0), grad_product(grad_sums[2], grad_flat.t(), act), grad_flat.sum(0) if has_b2 else None)
     return (grads[0].view(h.shape),) + tuple(grads[1:])
 
 

@@ -1,13 +1,14 @@
 """`trm_fast::linear`: `x @ weight.T + bias` by cuBLAS, forward and backward, for the attention's QKV and
-output projections. It differs from F.linear only in the backward's bias gradient: kernels/column_sum.py on
-CUDA instead of torch's reduction over the 8192 token rows (~0.8 TB/s on the H100, NOTES.md).
+output projections and the output head. It differs from F.linear only in the backward: the bias gradient by
+kernels/column_sum.py on CUDA instead of torch's reduction over the 8192 token rows (~0.8 TB/s on the H100,
+NOTES.md), and gradients added into float32 sums where the weight or x has one (trm_fast.grad_sums).
 """
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from trm_fast.grad_sums import bias_grad, grad_sums_of, weight_grad
+from trm_fast.grad_sums import bias_grad, grad_product, grad_sum_of, grad_sums_of
 from trm_fast.kernels.matmul import autocast_cast
 
 
@@ -26,12 +27,14 @@ def linear_forward(x, weight, bias):
     return F.linear(x.to(weight.dtype), weight, bias)
 
 
-def linear_backward(grad_out, x, weight, has_bias: bool, grad_sums=(None, None)):
-    """(grad x in x's dtype, grad weight, grad bias or None); the weight's or bias's gradient is None when added
-    into its `grad_sums` entry (trm_fast.grad_sums)."""
+def linear_backward(grad_out, x, weight, has_bias: bool, grad_sums=(None, None), x_grad_sum=None,
+                    needs_x_grad: bool = True):
+    """(grad x in x's dtype, grad weight, grad bias or None); x's, the weight's or the bias's gradient is None when
+    added into its grad sum (`x_grad_sum`, `grad_sums`: trm_fast.grad_sums), x's also when not needed."""
     flat = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
-    grad_x = (flat @ weight).to(x.dtype).view(x.shape)
-    grad_weight = weight_grad(grad_sums[0], flat.t(), x.reshape(-1, x.shape[-1]).to(weight.dtype))
+    grad_x = grad_product(x_grad_sum, flat, weight) if needs_x_grad else None
+    grad_x = grad_x.to(x.dtype).view(x.shape) if grad_x is not None else None
+    grad_weight = grad_product(grad_sums[0], flat.t(), x.reshape(-1, x.shape[-1]).to(weight.dtype))
     if not has_bias:
         return grad_x, grad_weight, None
     grad_bias = (bias_grad(grad_sums[1], flat, weight.dtype) if flat.is_cuda
@@ -83,12 +86,13 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        ctx.grad_sums = grad_sums_of(weight, bias)
+        ctx.grad_sums, ctx.x_grad_sum = grad_sums_of(weight, bias), grad_sum_of(x)
         return linear_forward(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        return linear_backward(grad_out, *ctx.saved_tensors, ctx.has_bias, ctx.grad_sums)
+        return linear_backward(grad_out, *ctx.saved_tensors, ctx.has_bias, ctx.grad_sums, ctx.x_grad_sum,
+                               ctx.needs_input_grad[0])
 
 
 def linear(x, weight, bias) -> torch.Tensor:

@@ -36,11 +36,6 @@ def tile_configs(names, tiles, interpreted):
     return [triton.Config(dict(zip(names, t)), num_warps=t[-2], num_stages=t[-1]) for t in chosen]
 
 
-def tile_grid(M: int, N: int):
-    """The launch grid of an [M, N] output in the autotuned config's BLOCK_M x BLOCK_N tiles."""
-    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
-
-
 def dot_config(dtype: torch.dtype):
     """(Triton dot dtype, input precision) for operands computed in `dtype`."""
     if dtype == torch.float32:
@@ -62,7 +57,7 @@ def dot_as(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+def grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(tile row, tile column) of the `tile`-th output tile, walked in column strips GROUP_M tile rows high so
     that tiles running together share their operand tiles in L2."""
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -86,7 +81,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, stride_am, stride_ak,
                    EVEN: tl.constexpr):
     """One output tile per program: the K loop (unmasked when EVEN: M, N, K multiples of the blocks), then the
     epilogue."""
-    tile_m, tile_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    tile_m, tile_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
@@ -122,11 +117,11 @@ def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, dot_dtype: 
     """out[:] = a @ b (epilogue NONE) or a @ b + bias (BIAS), the dot in `dot_dtype`."""
     (M, K), N = a.shape, b.shape[1]
     dtype, precision = dot_config(dot_dtype)
-    _matmul_kernel[_matmul_grid(M, N)](a, b, out, bias if bias is not None else out, M, N, K, a.stride(0),
+    _matmul_kernel[matmul_grid(M, N)](a, b, out, bias if bias is not None else out, M, N, K, a.stride(0),
                                        a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
                                        EPILOGUE=epilogue, DOT_DTYPE=dtype, PRECISION=precision)
 
 
-def _matmul_grid(M: int, N: int):
-    """One program per output tile (a 1-D grid: _grouped_tile places them)."""
+def matmul_grid(M: int, N: int):
+    """One program per output tile (a 1-D grid: grouped_tile places them)."""
     return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trm_fast.grad_sums import shared_grad_sum
+from trm_fast.grad_sums import GradSum, plus, shared_grad_sum
 from trm_fast.kernels.column_sum import sum_rows
 from trm_fast.kernels.dropout import check_seed, keep_mask, load_seed, row_key, torch_keep_mask
 from trm_fast.seeds import new_seed
@@ -288,31 +288,44 @@ add_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _AddLayerNorm(torch.autograd.Function):
-    """The eager path (see kernels/concat_linear.py)."""
+    """The eager path (see kernels/concat_linear.py). With `cast_sums_grads` the cast copy gets a GradSum
+    (trm_fast.grad_sums) that its uses may add their gradients into, read here as the copy's gradient."""
 
     @staticmethod
-    def forward(ctx, h, residual, weight, bias, eps, p, seed, cast_dtype, residual_bias):
+    def forward(ctx, h, residual, weight, bias, eps, p, seed, cast_dtype, residual_bias, cast_sums_grads):
+        ctx.set_materialize_grads(False)
         out, cast, mean, rstd = add_layer_norm_forward(h, residual, weight, bias, eps, p, seed, cast_dtype,
                                                        residual_bias)
         ctx.save_for_backward(h, residual, weight, mean, rstd, seed, residual_bias)
         ctx.p = p
         ctx.grad_sum = shared_grad_sum(weight, bias, *(() if residual_bias is None else (residual_bias,)))
+        ctx.cast_grad_sum = None
+        if cast_sums_grads and cast.numel():
+            cast.grad_sum = ctx.cast_grad_sum = GradSum(shape=cast.shape)
         return out, cast
 
     @staticmethod
     def backward(ctx, grad_out, grad_cast):
+        if ctx.cast_grad_sum is not None:
+            grad_cast = plus(ctx.cast_grad_sum.take(), grad_cast)
+        if grad_out is None:
+            grad_out, grad_cast = grad_cast, None
+        if grad_out is None:
+            return (None,) * 10
         h, residual, weight, mean, rstd, seed, residual_bias = ctx.saved_tensors
         grad_h, grad_residual, grad_weight, grad_bias, grad_rb = add_layer_norm_backward(
-            grad_out, grad_cast, h, residual, weight, mean, rstd, ctx.p, seed, residual_bias, ctx.grad_sum)
-        return grad_h, grad_residual, grad_weight, grad_bias, None, None, None, None, grad_rb
+            grad_out.view(h.shape), grad_cast, h, residual, weight, mean, rstd, ctx.p, seed, residual_bias,
+            ctx.grad_sum)
+        return grad_h, grad_residual, grad_weight, grad_bias, None, None, None, None, grad_rb, None
 
 
 def _add_layer_norm(h, residual, weight, bias, eps: float, dropout_p: float, cast_dtype: Optional[torch.dtype],
-                    residual_bias: Optional[torch.Tensor]):
+                    residual_bias: Optional[torch.Tensor], cast_sums_grads: bool = False):
     seed = new_seed(h.device) if dropout_p > 0 else None
     if torch.compiler.is_compiling():
         return add_layer_norm_op(h, residual, weight, bias, eps, dropout_p, seed, cast_dtype, residual_bias)[:2]
-    return _AddLayerNorm.apply(h, residual, weight, bias, eps, dropout_p, seed, cast_dtype, residual_bias)
+    return _AddLayerNorm.apply(h, residual, weight, bias, eps, dropout_p, seed, cast_dtype, residual_bias,
+                               cast_sums_grads)
 
 
 def add_layer_norm(h, residual, weight, bias, eps: float, dropout_p: float,
@@ -324,8 +337,11 @@ def add_layer_norm(h, residual, weight, bias, eps: float, dropout_p: float,
 
 
 def add_layer_norm_and_cast(h, residual, weight, bias, eps: float, dropout_p: float, dtype: Optional[torch.dtype],
-                            residual_bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                            residual_bias: Optional[torch.Tensor] = None,
+                            cast_sums_grads: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """(add_layer_norm's output, the output in `dtype`), the copy written by the same kernel (the output itself
-    when `dtype` is None or its own dtype)."""
-    out, cast = _add_layer_norm(h, residual, weight, bias, eps, dropout_p, dtype, residual_bias)
+    when `dtype` is None or its own dtype). With `cast_sums_grads` (eager calls) the copy's uses may add their
+    gradients into its float32 `grad_sum` (trm_fast.grad_sums) instead of returning them: a copy read by several
+    ops (a TinyNet state) then needs no gradient adds."""
+    out, cast = _add_layer_norm(h, residual, weight, bias, eps, dropout_p, dtype, residual_bias, cast_sums_grads)
     return out, cast if _cast_wanted(dtype, weight) else out

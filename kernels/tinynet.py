@@ -11,6 +11,7 @@ from trm_fast.kernels.attention import causal_attention  # noqa: F401
 from trm_fast.kernels.concat_linear import concat_linear  # noqa: F401
 from trm_fast.kernels.cross_entropy import cross_entropy  # noqa: F401
 from trm_fast.kernels.feed_forward import feed_forward  # noqa: F401
+from trm_fast.kernels.linear import linear  # noqa: F401
 from trm_fast.kernels.residual_layer_norm import add_layer_norm, add_layer_norm_and_cast  # noqa: F401
 
 AUTO_ON_CUDA = False
@@ -19,3 +20,6 @@ AUTO_ON_CUDA = False
 RESIDUAL_BIAS_IN_NORM = True
 # the ops add their weight gradients into the float32 sums of the weights' cast copies (trm_fast.grad_sums)
 SUMS_WEIGHT_GRADS = True
+# TinyNet's output state carries its copy in the autocast dtype, written by its last LayerNorm, which the next calls'
+# projections read (the concat kernel at bf16 speed); the copy's gradients are summed in float32 (trm_fast.grad_sums)
+STATES_CARRY_COPIES = True

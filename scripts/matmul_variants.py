@@ -18,7 +18,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from trm_fast.kernels import matmul
 from trm_fast.kernels.feed_forward import gelu_parts
-from trm_fast.kernels.matmul import _grouped_tile, dot_as
+from trm_fast.kernels.matmul import grouped_tile, dot_as
 
 M = 8192
 
@@ -55,14 +55,14 @@ def _matmul_tma_kernel(a_desc, b_desc, c_desc, aux_desc, bias_ptr, M, N, K, EPIL
     done = tl.program_id(0) - NUM_SMS
     for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), NUM_SMS, flatten=True,
                          warp_specialize=WS):
-        tile_m, tile_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        tile_m, tile_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for ki in range(k_steps):
             a = a_desc.load([tile_m * BLOCK_M, ki * BLOCK_K]).to(DOT_DTYPE)
             b = b_desc.load([tile_n * BLOCK_N, ki * BLOCK_K])
             acc = dot_as(a, b.T, acc, DOT_DTYPE, "tf32")
         done += NUM_SMS
-        tile_m, tile_n = _grouped_tile(done, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        tile_m, tile_n = grouped_tile(done, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
         _store_half(c_desc, aux_desc, bias_ptr, acc0, tile_m * BLOCK_M, tile_n * BLOCK_N, EPILOGUE, HAS_AUX,
                     BLOCK_N // 2)

@@ -57,6 +57,14 @@ def test_concat_linear_kernels(num_inputs, M, K, N):
         assert cl.concat_linear_bwd_triton(grad_out, xs, weight, grad_sums)[1:] == (None, None)
     for grad_sum, leaf in zip(grad_sums, leaves[-2:]):
         _close(grad_sum.take(), 2 * leaf.grad, tol)
+    # the first input's gradient not needed, the last's added into a float32 sum (twice), the others returned
+    needs, input_sums = (False,) + (True,) * (num_inputs - 1), (None,) * (num_inputs - 1) + (GradSum(),)
+    for _ in range(2):
+        grads = cl.concat_linear_bwd_triton(grad_out, xs, weight, (None, None), needs, input_sums)[0]
+    assert grads[0] is None and grads[-1] is None
+    if num_inputs == 3:
+        _close(grads[1], leaves[1].grad, tol)
+    _close(input_sums[-1].take(), 2 * leaves[num_inputs - 1].grad, tol)
 
 
 @pytest.mark.parametrize("num_inputs, M, K", [(3, 37, 33), (2, 70, 200)])
@@ -138,6 +146,26 @@ def test_add_layer_norm_and_cast_op(device):
     assert same is out
     for dtype in (None, torch.bfloat16):
         torch.library.opcheck(torch.ops.trm_fast.add_layer_norm.default, (*leaves, 1e-5, 0.0, None, dtype, None))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_add_layer_norm_cast_summing_grads(device):
+    """A cast copy whose uses add their gradients into its float32 GradSum (concat_linear here, reading it twice)
+    gives the gradients of the same copy whose uses return them; the output's own gradient may be absent."""
+    g = torch.Generator().manual_seed(5)
+    h, residual = (torch.randn(2, 5, 16, generator=g).to(device) for _ in range(2))
+    weight, bias = torch.randn(16, generator=g).to(device), torch.randn(16, generator=g).to(device)
+    proj_weight, proj_bias = torch.randn(8, 32, generator=g).to(device), torch.randn(8, generator=g).to(device)
+    grad_out = torch.randn(2, 5, 8, generator=g).to(device)
+    results = []
+    for sums in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (h, residual, weight, bias)]
+        _, cast = rln.add_layer_norm_and_cast(*leaves, 1e-5, 0.0, torch.float64, cast_sums_grads=sums)
+        assert isinstance(getattr(cast, "grad_sum", None), GradSum) == sums
+        out = cl.concat_linear([cast, cast], proj_weight, proj_bias)
+        results.append(torch.autograd.grad(out, leaves, grad_out))
+    for got, expected in zip(*results):
+        _close(got, expected.double(), 1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -508,3 +536,30 @@ def test_model_on_the_triton_op_table_under_autocast():
     for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
         error = float((a.grad - b.grad).norm() / b.grad.norm().clamp(min=1e-12))
         assert error < 5e-2, name
+
+
+def test_states_carry_their_autocast_copies(monkeypatch):
+    """Under autocast the Triton op table's states carry a bf16 copy (x's cast once per forward) that every
+    projection reads; without the copies (autocast's casts per use, gradients returned in bf16) the loss and
+    gradients agree to bf16 rounding."""
+    from trm_fast.kernels import tinynet
+    fast = make_pair(kernels="triton", d_model=64, n_heads=2)[1]
+    ids, targets = random_batch(2, 11, 61, lengths=[11, 6])
+    projection_inputs = []
+    real_concat = cl.concat_linear
+    monkeypatch.setattr(tinynet, "concat_linear", lambda xs, *a: projection_inputs.append(xs) or real_concat(xs, *a))
+    results = []
+    for carry in (True, False):
+        monkeypatch.setattr(tinynet, "STATES_CARRY_COPIES", carry)
+        fast.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = fast(ids, target_ids=targets)["loss"]
+            loss.backward()
+        results.append((loss.detach().float(), [p.grad.clone() for p in fast.parameters()]))
+    calls = len(projection_inputs) // 2
+    assert all(x.dtype == torch.bfloat16 for xs in projection_inputs[:calls] for x in xs)
+    assert len({id(xs[0]) for xs in projection_inputs[:calls] if len(xs) == 3}) == 1  # x cast once
+    assert all(x.dtype == torch.float32 for xs in projection_inputs[calls:] for x in xs)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)  # the same bf16 forward
+    for (name, _), a, b in zip(fast.named_parameters(), results[0][1], results[1][1]):
+        assert float((a - b).norm() / b.norm().clamp(min=1e-12)) < 2e-2, name

@@ -8,6 +8,9 @@ gradient for the copy; the cast's backward, which autograd runs after every use'
 kept per backward pass (autograd's graph task), so a pass that did not reach the cast leaves nothing behind.
 Float32 parameters that are not cast (a LayerNorm's) get the same through `params_summing_grads`: aliases whose
 op adds their column sums into one total (kernels/column_sum.py adding into it), instead of autograd's adds.
+Activations that several ops read in the autocast dtype get it too: a TinyNet state carries a bf16 copy (written
+by the LayerNorm that makes it, whose backward reads the total) and x is cast once per forward; the projections and
+the output head add their input gradients into the copy's total (cuBLAS, beta = 1) instead of returning them.
 """
 from typing import Optional
 
@@ -18,10 +21,11 @@ class GradSum:
     """The float32 sum of the gradients of `count` parameters (concatenated) over the uses of their cast copy or
     aliases in the running backward."""
 
-    def __init__(self, count: int = 1):
+    def __init__(self, count: int = 1, shape: Optional[torch.Size] = None):
         self.total: Optional[torch.Tensor] = None
         self.task = None
         self.count = count  # parameters whose gradients it sums, concatenated
+        self.shape = shape  # of the total that `take` returns (the GEMMs form it in 2-D)
 
     def _in_this_pass(self) -> None:
         task = torch._C._current_graph_task_id()
@@ -53,7 +57,7 @@ class GradSum:
     def take(self) -> Optional[torch.Tensor]:
         self._in_this_pass()
         total, self.total = self.total, None
-        return total
+        return total.view(self.shape) if total is not None and self.shape is not None else total
 
 
 class _CastSummingGrads(torch.autograd.Function):
@@ -61,12 +65,12 @@ class _CastSummingGrads(torch.autograd.Function):
     def forward(ctx, param, dtype):
         ctx.set_materialize_grads(False)
         copy = param.to(dtype)
-        copy.grad_sum = ctx.grad_sum = GradSum()
+        copy.grad_sum = ctx.grad_sum = GradSum(shape=param.shape)
         return copy
 
     @staticmethod
     def backward(ctx, grad):
-        return _plus(ctx.grad_sum.take(), grad), None  # (uses that returned their gradient: a torch fallback)
+        return plus(ctx.grad_sum.take(), grad), None  # (uses that returned their gradient: a torch fallback)
 
 
 class _ParamsSummingGrads(torch.autograd.Function):
@@ -83,11 +87,11 @@ class _ParamsSummingGrads(torch.autograd.Function):
     def backward(ctx, *grads):
         total = ctx.grad_sum.take()
         parts = total.split([shape.numel() for shape in ctx.shapes]) if total is not None else [None] * len(grads)
-        return tuple(_plus(part.view(shape) if part is not None else None, grad)
+        return tuple(plus(part.view(shape) if part is not None else None, grad)
                      for part, shape, grad in zip(parts, ctx.shapes, grads))
 
 
-def _plus(total: Optional[torch.Tensor], grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def plus(total: Optional[torch.Tensor], grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """A summed gradient plus one that a use returned (a torch fallback), either possibly None."""
     if grad is None:
         return total
@@ -109,7 +113,8 @@ def shared_grad_sum(*params: torch.Tensor) -> Optional[GradSum]:
 
 
 def cast_summing_grads(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """param.to(dtype) whose gradient the kernels may sum into its `grad_sum` (float32) instead of returning it."""
+    """param.to(dtype) whose gradient the kernels may sum into its `grad_sum` (float32) instead of returning it
+    (a weight, or an activation read by several ops: TinyNet's input x)."""
     return _CastSummingGrads.apply(param, dtype)
 
 
@@ -124,8 +129,9 @@ def grad_sums_of(*params: Optional[torch.Tensor]) -> tuple:
     return tuple(grad_sum_of(p) for p in params)
 
 
-def weight_grad(grad_sum: Optional[GradSum], a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
-    """A weight's gradient a @ b: added into `grad_sum` (then None) when the weight has one, else returned."""
+def grad_product(grad_sum: Optional[GradSum], a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
+    """A gradient a @ b (a weight's, or an input copy's): added into `grad_sum` (then None) when the tensor has one,
+    else returned."""
     if grad_sum is None:
         return a @ b
     grad_sum.addmm(a, b)

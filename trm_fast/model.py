@@ -85,7 +85,21 @@ class DispatchTinyNet(reference.TinyNet):
         f = ops.feed_forward(h_cast, *self._linear(ops, block.ffn[0].weight, block.ffn[0].bias, block.ffn[2].weight),
                              None if in_norm else self._linear(ops, ffn_bias)[0])
         ln2 = self._norm_params(ops, block.ln2, ffn_bias if in_norm else None)
-        return ops.add_layer_norm(h, f, ln2[0], ln2[1], block.ln2.eps, p(block.ffn[3].p), ln2[2] if in_norm else None)
+        args = (h, f, ln2[0], ln2[1], block.ln2.eps, p(block.ffn[3].p))
+        copy_dtype = _state_copy_dtype(ops, h)
+        if copy_dtype is None:
+            return ops.add_layer_norm(*args, ln2[2] if in_norm else None)
+        # the new state and its copy in the autocast dtype, which the next calls' projections read (their gradients
+        # summed in float32 by the GEMMs that form them)
+        state, copy = ops.add_layer_norm_and_cast(*args, copy_dtype, ln2[2] if in_norm else None, cast_sums_grads=True)
+        _keep_copy(state, copy)
+        return state
+
+    def _projection_inputs(self, ops, states: tuple) -> tuple:
+        """The states as the projection reads them: where the op table says so, their copies in the autocast dtype
+        (made by the call that made the state, or here once and kept with the state: x's for every call)."""
+        dtype = _state_copy_dtype(ops, states[0])
+        return states if dtype is None else tuple(_copy_of(state, dtype) for state in states)
 
     def _norm_params(self, ops, norm: torch.nn.LayerNorm, residual_bias: Optional[torch.Tensor]) -> tuple:
         """A LayerNorm's weight and bias (and the residual bias it adds, when given): where the op table sums
@@ -102,13 +116,40 @@ class DispatchTinyNet(reference.TinyNet):
 
     def forward_xyz(self, x, y, z, attn_mask):
         ops = tinynet_ops(self.kernels, x.device)
-        h = ops.concat_linear((x, y, z), *self._linear(ops, self.xyz_proj.weight, self.xyz_proj.bias))
+        h = ops.concat_linear(self._projection_inputs(ops, (x, y, z)),
+                              *self._linear(ops, self.xyz_proj.weight, self.xyz_proj.bias))
         return self._block(ops, h, attn_mask)
 
     def forward_yz(self, y, z, attn_mask):
         ops = tinynet_ops(self.kernels, y.device)
-        h = ops.concat_linear((y, z), *self._linear(ops, self.yz_proj.weight, self.yz_proj.bias))
+        h = ops.concat_linear(self._projection_inputs(ops, (y, z)),
+                              *self._linear(ops, self.yz_proj.weight, self.yz_proj.bias))
         return self._block(ops, h, attn_mask)
+
+
+def _state_copy_dtype(ops, state: torch.Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype where the op table has states carry a copy in it (eager calls), else None."""
+    if not ops.STATES_CARRY_COPIES or torch.compiler.is_compiling():
+        return None
+    return autocast_dtype(state.device.type)
+
+
+def _keep_copy(state: torch.Tensor, copy: torch.Tensor) -> None:
+    """Attach `copy` (state in another dtype) to `state`, valid while state is not modified in place."""
+    state.dtype_copy = (copy, state._version)
+
+
+def _copy_of(state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """state in `dtype`: the copy attached to it, else a cast, attached (recorded for autograd even under no_grad,
+    as the weights' casts are; its gradient summed in float32 where its uses support that: trm_fast.grad_sums)."""
+    if state.dtype == dtype:
+        return state
+    copy, version = getattr(state, "dtype_copy", (None, None))
+    if copy is None or copy.dtype != dtype or version != state._version:
+        with torch.enable_grad():
+            copy = cast_summing_grads(state, dtype) if state.requires_grad else state.to(dtype)
+        _keep_copy(state, copy)
+    return copy
 
 
 def _check_positive_int(name: str, value: Any, allow_none: bool = False, allow_zero: bool = False) -> None:
@@ -209,6 +250,15 @@ class TRMModel(reference.TRMModel):
         _check_positive_int("supervision_steps", supervision_steps, allow_none=True)
         if check_ranges and not torch.compiler.is_compiling():
             check_id_bounds(named_ids, id_bounds(named_ids).tolist(), self.config.vocab_size)
+
+    def _output_logits(self, y: torch.Tensor) -> torch.Tensor:
+        """The output head; where the op table has states carry their autocast copy, on y's copy with the head's
+        weight cast once per forward (their gradients summed in float32: trm_fast.grad_sums)."""
+        ops = tinynet_ops(self.kernels, y.device)
+        dtype = _state_copy_dtype(ops, y)
+        if dtype is None:
+            return super()._output_logits(y)
+        return ops.linear(_copy_of(y, dtype), *self.tiny_net._linear(ops, self.output_head.weight), None)
 
     def _supervision_losses(self, logits, q_hat, target_ids, attention_mask):
         """The seed's step losses, the cross-entropy and argmax on the kernels' op (one read of the logits)."""

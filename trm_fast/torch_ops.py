@@ -11,6 +11,9 @@ import torch.nn.functional as F
 RESIDUAL_BIAS_IN_NORM = False
 # whether the ops add their weight gradients into trm_fast.grad_sums' float32 sums: not here (autograd sums them)
 SUMS_WEIGHT_GRADS = False
+# whether TinyNet's output state carries a copy in the autocast dtype (written by its last LayerNorm) for the next
+# calls' projections: not here (autocast casts per use)
+STATES_CARRY_COPIES = False
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -63,6 +66,11 @@ def feed_forward(h, w1, b1, w2, b2) -> torch.Tensor:
     """`linear(gelu(linear(h)))` with exact (erf) GELU; its dropout is `add_layer_norm`'s; b2 may be None (left to
     `add_layer_norm`'s residual_bias)."""
     return F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
+
+
+def linear(x, weight, bias) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` (the output head)."""
+    return F.linear(x, weight, bias)
 
 
 def cross_entropy(logits, targets, ignore_index: int):
