@@ -8,8 +8,11 @@ import torch
 import triton
 import triton.language as tl
 
-BAND_ROWS = 64  # rows per program of the first pass, read as one tile
+BAND_ROWS = 64  # rows per band of the partial sums that other kernels write (kernels/feed_forward.py)
 ONE_PASS_ROWS = 512  # at most this many rows (partial sums, mostly) are summed in one pass
+# the first pass: bands of 256 rows walked in 32 x 64 tiles, 4 warps (H100, scripts/column_sum_bench.py: 3.4 TB/s
+# over [8192, 1536] bf16, where one 64 x 128 tile per program ran at 1.3)
+FIRST_PASS_ROWS, FIRST_PASS_TILE = 256, (32, 64)
 
 
 @triton.jit
@@ -42,8 +45,8 @@ def _sum_bands(x: torch.Tensor, out: torch.Tensor, band_rows: int, block_r: int,
 
 def sum_rows(x: torch.Tensor, dtype: torch.dtype, into: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x.sum(0) in `dtype`, accumulated in float32, for a CUDA (or, under TRITON_INTERPRET=1, CPU) [R, N] tensor
-    with unit column stride: over more than ONE_PASS_ROWS rows, bands of BAND_ROWS first (one tile per program),
-    then the band sums in narrow column strips, all rows of a strip in one tile (many programs, one load each).
+    with unit column stride: over more than ONE_PASS_ROWS rows, bands of FIRST_PASS_ROWS first (a loop of tiles per
+    program), then the band sums in narrow column strips, all rows of a strip in one tile (many programs, one load each).
     With `into` (a contiguous float32 [N] tensor) the sums are added to it, which is returned."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"sum_rows: expects a 2-D tensor with unit column stride, got {tuple(x.shape)} strides "
@@ -55,8 +58,8 @@ def sum_rows(x: torch.Tensor, dtype: torch.dtype, into: Optional[torch.Tensor] =
                          f"{tuple(into.shape)} on {into.device}")
     out = into if into is not None else torch.empty(N, device=x.device, dtype=dtype)
     if R > ONE_PASS_ROWS:
-        bands = torch.empty(triton.cdiv(R, BAND_ROWS), N, device=x.device, dtype=torch.float32)
-        _sum_bands(x, bands, BAND_ROWS, BAND_ROWS, 128)
+        bands = torch.empty(triton.cdiv(R, FIRST_PASS_ROWS), N, device=x.device, dtype=torch.float32)
+        _sum_bands(x, bands, FIRST_PASS_ROWS, *FIRST_PASS_TILE)
         x, R = bands, bands.shape[0]
     block_r = min(max(triton.next_power_of_2(R), 16), ONE_PASS_ROWS)
     _sum_bands(x, out, R, block_r, min(32, 8192 // block_r), accumulate=into is not None)
