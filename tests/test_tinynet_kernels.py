@@ -558,6 +558,8 @@ def test_states_carry_their_autocast_copies(monkeypatch):
         results.append((loss.detach().float(), [p.grad.clone() for p in fast.parameters()]))
     calls = len(projection_inputs) // 2
     assert all(x.dtype == torch.bfloat16 for xs in projection_inputs[:calls] for x in xs)
+    first = projection_inputs[0]
+    assert first[1] is first[0] and not first[2].any()  # y0 = x's copy, z0 bf16 zeros: no casts of their own
     assert len({id(xs[0]) for xs in projection_inputs[:calls] if len(xs) == 3}) == 1  # x cast once
     assert all(x.dtype == torch.float32 for xs in projection_inputs[calls:] for x in xs)
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)  # the same bf16 forward

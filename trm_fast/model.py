@@ -251,6 +251,16 @@ class TRMModel(reference.TRMModel):
         if check_ranges and not torch.compiler.is_compiling():
             check_id_bounds(named_ids, id_bounds(named_ids).tolist(), self.config.vocab_size)
 
+    def _init_states(self, x: torch.Tensor):
+        """The seed's (x.clone(), zeros); where states carry their autocast copy, y's is x's and z's zeros in that
+        dtype (no casts of their own)."""
+        y, z = super()._init_states(x)
+        dtype = _state_copy_dtype(tinynet_ops(self.kernels, x.device), x)
+        if dtype is not None:
+            _keep_copy(y, _copy_of(x, dtype))
+            _keep_copy(z, torch.zeros_like(z, dtype=dtype))
+        return y, z
+
     def _output_logits(self, y: torch.Tensor) -> torch.Tensor:
         """The output head; where the op table has states carry their autocast copy, on y's copy with the head's
         weight cast once per forward (their gradients summed in float32: trm_fast.grad_sums)."""
