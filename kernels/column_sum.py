@@ -46,7 +46,8 @@ def _sum_bands(x: torch.Tensor, out: torch.Tensor, band_rows: int, block_r: int,
 def sum_rows(x: torch.Tensor, dtype: torch.dtype, into: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x.sum(0) in `dtype`, accumulated in float32, for a CUDA (or, under TRITON_INTERPRET=1, CPU) [R, N] tensor
     with unit column stride: over more than ONE_PASS_ROWS rows, bands of FIRST_PASS_ROWS first (a loop of tiles per
-    program), then the band sums in narrow column strips, all rows of a strip in one tile (many programs, one load each).
+    program), then the band sums in narrow column strips, all rows of a strip in one tile (many programs, one load
+    each).
     With `into` (a contiguous float32 [N] tensor) the sums are added to it, which is returned."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"sum_rows: expects a 2-D tensor with unit column stride, got {tuple(x.shape)} strides "

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from trm_fast import torch_ops
-from trm_fast.grad_sums import bias_grad, grad_sums_of, grad_product
+from trm_fast.grad_sums import bias_grad, grad_product, grad_sums_of
 from trm_fast.kernels.matmul import (autocast_cast, dot_as, dot_config, grouped_tile, matmul_grid, matmul_into,
                                      tile_configs)
 

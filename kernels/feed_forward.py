@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trm_fast.grad_sums import bias_grad, grad_sums_of, grad_product
+from trm_fast.grad_sums import bias_grad, grad_product, grad_sums_of
 from trm_fast.kernels.column_sum import BAND_ROWS
 from trm_fast.kernels.matmul import BIAS, NONE, autocast_cast, matmul_into
 

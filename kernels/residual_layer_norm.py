@@ -158,6 +158,8 @@ def _check(h, residual, weight, bias, p, seed, residual_bias):
                                                                         and residual.is_floating_point()):
         raise ValueError(f"add_layer_norm: h {tuple(h.shape)} {h.dtype} and residual {tuple(residual.shape)} "
                          f"{residual.dtype} must be float tensors of one shape and device")
+    if weight is None or bias is None:
+        raise ValueError("add_layer_norm: weight and bias must be tensors (the LayerNorm's), got None")
     for name, t in (("weight", weight), ("bias", bias), ("residual_bias", residual_bias)):
         if t is not None and (t.shape != (h.shape[-1],) or t.device != h.device):
             raise ValueError(f"add_layer_norm: {name} must be [{h.shape[-1]}] on {h.device}, got {tuple(t.shape)} "

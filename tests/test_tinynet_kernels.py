@@ -44,6 +44,8 @@ def test_concat_linear_kernels(num_inputs, M, K, N):
     xs = [_randn(M, K, seed=i) for i in range(num_inputs)]
     weight, bias, grad_out = _randn(N, num_inputs * K, seed=7), _randn(N, seed=8), _randn(M, N, seed=9)
     out = cl.concat_linear_fwd_triton(xs, weight, bias)
+    strided = [xs[0]] + [torch.cat([x, x], 1)[:, :K] for x in xs[1:]]  # row strides that differ: copied first
+    assert torch.equal(cl.concat_linear_fwd_triton(strided, weight, bias), out)
     leaves = _double_leaves(*xs, weight, bias)
     expected = F.linear(torch.cat(leaves[:num_inputs], dim=-1), leaves[-2], leaves[-1])
     (expected * grad_out.double()).sum().backward()
@@ -199,7 +201,8 @@ def test_ops_autograd_and_opcheck(device):
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(2, 5, 16, generator=g).to(device).requires_grad_() for _ in range(3)]
     weight, bias = torch.randn(8, 48, generator=g).to(device), torch.randn(8, generator=g).to(device)
-    torch.library.opcheck(torch.ops.trm_fast.concat_linear.default, (xs, weight.requires_grad_(), bias.requires_grad_()))
+    torch.library.opcheck(torch.ops.trm_fast.concat_linear.default,
+                          (xs, weight.requires_grad_(), bias.requires_grad_()))
     out = cl.concat_linear(xs, weight, bias)
     _close(out, F.linear(torch.cat([x.double() for x in xs], -1), weight.double(), bias.double()), 1e-4)
     h, r = torch.randn(2, 5, 16, generator=g).to(device), torch.randn(2, 5, 16, generator=g).to(device)
@@ -241,6 +244,8 @@ def test_ops_reject_bad_input():
         rln.add_layer_norm(x, x, torch.ones(8), torch.zeros(8), 1e-5, 1.0)
     with pytest.raises(ValueError, match=r"weight must be \[8\]"):
         rln.add_layer_norm(x, x, torch.ones(7), torch.zeros(8), 1e-5, 0.0)
+    with pytest.raises(ValueError, match="weight and bias must be tensors"):
+        rln.add_layer_norm(x, x, torch.ones(8), None, 1e-5, 0.0)
     with pytest.raises(ValueError, match=r"residual_bias must be \[8\]"):
         rln.add_layer_norm(x, x, torch.ones(8), torch.zeros(8), 1e-5, 0.0, torch.zeros(4))
     with pytest.raises(ValueError, match=r"linear: for x \[..., 8\] expects weight \[N, 8\]"):
@@ -481,7 +486,8 @@ def test_feed_forward_kernels(M, D, F_, with_b2):
 def test_feed_forward_op(device):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, 3, 8, generator=g).to(device).requires_grad_()
-    weights = [torch.randn(*shape, generator=g).to(device).requires_grad_() for shape in ((16, 8), (16,), (8, 16), (8,))]
+    weights = [torch.randn(*shape, generator=g).to(device).requires_grad_()
+               for shape in ((16, 8), (16,), (8, 16), (8,))]
     torch.library.opcheck(torch.ops.trm_fast.feed_forward.default, (h, *weights))
     got = ffn.feed_forward(h, *weights)
     expected = torch_ops.feed_forward(h, *weights)
