@@ -316,7 +316,7 @@ class _AddLayerNorm(torch.autograd.Function):
             return (None,) * 10
         h, residual, weight, mean, rstd, seed, residual_bias = ctx.saved_tensors
         grad_h, grad_residual, grad_weight, grad_bias, grad_rb = add_layer_norm_backward(
-            grad_out.view(h.shape), grad_cast, h, residual, weight, mean, rstd, ctx.p, seed, residual_bias,
+            grad_out.reshape(h.shape), grad_cast, h, residual, weight, mean, rstd, ctx.p, seed, residual_bias,
             ctx.grad_sum)
         return grad_h, grad_residual, grad_weight, grad_bias, None, None, None, None, grad_rb, None
 
