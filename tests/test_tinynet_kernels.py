@@ -548,6 +548,7 @@ def test_states_carry_their_autocast_copies(monkeypatch):
     """Under autocast the Triton op table's states carry a bf16 copy (x's cast once per forward) that every
     projection reads; without the copies (autocast's casts per use, gradients returned in bf16) the loss and
     gradients agree to bf16 rounding."""
+    from trm_fast import model as model_module
     from trm_fast.kernels import tinynet
     fast = make_pair(kernels="triton", d_model=64, n_heads=2)[1]
     ids, targets = random_batch(2, 11, 61, lengths=[11, 6])
@@ -569,5 +570,8 @@ def test_states_carry_their_autocast_copies(monkeypatch):
     assert len({id(xs[0]) for xs in projection_inputs[:calls] if len(xs) == 3}) == 1  # x cast once
     assert all(x.dtype == torch.float32 for xs in projection_inputs[calls:] for x in xs)
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)  # the same bf16 forward
+    state = torch.zeros(3, dtype=torch.bfloat16)
+    model_module._keep_copy(state, state)  # a state already in the copy's dtype keeps no copy (no cycle)
+    assert not hasattr(state, "dtype_copy")
     for (name, _), a, b in zip(fast.named_parameters(), results[0][1], results[1][1]):
         assert float((a - b).norm() / b.norm().clamp(min=1e-12)) < 2e-2, name

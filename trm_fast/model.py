@@ -86,12 +86,13 @@ class DispatchTinyNet(reference.TinyNet):
                              None if in_norm else self._linear(ops, ffn_bias)[0])
         ln2 = self._norm_params(ops, block.ln2, ffn_bias if in_norm else None)
         args = (h, f, ln2[0], ln2[1], block.ln2.eps, p(block.ffn[3].p))
+        residual_bias = ln2[2] if in_norm else None
         copy_dtype = _state_copy_dtype(ops, h)
         if copy_dtype is None:
-            return ops.add_layer_norm(*args, ln2[2] if in_norm else None)
+            return ops.add_layer_norm(*args, residual_bias)
         # the new state and its copy in the autocast dtype, which the next calls' projections read (their gradients
         # summed in float32 by the GEMMs that form them)
-        state, copy = ops.add_layer_norm_and_cast(*args, copy_dtype, ln2[2] if in_norm else None, cast_sums_grads=True)
+        state, copy = ops.add_layer_norm_and_cast(*args, copy_dtype, residual_bias, cast_sums_grads=True)
         _keep_copy(state, copy)
         return state
 
@@ -135,8 +136,10 @@ def _state_copy_dtype(ops, state: torch.Tensor) -> Optional[torch.dtype]:
 
 
 def _keep_copy(state: torch.Tensor, copy: torch.Tensor) -> None:
-    """Attach `copy` (state in another dtype) to `state`, valid while state is not modified in place."""
-    state.dtype_copy = (copy, state._version)
+    """Attach `copy` (state in another dtype) to `state`, valid while state is not modified in place; nothing
+    when the copy is the state itself (a state already in that dtype: no reference cycle)."""
+    if copy is not state:
+        state.dtype_copy = (copy, state._version)
 
 
 def _copy_of(state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
