@@ -5,9 +5,10 @@ labels), forward and backward.
 The seed (under autocast) copies the bf16 logits [N, vocab] to float32, takes log_softmax, gathers, and
 reads the logits once more for the argmax; its backward writes a float32 softmax and casts it back. Here
 one program per row reads the logits once in their own dtype (float32 math): online max and sum of exp,
-the argmax (first index of the maximum, as torch's), the target's logit. The backward reads them once more
-and writes (softmax - one-hot) * grad / count in the logits' dtype. The same kernel with `WRITE_GRAD` turns a
-chunk of logits into its gradient in place (`trm_fast.linear_cross_entropy`).
+the argmax (first index of the maximum, as torch's: the least column equal to a block's maximum), the target's
+logit. The backward reads them once more and writes (softmax - one-hot) * grad / count in the logits' dtype. The
+same kernel with both `STATS` and `WRITE_GRAD` forms the gradient in the pass that takes the statistics (reading each
+row twice), apart (kernels/head_cross_entropy.py) or in place over a chunk of logits (`trm_fast.linear_cross_entropy`).
 """
 from typing import Optional, Tuple
 
@@ -17,15 +18,16 @@ import triton
 import triton.language as tl
 
 BLOCK_V = 2048
+GRAD_BLOCK_V, GRAD_WARPS = 8192, 8  # the pass that also writes the gradient (`_launch`)
 
 
 @triton.jit
 def _cross_entropy_kernel(logits_ptr, stride_row, targets_ptr, lse_ptr, loss_ptr, correct_ptr, grad_ptr,
                           stride_grad, scale_ptr, V, ignore_index, STATS: tl.constexpr, WRITE_GRAD: tl.constexpr,
                           BLOCK_V: tl.constexpr):
-    """STATS: per row, lse, loss ((lse - target logit) on a counted row, else 0) and argmax == target.
-    WRITE_GRAD: grad[row] = (softmax - one-hot) * scale (0 on a row that is not counted), with lse from STATS or
-    from lse_ptr; grad may be the logits themselves."""
+    """One program per row. STATS: lse, loss ((lse - target logit) on a counted row, else 0) and argmax == target.
+    WRITE_GRAD: grad[row] = (softmax - one-hot) * scale (0 on a row that is not counted), with lse from STATS or from
+    lse_ptr; grad may be the logits themselves."""
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(targets_ptr + row)
     counted = target != ignore_index
@@ -39,7 +41,7 @@ def _cross_entropy_kernel(logits_ptr, stride_row, targets_ptr, lse_ptr, loss_ptr
             cols = start + tl.arange(0, BLOCK_V)
             x = tl.load(x_row + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
             block_max = tl.max(x, axis=0)
-            block_col = start + tl.argmax(x, axis=0, tie_break_left=True)
+            block_col = tl.min(tl.where(x == block_max, cols, V), axis=0)  # the block's first maximum
             best_col = tl.where(block_max > best, block_col, best_col)  # a tie keeps the earlier column
             best = tl.maximum(best, block_max)
             m_new = tl.maximum(m, block_max)
@@ -62,6 +64,16 @@ def _cross_entropy_kernel(logits_ptr, stride_row, targets_ptr, lse_ptr, loss_ptr
             tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
 
 
+def _launch(logits, targets, lse, loss, correct, grad, scale, ignore_index, stats: bool, write_grad: bool):
+    """One program per row, in blocks of BLOCK_V columns; the pass that both reads a row for its statistics and
+    writes its gradient reads it twice in wider blocks (GRAD_BLOCK_V, GRAD_WARPS: scripts/cross_entropy_bench.py)."""
+    N, V = logits.shape
+    block_v, warps = (GRAD_BLOCK_V, GRAD_WARPS) if stats and write_grad else (BLOCK_V, 4)
+    _cross_entropy_kernel[(N,)](logits, logits.stride(0), targets, lse, loss, correct, grad, grad.stride(0), scale, V,
+                                ignore_index, STATS=stats, WRITE_GRAD=write_grad,
+                                BLOCK_V=min(block_v, triton.next_power_of_2(V)), num_warps=warps)
+
+
 def cross_entropy_rows_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                               grad_scale: Optional[torch.Tensor] = None, grad: Optional[torch.Tensor] = None):
     """(per-row loss float32 [N] (0 where not counted), lse [N], bool [N] argmax == target) of logits [N, V] with
@@ -72,21 +84,16 @@ def cross_entropy_rows_triton(logits: torch.Tensor, targets: torch.Tensor, ignor
     loss = torch.empty_like(lse)
     correct = torch.empty(N, device=logits.device, dtype=torch.int8)
     write_grad = grad_scale is not None
-    grad = logits if grad is None else grad
-    _cross_entropy_kernel[(N,)](logits, logits.stride(0), targets, lse, loss, correct, grad, grad.stride(0),
-                                grad_scale if write_grad else lse, V, ignore_index, STATS=True,
-                                WRITE_GRAD=write_grad, BLOCK_V=min(BLOCK_V, triton.next_power_of_2(V)))
+    _launch(logits, targets, lse, loss, correct, logits if grad is None else grad, grad_scale if write_grad else lse,
+            ignore_index, stats=True, write_grad=write_grad)
     return loss, lse, correct.bool()
 
 
 def cross_entropy_grad_triton(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, ignore_index: int,
                               grad_scale: torch.Tensor) -> torch.Tensor:
     """(softmax - one-hot) * grad_scale in the logits' dtype (0 on rows whose target is `ignore_index`)."""
-    N, V = logits.shape
     grad = torch.empty_like(logits)
-    _cross_entropy_kernel[(N,)](logits, logits.stride(0), targets, lse, lse, lse, grad, grad.stride(0), grad_scale, V,
-                                ignore_index, STATS=False, WRITE_GRAD=True,
-                                BLOCK_V=min(BLOCK_V, triton.next_power_of_2(V)))
+    _launch(logits, targets, lse, lse, lse, grad, grad_scale, ignore_index, stats=False, write_grad=True)
     return grad
 
 

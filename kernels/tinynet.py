@@ -11,6 +11,7 @@ from trm_fast.kernels.attention import causal_attention  # noqa: F401
 from trm_fast.kernels.concat_linear import concat_linear  # noqa: F401
 from trm_fast.kernels.cross_entropy import cross_entropy  # noqa: F401
 from trm_fast.kernels.feed_forward import feed_forward  # noqa: F401
+from trm_fast.kernels.head_cross_entropy import head_cross_entropy  # noqa: F401
 from trm_fast.kernels.linear import linear  # noqa: F401
 from trm_fast.kernels.residual_layer_norm import add_layer_norm, add_layer_norm_and_cast  # noqa: F401
 

@@ -13,6 +13,7 @@ from triton.compiler import ASTSource
 
 from trm_fast.kernels import attention, column_sum, matmul
 from trm_fast.kernels import concat_linear as cl
+from trm_fast.kernels import cross_entropy as ce
 from trm_fast.kernels import feed_forward as ffn
 from trm_fast.kernels import residual_layer_norm as rln
 
@@ -75,7 +76,10 @@ def main():
     compile_for_sm90(column_sum._column_sum_kernel, dict(x_ptr="*bf16", out_ptr="*fp32",
                                                          **ints("R", "N", "stride_r", "band_rows")),
                      dict(BLOCK_R=64, BLOCK_N=128), num_warps=4)
-
+    compile_for_sm90(ce._cross_entropy_kernel, dict(
+        logits_ptr="*bf16", stride_row="i32", targets_ptr="*i64", lse_ptr="*fp32", loss_ptr="*fp32", correct_ptr="*i8",
+        grad_ptr="*bf16", **ints("stride_grad"), scale_ptr="*fp32", **ints("V", "ignore_index")),
+        dict(STATS=True, WRITE_GRAD=True, BLOCK_V=8192), num_warps=8)
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,7 @@ from trm_fast.kernels import column_sum  # noqa: E402
 from trm_fast.kernels import concat_linear as cl  # noqa: E402
 from trm_fast.kernels import cross_entropy as ce  # noqa: E402
 from trm_fast.kernels import feed_forward as ffn  # noqa: E402
+from trm_fast.kernels import head_cross_entropy as hce  # noqa: E402
 from trm_fast.kernels import linear  # noqa: E402
 from trm_fast.kernels import residual_layer_norm as rln  # noqa: E402
 
@@ -403,7 +404,7 @@ def test_attention_rejects_bad_input():
         attn.attention_forward(qkv, valid, 0.1, 7)
 
 
-@pytest.mark.parametrize("N, V", [(37, 300), (6, 2500), (1, 7)])
+@pytest.mark.parametrize("N, V", [(37, 300), (6, 2500), (3, 9000), (1, 7)])  # 9000: several blocks in each pass
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cross_entropy_kernels(N, V, dtype):
     """Per-row loss, log-sum-exp, argmax == target (ties: the first column, across blocks too) and the gradient
@@ -426,6 +427,9 @@ def test_cross_entropy_kernels(N, V, dtype):
     in_place = logits.clone()
     ce.cross_entropy_rows_triton(in_place, targets, 0, grad_scale=scale)
     _close(in_place, expected, tol)
+    apart = torch.empty_like(logits)
+    assert torch.equal(ce.cross_entropy_rows_triton(logits, targets, 0, scale, apart)[0], rows)
+    _close(apart, expected, tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -445,6 +449,50 @@ def test_cross_entropy_op_matches_torch_path(device):
     assert torch.isnan(all_ignored)  # as F.cross_entropy: 0 / 0
     with pytest.raises(ValueError, match="targets must be int64"):
         ce.cross_entropy(logits, targets.int(), -100)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (37, 300)])
+def test_scale_kernel(shape):
+    x = _randn(*shape).bfloat16()
+    scale = torch.tensor(0.37, device=KERNEL_DEVICE)
+    got = hce.scale_triton(x, scale)
+    assert got.dtype == torch.bfloat16
+    # float32 math, one rounding to bf16 (the interpreter truncates: within one bf16 step)
+    torch.testing.assert_close(got.float(), x.float() * scale, rtol=2 ** -7, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("logits_grad", [False, True])
+def test_head_cross_entropy_matches_linear_then_cross_entropy(device, logits_grad):
+    """Logits, loss, argmax and the gradients of h and the weight (for the loss alone, whose gradient the forward
+    formed, and with a gradient for the logits too) against `torch_ops.head_cross_entropy`."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(9, 16, generator=g).to(device).requires_grad_()
+    weight = torch.randn(40, 16, generator=g).to(device).requires_grad_()
+    targets = torch.randint(0, 40, (9,), generator=g).to(device)
+    targets[3] = -100
+    logits_weights = torch.randn(9, 40, generator=g).to(device) if logits_grad else torch.zeros(9, 40, device=device)
+    results = []
+    for op in (hce.head_cross_entropy, torch_ops.head_cross_entropy):
+        logits, loss, correct = op(h, weight, targets, -100)
+        ((loss * 3) + (logits * logits_weights).sum() if logits_grad else loss * 3).backward()
+        results.append((logits.detach(), loss.detach(), correct, h.grad, weight.grad))
+        h.grad = weight.grad = None
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.library.opcheck(torch.ops.trm_fast.head_cross_entropy.default, (h, weight, targets, -100))
+    with torch.no_grad():
+        torch.testing.assert_close(hce.head_cross_entropy(h, weight, targets, -100)[1], results[1][1])
+    all_ignored = hce.head_cross_entropy(h, weight, torch.full_like(targets, -100), -100)[1]
+    assert torch.isnan(all_ignored)  # as F.cross_entropy: 0 / 0
+    all_ignored.backward()
+    assert not h.grad.any() and not weight.grad.any()
+    with pytest.raises(ValueError, match="must share a dtype"):
+        hce.head_cross_entropy(h, weight.double(), targets, -100)
+    with pytest.raises(ValueError, match=r"h \[N, D\] and weight \[V, D\] must agree"):
+        hce.head_cross_entropy(h, weight[:, :8], targets, -100)
+    with pytest.raises(ValueError, match="targets must be int64"):
+        hce.head_cross_entropy(h, weight, targets[:4], -100)
 
 
 @pytest.mark.parametrize("R, N", [(1, 5), (300, 7), (1100, 130)])  # the last: two passes
@@ -528,16 +576,24 @@ def test_auto_keeps_the_torch_path_until_verified_on_a_gpu():
     assert tinynet_ops("auto", torch.device("cuda")) is (tinynet if tinynet.AUTO_ON_CUDA else torch_ops)
 
 
-def test_model_on_the_triton_op_table_under_autocast():
+def test_model_on_the_triton_op_table_under_autocast(monkeypatch):
     """bf16 autocast (CPU here, CUDA in the benchmarks): the op table casts as F.linear / layer_norm do, and the
-    weight gradients it sums in float32 (trm_fast.grad_sums) match the reference's."""
+    weight gradients it sums in float32 (trm_fast.grad_sums) match the reference's; each step's output head and
+    loss are one op (kernels/head_cross_entropy.py)."""
+    from trm_fast.kernels import tinynet
+    heads = []
+    monkeypatch.setattr(tinynet, "head_cross_entropy", lambda *a: heads.append(a) or hce.head_cross_entropy(*a))
     ref, fast = make_pair(kernels="triton", d_model=64, n_heads=2)
     ids, targets = random_batch(2, 11, 61, lengths=[11, 6])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected, got = ref(ids, target_ids=targets), fast(ids, target_ids=targets)
         got["loss"].backward()
         expected["loss"].backward()
-    assert got["logits"].dtype == expected["logits"].dtype
+    assert len(heads) == fast.config.supervision_steps == len(got["all_logits"])
+    assert got["logits"].dtype == expected["logits"].dtype and got["logits"].shape == expected["logits"].shape
+    for a, b in zip(got["all_logits"], expected["all_logits"]):  # bf16 through 16 TinyNet calls: ~1% apart
+        a, b = a.detach().float(), b.detach().float()
+        assert float((a - b).norm() / b.norm()) < 2e-2
     torch.testing.assert_close(got["loss"].float(), expected["loss"].float(), rtol=2e-2, atol=2e-2)
     for (name, a), b in zip(fast.named_parameters(), ref.parameters()):
         error = float((a.grad - b.grad).norm() / b.grad.norm().clamp(min=1e-12))

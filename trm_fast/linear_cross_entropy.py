@@ -40,7 +40,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         rows_kernel = _cross_entropy_rows_kernel(hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
-            h, t, keep = hidden[rows].to(dtype), targets[rows], counted[rows]
+            h, t = hidden[rows].to(dtype), targets[rows]
             if rows_kernel is not None:  # loss, argmax and gradient in one pass, in place over the chunk's logits
                 logits = h @ w.t()
                 chunk_loss, _, correct[rows] = rows_kernel(logits, t, ignore_index,
@@ -48,15 +48,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 loss += chunk_loss.sum()
                 grad_logits = logits  # with needs_grad, the kernel wrote the gradient over them
             else:
-                logits = (h @ w.t()).float()
-                safe_t = torch.where(keep, t, 0)
-                lse = torch.logsumexp(logits, dim=-1)
-                loss += ((lse - logits.gather(1, safe_t[:, None]).squeeze(1)) * keep).sum()
-                correct[rows] = logits.argmax(-1) == t
-                if needs_grad:
-                    grad_logits = torch.softmax(logits, dim=-1)
-                    grad_logits[torch.arange(len(t), device=t.device), safe_t] -= 1.0
-                    grad_logits = (grad_logits * (keep[:, None] * scale)).to(dtype)
+                chunk_loss, correct[rows], grad_logits = cross_entropy_and_grad(h @ w.t(), t, ignore_index,
+                                                                                scale if needs_grad else None)
+                loss += chunk_loss
             if needs_grad:
                 torch.mm(grad_logits, w, out=grad_hidden[rows])
                 part = grad_logits.t() @ h
@@ -75,6 +69,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return ((grad_hidden * grad_loss).to(hidden_dtype) if ctx.needs_input_grad[0] else None,
                 (grad_weight * grad_loss).to(weight_dtype) if ctx.needs_input_grad[1] else None, None, None, None, None,
                 None)
+
+
+def cross_entropy_and_grad(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                           grad_scale: Optional[torch.Tensor]) -> tuple:
+    """The torch steps of the loss kernel (kernels/cross_entropy.py) on logits [N, V]: (summed loss of the rows whose
+    target is not `ignore_index`, float32; bool [N] argmax == target; with `grad_scale`, (softmax - one-hot) *
+    grad_scale in the logits' dtype, 0 on rows not counted, else None)."""
+    keep = targets != ignore_index
+    x = logits.float()
+    safe_targets = torch.where(keep, targets, 0)
+    loss = ((torch.logsumexp(x, dim=-1) - x.gather(1, safe_targets[:, None]).squeeze(1)) * keep).sum()
+    correct = x.argmax(-1) == targets
+    if grad_scale is None:
+        return loss, correct, None
+    grad = torch.softmax(x, dim=-1)
+    grad[torch.arange(len(targets), device=targets.device), safe_targets] -= 1.0
+    return loss, correct, (grad * (keep[:, None] * grad_scale)).to(logits.dtype)
 
 
 def _cross_entropy_rows_kernel(device: torch.device):

@@ -281,20 +281,42 @@ class TRMModel(reference.TRMModel):
         labels = self._act_labels(correct.view_as(target_ids), attention_mask, self.config.act_threshold)
         return ce_loss, reference.halting_bce(q_hat, labels)
 
+    def _supervision_outputs(self, states, target_ids, attention_mask) -> Dict[str, Any]:
+        """The seed's outputs; where states carry their autocast copy and the losses need gradients, each step's
+        output head and loss are one op whose forward also forms the loss's gradient (no second read of the
+        logits: kernels/head_cross_entropy.py)."""
+        ops = tinynet_ops(self.kernels, self.output_head.weight.device)
+        dtype = _state_copy_dtype(ops, states[0][0]) if states else None
+        if target_ids is None or dtype is None or not torch.is_grad_enabled():
+            return super()._supervision_outputs(states, target_ids, attention_mask)
+        weight, = self.tiny_net._linear(ops, self.output_head.weight)
+
+        def head_and_loss(y):
+            logits, ce, correct = ops.head_cross_entropy(_copy_of(y, dtype).flatten(0, 1), weight,
+                                                         target_ids.flatten(), self.config.pad_token_id)
+            return logits.view(*y.shape[:2], -1), ce, correct
+        return self._outputs_from_fused_heads(states, target_ids, attention_mask, head_and_loss)
+
     def _forward_without_logits(self, input_ids, attention_mask, target_ids, supervision_steps) -> Dict[str, Any]:
         """The seed's training forward with the output head and cross-entropy fused per step."""
-        cfg = self.config
-        ce_losses, act_losses, q_hats = [], [], []
-        for y_grad, q_hat in self._supervision_states(input_ids, attention_mask, supervision_steps):
-            ce, correct = linear_cross_entropy(y_grad.reshape(-1, y_grad.size(-1)), self.output_head.weight,
-                                               target_ids.reshape(-1), cfg.pad_token_id)
-            labels = self._act_labels(correct.view_as(target_ids), attention_mask, cfg.act_threshold)
+        def head_and_loss(y):
+            ce, correct = linear_cross_entropy(y.reshape(-1, y.size(-1)), self.output_head.weight,
+                                               target_ids.reshape(-1), self.config.pad_token_id)
+            return None, ce, correct
+        states = self._supervision_states(input_ids, attention_mask, supervision_steps)
+        return self._outputs_from_fused_heads(states, target_ids, attention_mask, head_and_loss)
+
+    def _outputs_from_fused_heads(self, states, target_ids, attention_mask, head_and_loss) -> Dict[str, Any]:
+        """The forward's result where `head_and_loss(y)` gives a step's (logits or None, cross-entropy, bool argmax ==
+        target per token)."""
+        all_logits, ce_losses, act_losses = [], [], []
+        for y_grad, q_hat in states:
+            logits, ce, correct = head_and_loss(y_grad)
+            labels = self._act_labels(correct.view_as(target_ids), attention_mask, self.config.act_threshold)
+            all_logits += [logits] if logits is not None else []
             ce_losses.append(ce)
             act_losses.append(reference.halting_bce(q_hat, labels))
-            q_hats.append(q_hat)
-        loss, ce_loss, act_loss = self._mean_losses(ce_losses, act_losses)
-        return {"loss": loss, "ce_loss": ce_loss, "act_loss": act_loss, "logits": None, "all_logits": [],
-                "q_hats": q_hats}
+        return self._outputs(all_logits, [q_hat for _, q_hat in states], (ce_losses, act_losses))
 
     # -- generation (exact incremental decoding: trm_fast.decoding) ------------------------------------
     @torch.no_grad()

@@ -281,11 +281,17 @@ class TRMModel(nn.Module):
         """The forward's outputs from `_supervision_states`: each step's logits and losses."""
         all_logits = [self._output_logits(y_grad) for y_grad, _ in states]
         q_hats = [q_hat for _, q_hat in states]
-        ce_loss = act_loss = loss = None
+        losses = None
         if target_ids is not None:
-            ce_losses, act_losses = zip(*(self._supervision_losses(logits, q_hat, target_ids, attention_mask)
-                                          for logits, q_hat in zip(all_logits, q_hats)))
-            loss, ce_loss, act_loss = self._mean_losses(ce_losses, act_losses)
+            losses = zip(*(self._supervision_losses(logits, q_hat, target_ids, attention_mask)
+                           for logits, q_hat in zip(all_logits, q_hats)))
+        return self._outputs(all_logits, q_hats, losses)
+
+    def _outputs(self, all_logits, q_hats, losses) -> Dict[str, Any]:
+        """The forward's result from the steps' logits, q_hats and losses ((ce losses, ACT losses), or None)."""
+        ce_loss = act_loss = loss = None
+        if losses is not None:
+            loss, ce_loss, act_loss = self._mean_losses(*losses)
         return {
             "loss": loss,
             "ce_loss": ce_loss,

@@ -79,6 +79,13 @@ def cross_entropy(logits, targets, ignore_index: int):
     return F.cross_entropy(logits, targets, ignore_index=ignore_index), logits.argmax(dim=-1) == targets
 
 
+def head_cross_entropy(h, weight, targets, ignore_index: int):
+    """(logits `F.linear(h, weight)` [N, vocab], then `cross_entropy` of them): a supervision step's output head and
+    loss with the logits kept."""
+    logits = F.linear(h, weight)
+    return (logits, *cross_entropy(logits, targets, ignore_index))
+
+
 def decode_attention(qkv, kv_cache, token_valid, pos, n_heads: int) -> torch.Tensor:
     """One new query per row (`qkv` [B, 3D]) over its cache [B, T, 2, H, Dh]: writes the new key and value
     at `pos` [B], attends over valid keys 0..pos (`token_valid` [B, T]); a row with none gives zero."""
