@@ -86,7 +86,7 @@ def cross_entropy_rows_triton(logits: torch.Tensor, targets: torch.Tensor, ignor
     write_grad = grad_scale is not None
     _launch(logits, targets, lse, loss, correct, logits if grad is None else grad, grad_scale if write_grad else lse,
             ignore_index, stats=True, write_grad=write_grad)
-    return loss, lse, correct.bool()
+    return loss, lse, correct.view(torch.bool)
 
 
 def cross_entropy_grad_triton(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, ignore_index: int,

@@ -7,6 +7,7 @@ same math in PyTorch elsewhere).
 they are slower than the torch path (more, smaller kernels; benchmarks/NOTES.md, issue 3), so
 `kernels="auto"` keeps the torch path and an explicit `kernels="triton"` selects these ops.
 """
+from trm_fast.kernels.act_labels import act_labels  # noqa: F401
 from trm_fast.kernels.attention import causal_attention  # noqa: F401
 from trm_fast.kernels.concat_linear import concat_linear  # noqa: F401
 from trm_fast.kernels.cross_entropy import cross_entropy  # noqa: F401

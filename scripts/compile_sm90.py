@@ -11,7 +11,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from trm_fast.kernels import attention, column_sum, matmul
+from trm_fast.kernels import act_labels, attention, column_sum, matmul
 from trm_fast.kernels import concat_linear as cl
 from trm_fast.kernels import cross_entropy as ce
 from trm_fast.kernels import feed_forward as ffn
@@ -80,6 +80,9 @@ def main():
         logits_ptr="*bf16", stride_row="i32", targets_ptr="*i64", lse_ptr="*fp32", loss_ptr="*fp32", correct_ptr="*i8",
         grad_ptr="*bf16", **ints("stride_grad"), scale_ptr="*fp32", **ints("V", "ignore_index")),
         dict(STATS=True, WRITE_GRAD=True, BLOCK_V=8192), num_warps=8)
+    compile_for_sm90(act_labels._act_labels_kernel, dict(correct_ptr="*i8", mask_ptr="*i64", labels_ptr="*fp32",
+                                                         **ints("L", "stride_c", "stride_m"), threshold="fp32"),
+                     dict(ALL=False, BLOCK_L=512))
 
 if __name__ == "__main__":
     main()

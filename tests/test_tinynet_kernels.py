@@ -11,6 +11,7 @@ from parity_helpers import DEVICES, make_pair, random_batch
 triton = pytest.importorskip("triton")
 from trm_fast import torch_ops  # noqa: E402
 from trm_fast.grad_sums import GradSum  # noqa: E402
+from trm_fast.kernels import act_labels as act  # noqa: E402
 from trm_fast.kernels import attention as attn  # noqa: E402
 from trm_fast.kernels import column_sum  # noqa: E402
 from trm_fast.kernels import concat_linear as cl  # noqa: E402
@@ -428,7 +429,7 @@ def test_cross_entropy_kernels(N, V, dtype):
     ce.cross_entropy_rows_triton(in_place, targets, 0, grad_scale=scale)
     _close(in_place, expected, tol)
     apart = torch.empty_like(logits)
-    assert torch.equal(ce.cross_entropy_rows_triton(logits, targets, 0, scale, apart)[0], rows)
+    _close(ce.cross_entropy_rows_triton(logits, targets, 0, scale, apart)[0], rows.double(), 1e-6)  # other blocks
     _close(apart, expected, tol)
 
 
@@ -449,6 +450,38 @@ def test_cross_entropy_op_matches_torch_path(device):
     assert torch.isnan(all_ignored)  # as F.cross_entropy: 0 / 0
     with pytest.raises(ValueError, match="targets must be int64"):
         ce.cross_entropy(logits, targets.int(), -100)
+
+
+@pytest.mark.parametrize("L", [10, 1500])  # 1500: two blocks
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 0.9, 1.0])
+def test_act_labels_kernel(L, threshold):
+    """Per sequence, against the seed's torch steps: random rows, an all-padding row, 9 of 10 tokens correct (0.9
+    exactly in float32, as torch divides), an integer and a bool mask."""
+    g = torch.Generator().manual_seed(L)
+    correct = torch.rand(6, L, generator=g) < 0.7
+    mask = (torch.rand(6, L, generator=g) < 0.8).long()
+    mask[1] = 0
+    mask[2], correct[2] = 0, False
+    mask[2, :10], correct[2, :9] = 1, True
+    expected = torch_ops.act_labels(correct, mask, threshold)
+    assert bool(expected[2]) == (threshold <= 0.9)
+    for m in (mask, mask.bool()):
+        got = act.act_labels_triton(correct.to(KERNEL_DEVICE), m.to(KERNEL_DEVICE), threshold)
+        assert got.shape == (6, 1) and got.dtype == torch.float32
+        assert torch.equal(got.cpu(), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_act_labels_op(device):
+    correct = torch.tensor([[True, False, True], [True, True, False]], device=device)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], device=device)
+    assert act.act_labels(correct, mask, 0.6).flatten().tolist() == [1.0, 1.0]
+    assert act.act_labels(correct, mask, 1.0).flatten().tolist() == [0.0, 1.0]
+    torch.library.opcheck(torch.ops.trm_fast.act_labels.default, (correct, mask, 0.6))
+    with pytest.raises(ValueError, match="correct must be a bool"):
+        act.act_labels(correct.int(), mask, 0.6)
+    with pytest.raises(ValueError, match="attention_mask must be an integer or bool"):
+        act.act_labels(correct, mask.float(), 0.6)
 
 
 @pytest.mark.parametrize("shape", [(5, 3), (37, 300)])

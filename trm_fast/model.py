@@ -278,7 +278,7 @@ class TRMModel(reference.TRMModel):
         ops = tinynet_ops(self.kernels, logits.device)
         ce_loss, correct = ops.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1),
                                              self.config.pad_token_id)
-        labels = self._act_labels(correct.view_as(target_ids), attention_mask, self.config.act_threshold)
+        labels = ops.act_labels(correct.view_as(target_ids), attention_mask, self.config.act_threshold)
         return ce_loss, reference.halting_bce(q_hat, labels)
 
     def _supervision_outputs(self, states, target_ids, attention_mask) -> Dict[str, Any]:
@@ -295,7 +295,7 @@ class TRMModel(reference.TRMModel):
             logits, ce, correct = ops.head_cross_entropy(_copy_of(y, dtype).flatten(0, 1), weight,
                                                          target_ids.flatten(), self.config.pad_token_id)
             return logits.view(*y.shape[:2], -1), ce, correct
-        return self._outputs_from_fused_heads(states, target_ids, attention_mask, head_and_loss)
+        return self._outputs_from_fused_heads(ops, states, target_ids, attention_mask, head_and_loss)
 
     def _forward_without_logits(self, input_ids, attention_mask, target_ids, supervision_steps) -> Dict[str, Any]:
         """The seed's training forward with the output head and cross-entropy fused per step."""
@@ -304,15 +304,16 @@ class TRMModel(reference.TRMModel):
                                                target_ids.reshape(-1), self.config.pad_token_id)
             return None, ce, correct
         states = self._supervision_states(input_ids, attention_mask, supervision_steps)
-        return self._outputs_from_fused_heads(states, target_ids, attention_mask, head_and_loss)
+        ops = tinynet_ops(self.kernels, input_ids.device)
+        return self._outputs_from_fused_heads(ops, states, target_ids, attention_mask, head_and_loss)
 
-    def _outputs_from_fused_heads(self, states, target_ids, attention_mask, head_and_loss) -> Dict[str, Any]:
+    def _outputs_from_fused_heads(self, ops, states, target_ids, attention_mask, head_and_loss) -> Dict[str, Any]:
         """The forward's result where `head_and_loss(y)` gives a step's (logits or None, cross-entropy, bool argmax ==
         target per token)."""
         all_logits, ce_losses, act_losses = [], [], []
         for y_grad, q_hat in states:
             logits, ce, correct = head_and_loss(y_grad)
-            labels = self._act_labels(correct.view_as(target_ids), attention_mask, self.config.act_threshold)
+            labels = ops.act_labels(correct.view_as(target_ids), attention_mask, self.config.act_threshold)
             all_logits += [logits] if logits is not None else []
             ce_losses.append(ce)
             act_losses.append(reference.halting_bce(q_hat, labels))

@@ -79,6 +79,12 @@ def cross_entropy(logits, targets, ignore_index: int):
     return F.cross_entropy(logits, targets, ignore_index=ignore_index), logits.argmax(dim=-1) == targets
 
 
+def act_labels(correct, attention_mask, threshold: float) -> torch.Tensor:
+    """The seed's ACT labels, float32 [B, 1], from bool [B, L] argmax == target (trm_fast.reference)."""
+    from .reference import TRMModel
+    return TRMModel._act_labels(correct, attention_mask, threshold)
+
+
 def head_cross_entropy(h, weight, targets, ignore_index: int):
     """(logits `F.linear(h, weight)` [N, vocab], then `cross_entropy` of them): a supervision step's output head and
     loss with the logits kept."""
