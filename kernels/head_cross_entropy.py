@@ -18,7 +18,6 @@ import triton
 import triton.language as tl
 
 from trm_fast.grad_sums import grad_product, grad_sum_of
-from trm_fast.kernels.cross_entropy import cross_entropy_rows_triton
 from trm_fast.linear_cross_entropy import cross_entropy_and_grad
 
 
@@ -64,12 +63,7 @@ def head_cross_entropy_forward(h, weight, targets, ignore_index: int, with_grad:
     logits = F.linear(h, weight)
     count = (targets != ignore_index).sum()
     scale = (1.0 / count.clamp(min=1).float()).reshape(1) if with_grad else None
-    if logits.is_cuda:
-        grad = torch.empty_like(logits) if with_grad else None
-        rows, _, correct = cross_entropy_rows_triton(logits, targets, ignore_index, scale, grad)
-        loss = rows.sum()
-    else:
-        loss, correct, grad = cross_entropy_and_grad(logits, targets, ignore_index, scale)
+    loss, correct, grad = cross_entropy_and_grad(logits, targets, ignore_index, scale)
     return logits, loss / count, correct, grad if grad is not None else logits.new_empty(0)
 
 

@@ -37,20 +37,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         correct = torch.zeros_like(counted)
         grad_hidden = torch.empty_like(hidden, dtype=dtype) if needs_grad else None
         grad_weight = None  # the first chunk's, then a float32 sum over chunks
-        rows_kernel = _cross_entropy_rows_kernel(hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
-            h, t = hidden[rows].to(dtype), targets[rows]
-            if rows_kernel is not None:  # loss, argmax and gradient in one pass, in place over the chunk's logits
-                logits = h @ w.t()
-                chunk_loss, _, correct[rows] = rows_kernel(logits, t, ignore_index,
-                                                           scale.reshape(1) if needs_grad else None)
-                loss += chunk_loss.sum()
-                grad_logits = logits  # with needs_grad, the kernel wrote the gradient over them
-            else:
-                chunk_loss, correct[rows], grad_logits = cross_entropy_and_grad(h @ w.t(), t, ignore_index,
-                                                                                scale if needs_grad else None)
-                loss += chunk_loss
+            h = hidden[rows].to(dtype)
+            chunk_loss, correct[rows], grad_logits = cross_entropy_and_grad(
+                h @ w.t(), targets[rows], ignore_index, scale.reshape(1) if needs_grad else None, in_place=True)
+            loss += chunk_loss
             if needs_grad:
                 torch.mm(grad_logits, w, out=grad_hidden[rows])
                 part = grad_logits.t() @ h
@@ -72,10 +64,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def cross_entropy_and_grad(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                           grad_scale: Optional[torch.Tensor]) -> tuple:
-    """The torch steps of the loss kernel (kernels/cross_entropy.py) on logits [N, V]: (summed loss of the rows whose
-    target is not `ignore_index`, float32; bool [N] argmax == target; with `grad_scale`, (softmax - one-hot) *
-    grad_scale in the logits' dtype, 0 on rows not counted, else None)."""
+                           grad_scale: Optional[torch.Tensor], in_place: bool = False) -> tuple:
+    """Of logits [N, V]: (summed loss of the rows whose target is not `ignore_index`, float32; bool [N] argmax ==
+    target; with `grad_scale` (one element), (softmax - one-hot) * grad_scale in the logits' dtype, 0 on rows not
+    counted, else None). On CUDA one pass of kernels/cross_entropy.py, the gradient written over the logits with
+    `in_place`, else into a new tensor; elsewhere (or without Triton) the torch steps."""
+    rows_kernel = _cross_entropy_rows_kernel(logits.device)
+    if rows_kernel is not None:
+        grad = None if grad_scale is None else logits if in_place else torch.empty_like(logits)
+        rows, _, correct = rows_kernel(logits, targets, ignore_index, grad_scale, grad)
+        return rows.sum(), correct, grad
     keep = targets != ignore_index
     x = logits.float()
     safe_targets = torch.where(keep, targets, 0)
