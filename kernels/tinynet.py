@@ -11,6 +11,7 @@ from trm_fast.kernels.act_labels import act_labels  # noqa: F401
 from trm_fast.kernels.attention import causal_attention  # noqa: F401
 from trm_fast.kernels.concat_linear import concat_linear  # noqa: F401
 from trm_fast.kernels.cross_entropy import cross_entropy  # noqa: F401
+from trm_fast.kernels.embedding import embed  # noqa: F401
 from trm_fast.kernels.feed_forward import feed_forward  # noqa: F401
 from trm_fast.kernels.head_cross_entropy import head_cross_entropy  # noqa: F401
 from trm_fast.kernels.linear import linear  # noqa: F401

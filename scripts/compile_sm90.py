@@ -14,6 +14,7 @@ from triton.compiler import ASTSource
 from trm_fast.kernels import act_labels, attention, column_sum, matmul
 from trm_fast.kernels import concat_linear as cl
 from trm_fast.kernels import cross_entropy as ce
+from trm_fast.kernels import embedding as emb
 from trm_fast.kernels import feed_forward as ffn
 from trm_fast.kernels import residual_layer_norm as rln
 
@@ -45,8 +46,8 @@ def main():
             dict(EPILOGUE=epilogue, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
                  GROUP_M=8, EVEN=even), num_warps=8, num_stages=3)
     compile_for_sm90(ffn._gelu_backward_kernel, dict(grad_ptr="*bf16", pre_ptr="*bf16", act_ptr="*bf16",
-                                                     sums_ptr="*fp32", **ints("M", "N")), dict(BLOCK_N=128),
-                     num_warps=8)
+                                                     sums_ptr="*fp32", **ints("M", "N")),
+                     dict(WRITE_ACT=False, BLOCK_N=128), num_warps=8)
     compile_for_sm90(cl._cast_join_kernel, dict(x0_ptr="*fp32", x1_ptr="*fp32", x2_ptr="*fp32",
                                                 **ints("stride_x0", "stride_x1", "stride_x2"), out_ptr="*bf16",
                                                 **ints("stride_out", "M", "K")),
@@ -83,6 +84,14 @@ def main():
     compile_for_sm90(act_labels._act_labels_kernel, dict(correct_ptr="*i8", mask_ptr="*i64", labels_ptr="*fp32",
                                                          **ints("L", "stride_c", "stride_m"), threshold="fp32"),
                      dict(ALL=False, BLOCK_L=512))
+    compile_for_sm90(emb._embed_fwd_kernel, dict(ids_ptr="*i64", token_ptr="*fp32", pos_ptr="*fp32", out_ptr="*fp32",
+                                                 seed_ptr="*i64", **ints("n_rows", "L", "D"), p="fp32", scale="fp32"),
+                     dict(DROPOUT=True, BLOCK_R=8, BLOCK_D=512), num_warps=4)
+    for atomic in (True, False):
+        compile_for_sm90(emb._embed_bwd_kernel, dict(
+            grad_ptr="*fp32", ids_ptr="*i64", token_grad_ptr="*fp32", pos_grad_ptr="*fp32", seed_ptr="*i64",
+            **ints("n_rows", "L", "D", "padding_idx"), p="fp32", scale="fp32"),
+            dict(DROPOUT=True, ATOMIC=atomic, BLOCK_R=8, BLOCK_D=512), num_warps=4)
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,7 @@ from trm_fast.kernels import attention as attn  # noqa: E402
 from trm_fast.kernels import column_sum  # noqa: E402
 from trm_fast.kernels import concat_linear as cl  # noqa: E402
 from trm_fast.kernels import cross_entropy as ce  # noqa: E402
+from trm_fast.kernels import embedding as emb  # noqa: E402
 from trm_fast.kernels import feed_forward as ffn  # noqa: E402
 from trm_fast.kernels import head_cross_entropy as hce  # noqa: E402
 from trm_fast.kernels import linear  # noqa: E402
@@ -266,7 +267,7 @@ def test_kernels_take_wider_inputs_than_their_weights():
     expected = F.linear(torch.cat(xs, -1).bfloat16().double(), weight.double(), bias.double())
     _close(out, expected, 1e-2)
     w1, b1, w2, b2 = ((_randn(*s, seed=10 + i) * 0.2).bfloat16() for i, s in enumerate([(64, K), (64,), (K, 64), (K,)]))
-    got, _ = ffn.feed_forward_fwd_triton(xs[0], w1, b1, w2, b2)
+    got = ffn.feed_forward_fwd_triton(xs[0], w1, b1, w2, b2)[0]
     expected = torch_ops.feed_forward(xs[0].bfloat16().double(), w1.double(), b1.double(), w2.double(), b2.double())
     _close(got, expected, 2e-2)
     h, residual = xs[0].bfloat16(), xs[1]
@@ -484,6 +485,82 @@ def test_act_labels_op(device):
         act.act_labels(correct, mask.float(), 0.6)
 
 
+def _embed_case(D):
+    """ids [3, 7] with repeats and padding (row 0), token and positional tables (the latter longer than L)."""
+    ids = torch.randint(0, 11, (3, 7), generator=torch.Generator().manual_seed(D))
+    ids[0, :3], ids[1] = 0, 5
+    return ids.to(KERNEL_DEVICE), _randn(11, D, seed=1), _randn(9, D, seed=2)
+
+
+def _embed_grads(ids, scaled, V, P, pad):
+    """float64 token and positional gradients of an embedding whose output got the gradient `scaled`."""
+    D = scaled.shape[-1]
+    token = torch.zeros(V, D, dtype=torch.float64, device=scaled.device).index_add_(0, ids.flatten(),
+                                                                                    scaled.reshape(-1, D))
+    token[pad] = 0
+    pos = torch.zeros(P, D, dtype=torch.float64, device=scaled.device)
+    pos[:ids.shape[1]] = scaled.sum(0)
+    return token, pos
+
+
+@pytest.mark.parametrize("D", [24, 64])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_embed_kernels(D, p):
+    """Forward and both gradients against float64 torch: repeated ids, the padding row (no token gradient), a
+    positional table longer than L; with dropout the kept elements scaled by 1 / (1 - p) and the backward drawing the
+    forward's mask; the gradients added atomically and the scaled gradient written (the deterministic path's)."""
+    ids, tok, pos = _embed_case(D)
+    seed = _seed(5)
+    out = emb.embed_fwd_triton(ids, tok, pos, p, seed)
+    keep = out != 0
+    assert bool(keep.all()) if p == 0 else 0.55 < float(keep.float().mean()) < 0.85
+    _close(out, (tok.double()[ids] + pos.double()[:7]) * keep / (1 - p), 1e-6)
+    grad = _randn(3, 7, D, seed=3)
+    scaled = grad.double() * keep / (1 - p)
+    token_grad, pos_grad = torch.zeros_like(tok), torch.zeros_like(pos)
+    emb.embed_bwd_triton(grad, ids, token_grad, pos_grad, 0, p, seed)
+    expected_token, expected_pos = _embed_grads(ids, scaled, 11, 9, 0)
+    _close(token_grad, expected_token, 1e-6)
+    _close(pos_grad, expected_pos, 1e-6)
+    _close(emb.embed_bwd_triton(grad, ids, token_grad, pos_grad, 0, p, seed, atomic=False), scaled.reshape(-1, D),
+           1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_embed_op(device):
+    """The op table's embed against the torch path's (p = 0): output and both weight gradients (none for the padding
+    row), the deterministic path, the custom op under opcheck, the token gradient added into the GradSum of a cast
+    copy (the tied output head's) instead of returned; bad input named."""
+    from trm_fast.grad_sums import cast_summing_grads
+    ids, tok, pos = (t.to(device) for t in _embed_case(16))
+    weight = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(4)).to(device)
+    leaves = _double_leaves(tok, pos)
+    expected = (torch_ops.embed(ids, *leaves, 0, 0.0) * weight.double()).sum()
+    expected_grads = torch.autograd.grad(expected, leaves)
+    assert not expected_grads[0][0].any()
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            leaves = [t.clone().requires_grad_() for t in (tok, pos)]
+            got = (emb.embed(ids, *leaves, 0, 0.0) * weight).sum()
+            got_grads = torch.autograd.grad(got, leaves)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        _close(got, expected, 1e-6)
+        for a, b in zip(got_grads, expected_grads):
+            _close(a, b, 1e-6)
+    torch.library.opcheck(torch.ops.trm_fast.embed.default, (ids, tok.requires_grad_(), pos, 0, 0.0, None))
+    leaf = tok.detach().clone().requires_grad_()
+    copy = cast_summing_grads(leaf, torch.bfloat16)
+    x = emb.embed(ids, leaf, pos, 0, 0.0, copy)
+    (x * weight).sum().backward()
+    _close(leaf.grad, expected_grads[0], 1e-6)
+    with pytest.raises(ValueError, match="ids must be an int64"):
+        emb.embed(ids.int(), tok, pos, 0, 0.0)
+    with pytest.raises(ValueError, match="pos_weight"):
+        emb.embed(ids, tok, pos[:5], 0, 0.0)
+
+
 @pytest.mark.parametrize("shape", [(5, 3), (37, 300)])
 def test_scale_kernel(shape):
     x = _randn(*shape).bfloat16()
@@ -548,19 +625,22 @@ def test_sum_rows(R, N, dtype):
 @pytest.mark.parametrize("M, D, F_", [(37, 24, 96), (1, 16, 64), (70, 32, 40), (64, 32, 64)])  # last: unmasked tiles
 @pytest.mark.parametrize("with_b2", [True, False])
 def test_feed_forward_kernels(M, D, F_, with_b2):
+    """Forward and every gradient, the backward with gelu(pre) as the forward kept it and formed again."""
     h, w1, b1, w2, b2, grad_out = (_randn(*shape, seed=i) for i, shape in
                                    enumerate([(M, D), (F_, D), (F_,), (D, F_), (D,), (M, D)]))
     b2 = b2 if with_b2 else None
-    out, pre = ffn.feed_forward_fwd_triton(h, w1 * 0.3, b1, w2 * 0.3, b2)
+    out, pre, act = ffn.feed_forward_fwd_triton(h, w1 * 0.3, b1, w2 * 0.3, b2)
     leaves = _double_leaves(h, w1 * 0.3, b1, w2 * 0.3, *([b2] if with_b2 else []))
     expected = torch_ops.feed_forward(*leaves, *([] if with_b2 else [None]))
     (expected * grad_out.double()).sum().backward()
     tol = 1e-4
     _close(out, expected.detach(), tol)
-    grads = ffn.feed_forward_bwd_triton(grad_out, h, pre, w1 * 0.3, w2 * 0.3, with_b2)
-    assert (grads[4] is None) != with_b2
-    for got, leaf in zip(grads, leaves):
-        _close(got, leaf.grad, tol)
+    _close(act, F.gelu(pre.double()), tol)
+    for kept in (None, act):
+        grads = ffn.feed_forward_bwd_triton(grad_out, h, pre, w1 * 0.3, w2 * 0.3, with_b2, act=kept)
+        assert (grads[4] is None) != with_b2
+        for got, leaf in zip(grads, leaves):
+            _close(got, leaf.grad, tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -612,10 +692,12 @@ def test_auto_keeps_the_torch_path_until_verified_on_a_gpu():
 def test_model_on_the_triton_op_table_under_autocast(monkeypatch):
     """bf16 autocast (CPU here, CUDA in the benchmarks): the op table casts as F.linear / layer_norm do, and the
     weight gradients it sums in float32 (trm_fast.grad_sums) match the reference's; each step's output head and
-    loss are one op (kernels/head_cross_entropy.py)."""
+    loss are one op (kernels/head_cross_entropy.py); the embedding adds its gradient into the tied head weight's
+    sum."""
     from trm_fast.kernels import tinynet
-    heads = []
+    heads, head_copies = [], []
     monkeypatch.setattr(tinynet, "head_cross_entropy", lambda *a: heads.append(a) or hce.head_cross_entropy(*a))
+    monkeypatch.setattr(tinynet, "embed", lambda *a: head_copies.append(a[-1]) or emb.embed(*a))
     ref, fast = make_pair(kernels="triton", d_model=64, n_heads=2)
     ids, targets = random_batch(2, 11, 61, lengths=[11, 6])
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -623,6 +705,7 @@ def test_model_on_the_triton_op_table_under_autocast(monkeypatch):
         got["loss"].backward()
         expected["loss"].backward()
     assert len(heads) == fast.config.supervision_steps == len(got["all_logits"])
+    assert head_copies[0] is heads[0][1]  # the head's weight copy, cast once
     assert got["logits"].dtype == expected["logits"].dtype and got["logits"].shape == expected["logits"].shape
     for a, b in zip(got["all_logits"], expected["all_logits"]):  # bf16 through 16 TinyNet calls: ~1% apart
         a, b = a.detach().float(), b.detach().float()

@@ -54,6 +54,13 @@ class GradSum:
         from trm_fast.kernels.column_sum import sum_rows  # (Triton: CUDA only)
         self.total = sum_rows(x, torch.float32, into=self.total)
 
+    def into(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+        """The float32 [rows, cols] total for a kernel to add into in place (zeros when there is none yet)."""
+        self._in_this_pass()
+        if self.total is None:
+            self.total = torch.zeros(rows, cols, device=device, dtype=torch.float32)
+        return self.total
+
     def take(self) -> Optional[torch.Tensor]:
         self._in_this_pass()
         total, self.total = self.total, None

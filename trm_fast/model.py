@@ -12,7 +12,7 @@ from . import decoding, reference, seeds
 from .early_exit import EarlyExit, compacted_early_exit
 from .early_exit import reset_runs as reset_early_exit_runs
 from .dispatch import check_kernels_choice, tinynet_ops
-from .grad_sums import cast_summing_grads, params_summing_grads
+from .grad_sums import cast_summing_grads, grad_sum_of, params_summing_grads
 from .linear_cross_entropy import linear_cross_entropy
 from .reference import TRMConfig
 from .torch_ops import autocast_dtype
@@ -253,6 +253,19 @@ class TRMModel(reference.TRMModel):
         _check_positive_int("supervision_steps", supervision_steps, allow_none=True)
         if check_ranges and not torch.compiler.is_compiling():
             check_id_bounds(named_ids, id_bounds(named_ids).tolist(), self.config.vocab_size)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The seed's embedding on the op table's `embed`; where the op table sums weight gradients and the output
+        head shares the token weight, the embedding adds its gradient into the head's cast copy's sum."""
+        if input_ids.size(1) > self.pos_embed.num_embeddings:
+            self._grow_positional_table(input_ids.size(1))
+        ops = tinynet_ops(self.kernels, input_ids.device)
+        head_copy = None
+        if ops.SUMS_WEIGHT_GRADS and self.config.tie_embeddings and torch.is_grad_enabled():
+            head_copy, = self.tiny_net._linear(ops, self.output_head.weight)
+        return ops.embed(input_ids, self.token_embed.weight, self.pos_embed.weight, self.config.pad_token_id,
+                         self.dropout.p if self.training else 0.0,
+                         head_copy if grad_sum_of(head_copy) is not None else None)
 
     def _init_states(self, x: torch.Tensor):
         """The seed's (x.clone(), zeros); where states carry their autocast copy, y's is x's and z's zeros in that

@@ -79,6 +79,15 @@ def cross_entropy(logits, targets, ignore_index: int):
     return F.cross_entropy(logits, targets, ignore_index=ignore_index), logits.argmax(dim=-1) == targets
 
 
+def embed(input_ids, token_weight, pos_weight, padding_idx: Optional[int], p: float,
+          token_copy: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The seed's input embedding, dropout(token_weight[ids] + pos_weight[:L]) (`token_copy`, the tied output head's
+    cast copy, is for the kernels' gradient sums: unused here)."""
+    positions = torch.arange(input_ids.size(1), device=input_ids.device)
+    x = F.embedding(input_ids, token_weight, padding_idx) + F.embedding(positions, pos_weight).unsqueeze(0)
+    return F.dropout(x, p, training=p > 0)
+
+
 def act_labels(correct, attention_mask, threshold: float) -> torch.Tensor:
     """The seed's ACT labels, float32 [B, 1], from bool [B, L] argmax == target (trm_fast.reference)."""
     from .reference import TRMModel
