@@ -17,6 +17,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from trm_fast.linear_cross_entropy import check_targets
+
 BLOCK_V = 2048
 GRAD_BLOCK_V, GRAD_WARPS = 8192, 8  # the pass that also writes the gradient (`_launch`)
 
@@ -101,9 +103,7 @@ def _check(logits, targets):
     if logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError(f"cross_entropy: logits must be a float [N, vocab] tensor, got {logits.dtype} "
                          f"{tuple(logits.shape)}")
-    if targets.shape != logits.shape[:1] or targets.dtype != torch.long or targets.device != logits.device:
-        raise ValueError(f"cross_entropy: targets must be int64 [{logits.shape[0]}] on {logits.device}, got "
-                         f"{targets.dtype} {tuple(targets.shape)} on {targets.device}")
+    check_targets("cross_entropy", targets, logits)
 
 
 def cross_entropy_forward(logits, targets, ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

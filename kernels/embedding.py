@@ -24,7 +24,7 @@ _ELEMENTS_PER_PROGRAM = 4096
 
 
 @triton.jit
-def _rows_and_mask(seed_ptr, rows, cols, p, scale, x, DROPOUT: tl.constexpr):
+def _dropped(seed_ptr, rows, cols, p, scale, x, DROPOUT: tl.constexpr):
     """x with dropout applied (each row's mask from its index in the flattened [B * L] tokens)."""
     if DROPOUT:
         x = tl.where(keep_mask(row_key(load_seed(seed_ptr), rows)[:, None], cols[None, :], p), x * scale, 0.0)
@@ -40,7 +40,7 @@ def _embed_fwd_kernel(ids_ptr, token_ptr, pos_ptr, out_ptr, seed_ptr, n_rows, L,
     ids = tl.load(ids_ptr + rows, mask=rows < n_rows, other=0).to(tl.int64)
     x = tl.load(token_ptr + ids[:, None] * D + cols[None, :], mask=inside, other=0.0).to(tl.float32)
     x += tl.load(pos_ptr + (rows % L)[:, None] * D + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-    x = _rows_and_mask(seed_ptr, rows, cols, p, scale, x, DROPOUT)
+    x = _dropped(seed_ptr, rows, cols, p, scale, x, DROPOUT)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], x.to(out_ptr.dtype.element_ty), mask=inside)
 
 
@@ -54,7 +54,7 @@ def _embed_bwd_kernel(grad_ptr, ids_ptr, token_grad_ptr, pos_grad_ptr, seed_ptr,
     cols = tl.arange(0, BLOCK_D)
     inside = (rows < n_rows)[:, None] & (cols < D)[None, :]
     offsets = rows[:, None].to(tl.int64) * D + cols[None, :]
-    g = _rows_and_mask(seed_ptr, rows, cols, p, scale,
+    g = _dropped(seed_ptr, rows, cols, p, scale,
                        tl.load(grad_ptr + offsets, mask=inside, other=0.0).to(tl.float32), DROPOUT)
     if ATOMIC:
         ids = tl.load(ids_ptr + rows, mask=rows < n_rows, other=padding_idx).to(tl.int64)

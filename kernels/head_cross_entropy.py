@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from trm_fast.grad_sums import grad_product, grad_sum_of
-from trm_fast.linear_cross_entropy import cross_entropy_and_grad
+from trm_fast.linear_cross_entropy import check_targets, cross_entropy_and_grad
 
 
 SCALE_BLOCK = 4096
@@ -51,9 +51,7 @@ def _check(h, weight, targets):
     if h.dtype != weight.dtype or h.device != weight.device:
         raise ValueError(f"head_cross_entropy: h and weight must share a dtype and device, got {h.dtype} on "
                          f"{h.device} and {weight.dtype} on {weight.device}")
-    if targets.shape != h.shape[:1] or targets.dtype != torch.long or targets.device != h.device:
-        raise ValueError(f"head_cross_entropy: targets must be int64 [{h.shape[0]}] on {h.device}, got "
-                         f"{targets.dtype} {tuple(targets.shape)} on {targets.device}")
+    check_targets("head_cross_entropy", targets, h)
 
 
 def head_cross_entropy_forward(h, weight, targets, ignore_index: int, with_grad: bool):

@@ -97,6 +97,13 @@ def _cross_entropy_rows_kernel(device: torch.device):
     return cross_entropy_rows_triton
 
 
+def check_targets(op: str, targets: torch.Tensor, rows: torch.Tensor) -> None:
+    """targets: int64 [N] on the device of `rows` ([N, ...]: the logits or hidden states they label)."""
+    if targets.shape != rows.shape[:1] or targets.dtype != torch.long or targets.device != rows.device:
+        raise ValueError(f"{op}: targets must be int64 [{rows.shape[0]}] on {rows.device}, got {targets.dtype} "
+                         f"{tuple(targets.shape)} on {targets.device}")
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                          chunk: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(mean cross-entropy over tokens whose target is not `ignore_index`, bool [N] argmax == target) for
@@ -105,9 +112,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: hidden [N, D] and weight [V, D] must agree, got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if targets.shape != (hidden.shape[0],) or targets.dtype != torch.long:
-        raise ValueError(f"linear_cross_entropy: targets must be int64 [{hidden.shape[0]}], got {targets.dtype} "
-                         f"{tuple(targets.shape)}")
+    check_targets("linear_cross_entropy", targets, hidden)
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"linear_cross_entropy: chunk must be None or a positive int, got {chunk!r}")
     # under no_grad the forward computes the loss only (needs_input_grad does not see grad mode); under autocast

@@ -46,8 +46,9 @@ class DispatchTinyNet(reference.TinyNet):
             self._memo[key] = make()
         return self._memo[key]
 
-    def _linear(self, ops, *params: torch.Tensor):
-        """The linear-layer parameters in the autocast dtype when autocast is on (else as they are)."""
+    def linear_params(self, ops, *params: torch.Tensor):
+        """The linear-layer parameters in the autocast dtype when autocast is on (else as they are), cast once per
+        forward within `memoized` (the model's output head and embedding share its copy of the tied weight)."""
         dtype = autocast_dtype(params[0].device.type)
         if dtype is None:
             return params
@@ -74,16 +75,18 @@ class DispatchTinyNet(reference.TinyNet):
         # the LayerNorms after them (float32 masters, summed there), which also form their gradients
         out_bias, ffn_bias = attn.out_proj.bias, block.ffn[2].bias
         in_norm = ops.RESIDUAL_BIAS_IN_NORM
-        a = ops.causal_attention(h, key_valid, *self._linear(ops, attn.in_proj_weight, attn.in_proj_bias,
-                                                             attn.out_proj.weight),
-                                 None if in_norm else self._linear(ops, out_bias)[0], attn.num_heads, p(attn.dropout))
+        a = ops.causal_attention(h, key_valid, *self.linear_params(ops, attn.in_proj_weight, attn.in_proj_bias,
+                                                                   attn.out_proj.weight),
+                                 None if in_norm else self.linear_params(ops, out_bias)[0], attn.num_heads,
+                                 p(attn.dropout))
         # the FFN reads the LayerNorm's output in the autocast dtype: the copy autocast would make, written by the
         # LayerNorm itself
         ln1 = self._norm_params(ops, block.ln1, out_bias if in_norm else None)
         h, h_cast = ops.add_layer_norm_and_cast(h, a, ln1[0], ln1[1], block.ln1.eps, p(block.dropout.p),
                                                 autocast_dtype(h.device.type), ln1[2] if in_norm else None)
-        f = ops.feed_forward(h_cast, *self._linear(ops, block.ffn[0].weight, block.ffn[0].bias, block.ffn[2].weight),
-                             None if in_norm else self._linear(ops, ffn_bias)[0])
+        f = ops.feed_forward(h_cast, *self.linear_params(ops, block.ffn[0].weight, block.ffn[0].bias,
+                                                         block.ffn[2].weight),
+                             None if in_norm else self.linear_params(ops, ffn_bias)[0])
         ln2 = self._norm_params(ops, block.ln2, ffn_bias if in_norm else None)
         args = (h, f, ln2[0], ln2[1], block.ln2.eps, p(block.ffn[3].p))
         residual_bias = ln2[2] if in_norm else None
@@ -118,13 +121,13 @@ class DispatchTinyNet(reference.TinyNet):
     def forward_xyz(self, x, y, z, attn_mask):
         ops = tinynet_ops(self.kernels, x.device)
         h = ops.concat_linear(self._projection_inputs(ops, (x, y, z)),
-                              *self._linear(ops, self.xyz_proj.weight, self.xyz_proj.bias))
+                              *self.linear_params(ops, self.xyz_proj.weight, self.xyz_proj.bias))
         return self._block(ops, h, attn_mask)
 
     def forward_yz(self, y, z, attn_mask):
         ops = tinynet_ops(self.kernels, y.device)
         h = ops.concat_linear(self._projection_inputs(ops, (y, z)),
-                              *self._linear(ops, self.yz_proj.weight, self.yz_proj.bias))
+                              *self.linear_params(ops, self.yz_proj.weight, self.yz_proj.bias))
         return self._block(ops, h, attn_mask)
 
 
@@ -262,7 +265,7 @@ class TRMModel(reference.TRMModel):
         ops = tinynet_ops(self.kernels, input_ids.device)
         head_copy = None
         if ops.SUMS_WEIGHT_GRADS and self.config.tie_embeddings and torch.is_grad_enabled():
-            head_copy, = self.tiny_net._linear(ops, self.output_head.weight)
+            head_copy, = self.tiny_net.linear_params(ops, self.output_head.weight)
         return ops.embed(input_ids, self.token_embed.weight, self.pos_embed.weight, self.config.pad_token_id,
                          self.dropout.p if self.training else 0.0,
                          head_copy if grad_sum_of(head_copy) is not None else None)
@@ -284,7 +287,7 @@ class TRMModel(reference.TRMModel):
         dtype = _state_copy_dtype(ops, y)
         if dtype is None:
             return super()._output_logits(y)
-        return ops.linear(_copy_of(y, dtype), *self.tiny_net._linear(ops, self.output_head.weight), None)
+        return ops.linear(_copy_of(y, dtype), *self.tiny_net.linear_params(ops, self.output_head.weight), None)
 
     def _supervision_losses(self, logits, q_hat, target_ids, attention_mask):
         """The seed's step losses, the cross-entropy and argmax on the kernels' op (one read of the logits)."""
@@ -302,7 +305,7 @@ class TRMModel(reference.TRMModel):
         dtype = _state_copy_dtype(ops, states[0][0]) if states else None
         if target_ids is None or dtype is None or not torch.is_grad_enabled():
             return super()._supervision_outputs(states, target_ids, attention_mask)
-        weight, = self.tiny_net._linear(ops, self.output_head.weight)
+        weight, = self.tiny_net.linear_params(ops, self.output_head.weight)
 
         def head_and_loss(y):
             logits, ce, correct = ops.head_cross_entropy(_copy_of(y, dtype).flatten(0, 1), weight,
