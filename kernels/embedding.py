@@ -54,8 +54,8 @@ def _embed_bwd_kernel(grad_ptr, ids_ptr, token_grad_ptr, pos_grad_ptr, seed_ptr,
     cols = tl.arange(0, BLOCK_D)
     inside = (rows < n_rows)[:, None] & (cols < D)[None, :]
     offsets = rows[:, None].to(tl.int64) * D + cols[None, :]
-    g = _dropped(seed_ptr, rows, cols, p, scale,
-                       tl.load(grad_ptr + offsets, mask=inside, other=0.0).to(tl.float32), DROPOUT)
+    g = _dropped(seed_ptr, rows, cols, p, scale, tl.load(grad_ptr + offsets, mask=inside, other=0.0).to(tl.float32),
+                 DROPOUT)
     if ATOMIC:
         ids = tl.load(ids_ptr + rows, mask=rows < n_rows, other=padding_idx).to(tl.int64)
         tl.atomic_add(token_grad_ptr + ids[:, None] * D + cols[None, :], g,
