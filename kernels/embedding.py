@@ -171,11 +171,15 @@ def _(grad, ids, vocab, pos_rows, padding_idx, p, seed):
                                                                                       dtype=torch.float32)
 
 
-def _setup_context(ctx, inputs, output):
-    ids, token_weight, pos_weight, padding_idx, p, seed = inputs
+def _save_context(ctx, ids, token_weight, pos_weight, padding_idx, p, seed) -> None:
+    """What both backwards read: the ids and seed, the rates, the tables' row counts and dtype."""
     ctx.save_for_backward(ids, seed)
     ctx.p, ctx.padding_idx = p, padding_idx
     ctx.shapes, ctx.dtype = (token_weight.shape[0], pos_weight.shape[0]), token_weight.dtype
+
+
+def _setup_context(ctx, inputs, output):
+    _save_context(ctx, *inputs)
 
 
 def _backward(ctx, grad):
@@ -194,9 +198,8 @@ class _Embed(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ids, token_weight, pos_weight, padding_idx, p, seed, token_copy):
-        ctx.save_for_backward(ids, seed)
-        ctx.p, ctx.padding_idx, ctx.grad_sum = p, padding_idx, grad_sum_of(token_copy)
-        ctx.shapes, ctx.dtype = (token_weight.shape[0], pos_weight.shape[0]), token_weight.dtype
+        _save_context(ctx, ids, token_weight, pos_weight, padding_idx, p, seed)
+        ctx.grad_sum = grad_sum_of(token_copy)
         return embed_forward(ids, token_weight, pos_weight, p, seed)
 
     @staticmethod

@@ -12,7 +12,7 @@ from . import decoding, reference, seeds
 from .early_exit import EarlyExit, compacted_early_exit
 from .early_exit import reset_runs as reset_early_exit_runs
 from .dispatch import check_kernels_choice, tinynet_ops
-from .grad_sums import cast_summing_grads, grad_sum_of, params_summing_grads
+from .grad_sums import cast_summing_grads, params_summing_grads
 from .linear_cross_entropy import linear_cross_entropy
 from .reference import TRMConfig
 from .torch_ops import autocast_dtype
@@ -260,15 +260,13 @@ class TRMModel(reference.TRMModel):
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The seed's embedding on the op table's `embed`; where the op table sums weight gradients and the output
         head shares the token weight, the embedding adds its gradient into the head's cast copy's sum."""
-        if input_ids.size(1) > self.pos_embed.num_embeddings:
-            self._grow_positional_table(input_ids.size(1))
+        self._grow_positional_table(input_ids.size(1))
         ops = tinynet_ops(self.kernels, input_ids.device)
         head_copy = None
         if ops.SUMS_WEIGHT_GRADS and self.config.tie_embeddings and torch.is_grad_enabled():
-            head_copy, = self.tiny_net.linear_params(ops, self.output_head.weight)
+            head_copy, = self.tiny_net.linear_params(ops, self.output_head.weight)  # (the op uses its grad sum, if any)
         return ops.embed(input_ids, self.token_embed.weight, self.pos_embed.weight, self.config.pad_token_id,
-                         self.dropout.p if self.training else 0.0,
-                         head_copy if grad_sum_of(head_copy) is not None else None)
+                         self.dropout.p if self.training else 0.0, head_copy)
 
     def _init_states(self, x: torch.Tensor):
         """The seed's (x.clone(), zeros); where states carry their autocast copy, y's is x's and z's zeros in that
@@ -294,8 +292,12 @@ class TRMModel(reference.TRMModel):
         ops = tinynet_ops(self.kernels, logits.device)
         ce_loss, correct = ops.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1),
                                              self.config.pad_token_id)
+        return ce_loss, self._halting_loss(ops, correct, q_hat, target_ids, attention_mask)
+
+    def _halting_loss(self, ops, correct, q_hat, target_ids, attention_mask) -> torch.Tensor:
+        """A step's ACT loss from its bool argmax == target per token (the labels on the op table's kernel)."""
         labels = ops.act_labels(correct.view_as(target_ids), attention_mask, self.config.act_threshold)
-        return ce_loss, reference.halting_bce(q_hat, labels)
+        return reference.halting_bce(q_hat, labels)
 
     def _supervision_outputs(self, states, target_ids, attention_mask) -> Dict[str, Any]:
         """The seed's outputs; where states carry their autocast copy and the losses need gradients, each step's
@@ -329,10 +331,9 @@ class TRMModel(reference.TRMModel):
         all_logits, ce_losses, act_losses = [], [], []
         for y_grad, q_hat in states:
             logits, ce, correct = head_and_loss(y_grad)
-            labels = ops.act_labels(correct.view_as(target_ids), attention_mask, self.config.act_threshold)
             all_logits += [logits] if logits is not None else []
             ce_losses.append(ce)
-            act_losses.append(reference.halting_bce(q_hat, labels))
+            act_losses.append(self._halting_loss(ops, correct, q_hat, target_ids, attention_mask))
         return self._outputs(all_logits, [q_hat for _, q_hat in states], (ce_losses, act_losses))
 
     # -- generation (exact incremental decoding: trm_fast.decoding) ------------------------------------

@@ -158,7 +158,10 @@ class TRMModel(nn.Module):
 
     # -- embedding and states ------------------------------------------------------------------------
     def _grow_positional_table(self, length: int) -> None:
+        """Extend the positional table to `length` rows (the last row repeated) when it has fewer."""
         old = self.pos_embed
+        if length <= old.num_embeddings:
+            return
         new = nn.Embedding(length, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
         with torch.no_grad():
             new.weight[: old.num_embeddings] = old.weight
@@ -168,8 +171,7 @@ class TRMModel(nn.Module):
 
     def _add_positional_encoding(self, token_embeddings: torch.Tensor) -> torch.Tensor:
         L = token_embeddings.size(1)
-        if L > self.pos_embed.num_embeddings:
-            self._grow_positional_table(L)
+        self._grow_positional_table(L)
         positions = torch.arange(L, device=token_embeddings.device)
         return self.dropout(token_embeddings + self.pos_embed(positions).unsqueeze(0))
 
