@@ -74,13 +74,15 @@ def feed_forward_bwd_triton(grad_out, h, pre, w1, w2, has_b2: bool, grad_sums=(N
     [M, F] pre-activation (and its gelu when the forward kept it, else formed here); a parameter's gradient is None
     when added into its grad_sums entry (w1, b1, w2, b2; trm_fast.grad_sums)."""
     dtype = w1.dtype
-    (M, F), block_n = pre.shape, 128
+    M, F = pre.shape
     grad_pre = grad_out.to(dtype) @ w2
     write_act = act is None
     act = torch.empty_like(pre) if write_act else act
     b1_bands = torch.empty(triton.cdiv(M, BAND_ROWS), F, device=pre.device, dtype=torch.float32)
+    # the fastest tiles of scripts/gelu_bench.py on the H100 (gelu_bench_H100.txt, session 24)
+    block_n, warps = (128, 8) if write_act else (64, 4)
     _gelu_backward_kernel[(triton.cdiv(M, BAND_ROWS), triton.cdiv(F, block_n))](
-        grad_pre, pre, act, b1_bands, M, F, WRITE_ACT=write_act, BLOCK_N=block_n, num_warps=8)
+        grad_pre, pre, act, b1_bands, M, F, WRITE_ACT=write_act, BLOCK_N=block_n, num_warps=warps)
     grad_h = torch.empty_like(h)
     matmul_into(grad_pre, w1, grad_h, dtype)
     return (grad_h, grad_product(grad_sums[0], grad_pre.t(), h.to(dtype)), bias_grad(grad_sums[1], b1_bands, dtype),

@@ -31,7 +31,8 @@ def make_step(impl: str, case: dict, train: bool):
 
 def time_step(step, rounds: int = 20):
     """(median ms, peak GB over the timed steps, peak GB over warm-up and timed steps: a CUDA graph's memory is
-    allocated when it is captured, in the warm-up)."""
+    allocated when it is captured, in the warm-up; ms a step of `rounds` steps run back to back, where the host
+    launches a step while the GPU runs the one before)."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     for _ in range(3):
@@ -46,7 +47,12 @@ def time_step(step, rounds: int = 20):
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated()
-    return statistics.median(times) * 1e3, peak / 1e9, max(peak, warm_peak) / 1e9
+    start = time.perf_counter()
+    for _ in range(rounds):
+        step()
+    torch.cuda.synchronize()
+    back_to_back = (time.perf_counter() - start) / rounds
+    return statistics.median(times) * 1e3, peak / 1e9, max(peak, warm_peak) / 1e9, back_to_back * 1e3
 
 
 def top_kernels(step, count: int = 25, sequence_path: str = None):
@@ -108,11 +114,12 @@ def main():
     for mode in args.modes:
         for impl in args.impls:
             step = make_step(impl, case, mode == "train")
-            ms, peak, warm_peak = time_step(step)
+            ms, peak, warm_peak, back_to_back_ms = time_step(step)
             results.setdefault(mode, {})[impl] = {"ms": round(ms, 3), "peak_gb": round(peak, 3),
-                                                  "peak_with_warmup_gb": round(warm_peak, 3)}
+                                                  "peak_with_warmup_gb": round(warm_peak, 3),
+                                                  "back_to_back_ms": round(back_to_back_ms, 3)}
             print(f"{'train step' if mode == 'train' else 'forward'} {impl:22s} {ms:7.2f} ms  peak {peak:5.2f} GB "
-                  f"({warm_peak:5.2f} GB with warm-up)", flush=True)
+                  f"({warm_peak:5.2f} GB with warm-up), back to back {back_to_back_ms:7.2f} ms", flush=True)
             if impl in args.profile:
                 top_kernels(step, sequence_path=args.sequences and os.path.join(args.sequences, f"{mode}_{impl}.txt"))
             del step
