@@ -1,7 +1,8 @@
 """What a synchronous replayed train step loses to the host (issue 3, session 25), without a profiler (which slows
-graph launches ~10x): for GraphedTrainStep's forward-backward graph, the host time of `replay()` (the launch), its
-time from an idle GPU to the end of its work, and its time per replay back to back; then the same for the whole
-step call (copy of the inputs, launch, range check, update graph, loss copies).
+graph launches ~10x): for GraphedTrainStep's forward-backward and update graphs, the host time of `replay()` (the
+launch), the time from an idle GPU to the end of its work, and the time per replay back to back; then the same,
+five times interleaved, for the whole step call and for its device work without its Python (the input copy, both
+graphs, with and without the range check, the loss copies); last, the host time of each Python piece of the call.
   device run: python3 scripts/step_host_timeline.py [--case B16-L512-d512]
 """
 import argparse
@@ -54,13 +55,14 @@ def main() -> None:
             return graphed(ids, target_ids=targets)
     for _ in range(3):
         step()
-    forward_backward, update = next(iter(graphed.graphs.values()))[:2]
+    forward_backward, update, static_inputs, static_losses, _, id_range = next(iter(graphed.graphs.values()))
+    inputs = (ids, None, targets)
+
+    def clone_losses():
+        return {name: t.clone() for name, t in static_losses.items()}
     print(f"{torch.cuda.get_device_name()} {args.case} train step, medians of 20")
     print(f"  forward-backward graph replay: {timings(forward_backward.replay)}")
     print(f"  update graph replay:           {timings(update.replay)}")
-    static_inputs, static_losses, _, id_range = next(iter(graphed.graphs.values()))[2:]
-    inputs = (ids, None, targets)
-
     def replayed(check: bool):
         """The step's device work without its Python around it: inputs copied, both graphs, the loss copies."""
         def call():
@@ -69,7 +71,7 @@ def main() -> None:
             if check:
                 id_range.check()
             update.replay()
-            return {name: t.clone() for name, t in static_losses.items()}
+            return clone_losses()
         return call
     variants = {"step call": step, "replays + range check": replayed(True), "replays": replayed(False)}
     results = {name: [] for name in variants}
@@ -86,7 +88,7 @@ def main() -> None:
               "inputs_key": lambda: trm_fast.cuda_graphs.inputs_key(inputs),
               "_float_lrs": graphed._float_lrs, "_state_key": graphed._state_key,
               "copy_into": lambda: trm_fast.cuda_graphs.copy_into(static_inputs, inputs),
-              "loss clones": lambda: {name: t.clone() for name, t in static_losses.items()}}
+              "loss clones": clone_losses}
     for name, call in pieces.items():
         torch.cuda.synchronize()
         start = time.perf_counter()
