@@ -3,13 +3,14 @@
 Forward: one program per row, float32 statistics; the dropout mask is never stored: it is drawn from
 (seed, row, column) by kernels/dropout.py and drawn again in the backward. Saved for the backward: h,
 residual, and per row the mean and 1/std. `add_layer_norm_and_cast` also writes the output cast to the dtype
-its next matmul runs in (autocast's copy, made here instead of by a separate cast kernel); the backward adds
-that copy's gradient to the output's. `residual_bias` is the bias of the linear layer that made the residual
-(the attention's output projection, the FFN's second layer), added here instead of in that layer's matmul so
-that its gradient, the residual's gradient summed over rows, comes out of this backward's reduction instead of a
-column sum of its own. Backward: a program walks a band of rows, writes the input gradients (the residual's
-through the same mask) and keeps float32 partial sums of the weight, bias (and residual bias) gradients,
-reduced over bands afterwards (kernels/column_sum.py, all in one reduction).
+its next matmul runs in (autocast's copy, made here instead of by a separate cast kernel), or only that copy where
+nothing reads the output in its own dtype; the backward adds that copy's gradient to the output's.
+`residual_bias` is the bias of the linear layer that made the residual (the attention's output projection, the
+FFN's second layer), added here instead of in that layer's matmul so that its gradient, the residual's gradient
+summed over rows, comes out of this backward's reduction instead of a column sum of its own. Backward: a program
+walks a band of rows, writes the input gradients (the residual's through the same mask) and keeps float32 partial
+sums of the weight, bias (and residual bias) gradients, reduced over bands afterwards (kernels/column_sum.py, all in
+one reduction).
 """
 from typing import Optional, Tuple
 
@@ -46,7 +47,7 @@ def _residual(r_ptr, rb_ptr, offsets, cols, mask, HAS_RESIDUAL_BIAS: tl.constexp
 @triton.jit
 def _residual_layer_norm_fwd_kernel(h_ptr, r_ptr, rb_ptr, w_ptr, b_ptr, out_ptr, cast_ptr, mean_ptr, rstd_ptr, N, eps,
                                     p, seed_ptr, HAS_DROPOUT: tl.constexpr, HAS_CAST: tl.constexpr,
-                                    HAS_RESIDUAL_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                                    HAS_RESIDUAL_BIAS: tl.constexpr, HAS_OUT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -60,7 +61,8 @@ def _residual_layer_norm_fwd_kernel(h_ptr, r_ptr, rb_ptr, w_ptr, b_ptr, out_ptr,
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = centered * rstd * w + b
-    tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if HAS_OUT:
+        tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
     if HAS_CAST:
         tl.store(cast_ptr + offsets, y.to(cast_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + row, mean)
@@ -110,19 +112,20 @@ def _residual_layer_norm_bwd_kernel(dy_ptr, dcast_ptr, h_ptr, r_ptr, rb_ptr, w_p
 
 
 def residual_layer_norm_fwd_triton(h, residual, weight, bias, eps: float, p: float, seed: Optional[torch.Tensor],
-                                   cast: Optional[torch.Tensor] = None, residual_bias: Optional[torch.Tensor] = None
-                                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                   cast: Optional[torch.Tensor] = None, residual_bias: Optional[torch.Tensor] = None,
+                                   cast_only: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out in weight's dtype, mean, rstd) for contiguous [M, N] h and residual (of any float dtypes), and the
-    output again in `cast` (a contiguous [M, N] tensor) when given; `seed` (kernels/dropout.py) is read only when
-    p > 0."""
+    output again in `cast` (a contiguous [M, N] tensor) when given; with `cast_only` (and a cast) only the cast is
+    written and out is empty. `seed` (kernels/dropout.py) is read only when p > 0."""
     M, N = h.shape
-    out = torch.empty(M, N, device=h.device, dtype=weight.dtype)
+    cast_only = cast_only and cast is not None
+    out = torch.empty((0,) if cast_only else (M, N), device=h.device, dtype=weight.dtype)
     mean = torch.empty(M, device=h.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     _residual_layer_norm_fwd_kernel[(M,)](h, residual, residual_bias if residual_bias is not None else weight, weight,
                                           bias, out, cast if cast is not None else out, mean, rstd, N, eps, p,
                                           seed if p > 0 else mean, HAS_DROPOUT=p > 0, HAS_CAST=cast is not None,
-                                          HAS_RESIDUAL_BIAS=residual_bias is not None,
+                                          HAS_RESIDUAL_BIAS=residual_bias is not None, HAS_OUT=not cast_only,
                                           BLOCK=triton.next_power_of_2(N))
     return out, mean, rstd
 
@@ -185,23 +188,27 @@ def _cast_wanted(dtype: Optional[torch.dtype], weight: torch.Tensor) -> bool:
 
 
 def add_layer_norm_forward(h, residual, weight, bias, eps: float, p: float, seed: Optional[torch.Tensor],
-                           cast_dtype: Optional[torch.dtype] = None, residual_bias: Optional[torch.Tensor] = None):
+                           cast_dtype: Optional[torch.dtype] = None, residual_bias: Optional[torch.Tensor] = None,
+                           cast_only: bool = False):
     """(out in weight's dtype, out in cast_dtype (empty unless cast_dtype is given and differs), per-row mean,
     per-row 1/std): Triton on CUDA, the same math in torch elsewhere; float32 statistics and sum whatever the
-    dtypes of h, residual and residual_bias."""
+    dtypes of h, residual and residual_bias. With `cast_only` and a cast, out is empty (not written)."""
     _check(h, residual, weight, bias, p, seed, residual_bias)
     N = h.shape[-1]
+    cast_only = cast_only and _cast_wanted(cast_dtype, weight)
     if not h.is_cuda:
         s = _summed_torch(h, residual, p, seed, residual_bias)
         mean = s.mean(dim=1)
         rstd = torch.rsqrt(s.var(dim=1, unbiased=False) + eps)
         out = (((s - mean[:, None]) * rstd[:, None]) * weight.float() + bias.float()).to(weight.dtype).view(h.shape)
-        return out, out.to(cast_dtype) if _cast_wanted(cast_dtype, weight) else h.new_empty(0), mean, rstd
+        cast = out.to(cast_dtype) if _cast_wanted(cast_dtype, weight) else h.new_empty(0)
+        return out.new_empty(0) if cast_only else out, cast, mean, rstd
     cast = torch.empty(h.shape, device=h.device, dtype=cast_dtype) if _cast_wanted(cast_dtype, weight) else None
     out, mean, rstd = residual_layer_norm_fwd_triton(h.reshape(-1, N).contiguous(),
                                                      residual.reshape(-1, N).contiguous(), weight, bias, eps, p, seed,
-                                                     cast.view(-1, N) if cast is not None else None, residual_bias)
-    return out.view(h.shape), cast if cast is not None else h.new_empty(0), mean, rstd
+                                                     cast.view(-1, N) if cast is not None else None, residual_bias,
+                                                     cast_only)
+    return out if cast_only else out.view(h.shape), cast if cast is not None else h.new_empty(0), mean, rstd
 
 
 def add_layer_norm_backward(grad_out, grad_cast, h, residual, weight, mean, rstd, p: float,
@@ -291,13 +298,14 @@ add_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _AddLayerNorm(torch.autograd.Function):
     """The eager path (see kernels/concat_linear.py). With `cast_sums_grads` the cast copy gets a GradSum
-    (trm_fast.grad_sums) that its uses may add their gradients into, read here as the copy's gradient."""
+    (trm_fast.grad_sums) that its uses may add their gradients into, read here as the copy's gradient; with
+    `cast_only` the output in its own dtype is empty."""
 
     @staticmethod
-    def forward(ctx, h, residual, weight, bias, eps, p, seed, cast_dtype, residual_bias, cast_sums_grads):
+    def forward(ctx, h, residual, weight, bias, eps, p, seed, cast_dtype, residual_bias, cast_sums_grads, cast_only):
         ctx.set_materialize_grads(False)
         out, cast, mean, rstd = add_layer_norm_forward(h, residual, weight, bias, eps, p, seed, cast_dtype,
-                                                       residual_bias)
+                                                       residual_bias, cast_only)
         ctx.save_for_backward(h, residual, weight, mean, rstd, seed, residual_bias)
         ctx.p = p
         ctx.grad_sum = shared_grad_sum(weight, bias, *(() if residual_bias is None else (residual_bias,)))
@@ -313,21 +321,21 @@ class _AddLayerNorm(torch.autograd.Function):
         if grad_out is None:
             grad_out, grad_cast = grad_cast, None
         if grad_out is None:
-            return (None,) * 10
+            return (None,) * 11
         h, residual, weight, mean, rstd, seed, residual_bias = ctx.saved_tensors
         grad_h, grad_residual, grad_weight, grad_bias, grad_rb = add_layer_norm_backward(
             grad_out.reshape(h.shape), grad_cast, h, residual, weight, mean, rstd, ctx.p, seed, residual_bias,
             ctx.grad_sum)
-        return grad_h, grad_residual, grad_weight, grad_bias, None, None, None, None, grad_rb, None
+        return grad_h, grad_residual, grad_weight, grad_bias, None, None, None, None, grad_rb, None, None
 
 
 def _add_layer_norm(h, residual, weight, bias, eps: float, dropout_p: float, cast_dtype: Optional[torch.dtype],
-                    residual_bias: Optional[torch.Tensor], cast_sums_grads: bool = False):
+                    residual_bias: Optional[torch.Tensor], cast_sums_grads: bool = False, cast_only: bool = False):
     seed = new_seed(h.device) if dropout_p > 0 else None
     if torch.compiler.is_compiling():
         return add_layer_norm_op(h, residual, weight, bias, eps, dropout_p, seed, cast_dtype, residual_bias)[:2]
     return _AddLayerNorm.apply(h, residual, weight, bias, eps, dropout_p, seed, cast_dtype, residual_bias,
-                               cast_sums_grads)
+                               cast_sums_grads, cast_only)
 
 
 def add_layer_norm(h, residual, weight, bias, eps: float, dropout_p: float,
@@ -339,11 +347,15 @@ def add_layer_norm(h, residual, weight, bias, eps: float, dropout_p: float,
 
 
 def add_layer_norm_and_cast(h, residual, weight, bias, eps: float, dropout_p: float, dtype: Optional[torch.dtype],
-                            residual_bias: Optional[torch.Tensor] = None,
-                            cast_sums_grads: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                            residual_bias: Optional[torch.Tensor] = None, cast_sums_grads: bool = False,
+                            cast_only: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """(add_layer_norm's output, the output in `dtype`), the copy written by the same kernel (the output itself
     when `dtype` is None or its own dtype). With `cast_sums_grads` (eager calls) the copy's uses may add their
     gradients into its float32 `grad_sum` (trm_fast.grad_sums) instead of returning them: a copy read by several
-    ops (a TinyNet state) then needs no gradient adds."""
-    out, cast = _add_layer_norm(h, residual, weight, bias, eps, dropout_p, dtype, residual_bias, cast_sums_grads)
-    return out, cast if _cast_wanted(dtype, weight) else out
+    ops (a TinyNet state) then needs no gradient adds. With `cast_only`, for an output that only ever gets read in
+    `dtype`, only the copy is written: (copy, copy)."""
+    out, cast = _add_layer_norm(h, residual, weight, bias, eps, dropout_p, dtype, residual_bias, cast_sums_grads,
+                                cast_only)
+    if not _cast_wanted(dtype, weight):
+        return out, out
+    return (cast, cast) if cast_only else (out, cast)

@@ -69,7 +69,7 @@ def main():
         compile_for_sm90(rln._residual_layer_norm_fwd_kernel, dict(
             h_ptr="*bf16", r_ptr="*fp32", rb_ptr="*fp32", w_ptr="*fp32", b_ptr="*fp32", out_ptr="*fp32",
             cast_ptr="*bf16", mean_ptr="*fp32", rstd_ptr="*fp32", N="i32", eps="fp32", p="fp32", seed_ptr="*i64"),
-            dict(norm_flags(dropout), BLOCK=512), num_warps=4)
+            dict(norm_flags(dropout), HAS_OUT=not dropout, BLOCK=512), num_warps=4)
         compile_for_sm90(rln._residual_layer_norm_bwd_kernel, dict(
             dy_ptr="*fp32", dcast_ptr="*bf16", h_ptr="*bf16", r_ptr="*fp32", rb_ptr="*fp32", w_ptr="*fp32",
             mean_ptr="*fp32", rstd_ptr="*fp32", dh_ptr="*bf16", dr_ptr="*fp32", sums_ptr="*fp32", M="i32", N="i32",

@@ -1,5 +1,6 @@
 """Triton training kernels for TinyNet (issue 3) against float64 PyTorch: forward and every gradient.
 CPU: Triton's interpreter runs the launchers (conftest.py); CUDA: the compiled kernels and the ops."""
+import contextlib
 import math
 
 import pytest
@@ -156,21 +157,24 @@ def test_add_layer_norm_and_cast_op(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_add_layer_norm_cast_summing_grads(device):
     """A cast copy whose uses add their gradients into its float32 GradSum (concat_linear here, reading it twice)
-    gives the gradients of the same copy whose uses return them; the output's own gradient may be absent."""
+    gives the gradients of the same copy whose uses return them; the output's own gradient may be absent, and with
+    `cast_only` the output is not kept at all (the op returns the copy twice)."""
     g = torch.Generator().manual_seed(5)
     h, residual = (torch.randn(2, 5, 16, generator=g).to(device) for _ in range(2))
     weight, bias = torch.randn(16, generator=g).to(device), torch.randn(16, generator=g).to(device)
     proj_weight, proj_bias = torch.randn(8, 32, generator=g).to(device), torch.randn(8, generator=g).to(device)
     grad_out = torch.randn(2, 5, 8, generator=g).to(device)
     results = []
-    for sums in (True, False):
+    for sums, cast_only in ((False, False), (True, False), (True, True)):
         leaves = [t.clone().requires_grad_() for t in (h, residual, weight, bias)]
-        _, cast = rln.add_layer_norm_and_cast(*leaves, 1e-5, 0.0, torch.float64, cast_sums_grads=sums)
-        assert isinstance(getattr(cast, "grad_sum", None), GradSum) == sums
+        state, cast = rln.add_layer_norm_and_cast(*leaves, 1e-5, 0.0, torch.float64, cast_sums_grads=sums,
+                                                  cast_only=cast_only)
+        assert isinstance(getattr(cast, "grad_sum", None), GradSum) == sums and (state is cast) == cast_only
         out = cl.concat_linear([cast, cast], proj_weight, proj_bias)
         results.append(torch.autograd.grad(out, leaves, grad_out))
-    for got, expected in zip(*results):
-        _close(got, expected.double(), 1e-5)
+    for summed in results[1:]:
+        for got, expected in zip(summed, results[0]):
+            _close(got, expected.double(), 1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -747,3 +751,33 @@ def test_states_carry_their_autocast_copies(monkeypatch):
     assert not hasattr(state, "dtype_copy")
     for (name, _), a, b in zip(fast.named_parameters(), results[0][1], results[1][1]):
         assert float((a - b).norm() / b.norm().clamp(min=1e-12)) < 2e-2, name
+
+
+def test_latent_state_as_its_copy_alone(monkeypatch):
+    """Under autocast the model's forward keeps z (forward_xyz's output) only as its bf16 copy, which is all the
+    projections read: the loss, the q_hats and every gradient are those of the forward that keeps z in float32
+    too (a TinyNet call hook, which may read z, switches it back), in training mode with dropout."""
+    from trm_fast.task_vectors import tinynet_call_hook
+    fast = make_pair(kernels="triton", d_model=64, n_heads=2, dropout=0.1)[1].train()
+    ids, targets = random_batch(2, 11, 61, lengths=[11, 6])
+    real_xyz = type(fast.tiny_net).forward_xyz
+    z_dtypes = []
+    monkeypatch.setattr(type(fast.tiny_net), "forward_xyz",
+                        lambda self, *a: (lambda z: z_dtypes.append(z.dtype) or z)(real_xyz(self, *a)))
+    results = []
+    for hooked in (False, True):
+        fast.zero_grad()
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16), \
+                (tinynet_call_hook(fast, lambda i, h: h) if hooked else contextlib.nullcontext()):
+            out = fast(ids, target_ids=targets)
+            out["loss"].backward()
+        results.append((out["loss"].detach(), [q.detach() for q in out["q_hats"]],
+                        [p.grad.clone() for p in fast.parameters()]))
+    calls = len(z_dtypes) // 2
+    assert set(z_dtypes[:calls]) == {torch.bfloat16} and set(z_dtypes[calls:]) == {torch.float32}
+    (loss, q_hats, grads), (loss_hooked, q_hats_hooked, grads_hooked) = results
+    assert torch.equal(loss, loss_hooked)
+    assert all(torch.equal(a, b) for a, b in zip(q_hats, q_hats_hooked))
+    for (name, _), a, b in zip(fast.named_parameters(), grads, grads_hooked):
+        assert torch.equal(a, b), name

@@ -124,7 +124,7 @@ def forward_for_capture(model: TRMModel, ids, mask, targets, supervision_steps, 
     `_supervision_states`, "attention_mask"}, which `_supervision_outputs` finishes."""
     with autocast_context(autocast):
         attention_mask = mask if mask is not None else (ids != model.config.pad_token_id).long()
-        with model.tiny_net.memoized():
+        with model.memoized_forward():
             if keep_logits and before_heads:
                 return {"states": model._supervision_states(ids, attention_mask, supervision_steps),
                         "attention_mask": attention_mask}

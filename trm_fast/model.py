@@ -27,12 +27,14 @@ class DispatchTinyNet(reference.TinyNet):
         self._memo: Optional[dict] = None
 
     @contextlib.contextmanager
-    def memoized(self):
+    def memoized(self, z_copy_only: bool = False):
         """Within, the TinyNet calls of one forward share the autocast copies of the linear weights (cast once,
         as autocast's own cache does for F.linear) and the key mask, instead of making them per call, and their
-        dropout seeds are drawn together (trm_fast.seeds)."""
+        dropout seeds are drawn together (trm_fast.seeds). `z_copy_only`: the forward reads `forward_xyz`'s output
+        (the latent z) only through the projections, in the autocast dtype, so where states carry their copy in
+        that dtype z is that copy alone (the same values; its LayerNorm writes no float32 output)."""
         outer = self._memo
-        self._memo = {} if outer is None else outer
+        self._memo = {"z_copy_only": z_copy_only} if outer is None else outer
         try:
             with seeds.drawn_together():
                 yield
@@ -63,7 +65,9 @@ class DispatchTinyNet(reference.TinyNet):
         with torch.enable_grad():
             return cast_summing_grads(param, dtype) if sum_grads else param.to(dtype)
 
-    def _block(self, ops, h: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _block(self, ops, h: torch.Tensor, attn_mask: Optional[torch.Tensor], copy_only: bool = False) -> torch.Tensor:
+        """The TinyNet block on the projection's output h; with `copy_only` (where states carry copies) the new state
+        is its copy in the autocast dtype alone."""
         block, attn = self.block, self.block.attn
         key_valid = self._memo_get(("key_valid", attn_mask), lambda: (attn_mask != 0) if attn_mask is not None else
                                    torch.ones(h.shape[:2], dtype=torch.bool, device=h.device))
@@ -95,7 +99,8 @@ class DispatchTinyNet(reference.TinyNet):
             return ops.add_layer_norm(*args, residual_bias)
         # the new state and its copy in the autocast dtype, which the next calls' projections read (their gradients
         # summed in float32 by the GEMMs that form them)
-        state, copy = ops.add_layer_norm_and_cast(*args, copy_dtype, residual_bias, cast_sums_grads=True)
+        state, copy = ops.add_layer_norm_and_cast(*args, copy_dtype, residual_bias, cast_sums_grads=True,
+                                                  cast_only=copy_only)
         _keep_copy(state, copy)
         return state
 
@@ -122,7 +127,7 @@ class DispatchTinyNet(reference.TinyNet):
         ops = tinynet_ops(self.kernels, x.device)
         h = ops.concat_linear(self._projection_inputs(ops, (x, y, z)),
                               *self.linear_params(ops, self.xyz_proj.weight, self.xyz_proj.bias))
-        return self._block(ops, h, attn_mask)
+        return self._block(ops, h, attn_mask, self._memo is not None and self._memo["z_copy_only"])
 
     def forward_yz(self, y, z, attn_mask):
         ops = tinynet_ops(self.kernels, y.device)
@@ -234,10 +239,15 @@ class TRMModel(reference.TRMModel):
                 raise ValueError("keep_logits=False needs target_ids and excludes return_diagnostics (both use logits)")
             if attention_mask is None:
                 attention_mask = (input_ids != self.config.pad_token_id).long()
-            with self.tiny_net.memoized():
+            with self.memoized_forward():
                 return self._forward_without_logits(input_ids, attention_mask, target_ids, supervision_steps)
-        with self.tiny_net.memoized():
+        with self.memoized_forward(return_diagnostics):
             return super().forward(input_ids, attention_mask, target_ids, supervision_steps, return_diagnostics)
+
+    def memoized_forward(self, diagnostics: bool = False):
+        """TinyNet's `memoized` for one forward of the model: z only as its autocast copy unless a TinyNet call hook
+        (trm_fast.task_vectors) or the diagnostics' trace reads it."""
+        return self.tiny_net.memoized(z_copy_only=self._call_hook is None and not diagnostics)
 
     def _check_inputs(self, input_ids, attention_mask, target_ids, supervision_steps,
                       check_ranges: bool = True) -> None:
