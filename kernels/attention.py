@@ -6,8 +6,8 @@ into one tensor of that layout, the gradient of the projection's output (no stac
 16, 32 or 64 on CUDA (other head dims take the torch path; any size on the CPU path). Query i attends to keys
 j <= i with key_valid[b, j]; a query with no such key outputs zero and gets no gradient (its log-sum-exp is
 stored as +inf). The dropout mask is drawn from (seed tensor, row, column) by kernels/dropout.py and drawn
-again in the backward, never stored. Backward: the FlashAttention-2 split, one kernel for dK / dV (a program
-per key block) and one for dQ (a program per query block), with delta = rowsum(dO * O) computed first. Per score
+again in the backward, never stored. Backward: the FlashAttention-2 split, one kernel for dQ (a program per query
+block), which first forms its rows' delta = rowsum(dO * O), then one for dK / dV (a program per key block). Per score
 the kernels do as little as they can (benchmarks/NOTES.md, session 20): the softmax scale and log2(e) are folded
 into exp2's multiply-add, only the tiles on the diagonal apply the causal test, only key tiles from the first
 padded key on (or, in dK / dV, key blocks holding padding) apply the key test, and dropout's 1 / (1 - p) is
@@ -163,25 +163,10 @@ def _attention_fwd_kernel(qkv_ptr, key_valid_ptr, o_ptr, lse_ptr, stride_b, stri
 
 
 @triton.jit
-def _attention_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, stride_b, stride_l, stride_h, H, L, keep_p,
-                                HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
-    """delta[b, h, l] = (1 - p) * the sum over the head dim of dO * O (float32): dS's delta in the units of the
-    unscaled kept dP (the 1 / (1 - p) of dropout is applied to dQ and dK at the end)."""
-    bh = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    base = (bh // H) * stride_b + (bh % H) * stride_h
-    dims = tl.arange(0, HEAD_DIM)
-    o = _load_tile(o_ptr + base, rows, dims, stride_l, L).to(tl.float32)
-    do = _load_tile(do_ptr + base, rows, dims, stride_l, L).to(tl.float32)
-    tl.store(delta_ptr + bh * L + rows, tl.sum(o * do, axis=1) * keep_p, mask=rows < L)
-
-
-@triton.jit
-def _load_query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, rows, dims, stride_l, stride_gl, L):
-    """What the backward needs of query rows: q, dO, log-sum-exp (+inf past L) and delta."""
+def _load_query_rows(q_ptr, do_ptr, lse_ptr, bh, rows, dims, stride_l, stride_gl, L):
+    """What the backward needs of query rows: q, dO and the log-sum-exp (+inf past L)."""
     lse = tl.load(lse_ptr + bh * L + rows, mask=rows < L, other=float("inf"))
-    delta = tl.load(delta_ptr + bh * L + rows, mask=rows < L, other=0.0)
-    return (_load_tile(q_ptr, rows, dims, stride_l, L), _load_tile(do_ptr, rows, dims, stride_gl, L), lse, delta)
+    return _load_tile(q_ptr, rows, dims, stride_l, L), _load_tile(do_ptr, rows, dims, stride_gl, L), lse
 
 
 @triton.jit
@@ -207,7 +192,8 @@ def _dkdv_step(dk, dv, k, v, key_valid_ptr, q_ptr, do_ptr, lse_ptr, delta_ptr, b
                HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
     for qstart in range(start, end, BLOCK_M):
         rows = qstart + tl.arange(0, BLOCK_M)
-        q, do, lse, delta = _load_query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, rows, dims, stride_l, stride_gl, L)
+        q, do, lse = _load_query_rows(q_ptr, do_ptr, lse_ptr, bh, rows, dims, stride_l, stride_gl, L)
+        delta = tl.load(delta_ptr + bh * L + rows, mask=rows < L, other=0.0)
         kept, ds = _probs_and_dscores(q, do, lse, delta, k, v, key_valid_ptr, seed_ptr, bh, rows, cols, L, qk_scale,
                                       p, CAUSAL, KEY_MASK, HAS_DROPOUT, PRECISION)
         dv += tl.dot(tl.trans(kept).to(do.dtype), do, input_precision=PRECISION)
@@ -278,10 +264,13 @@ def _dq_step(dq, q, do, lse, delta, k_ptr, v_ptr, key_valid_ptr, bh, rows, dims,
 
 @triton.autotune(configs=_DQ_TILES, key=["L", "HEAD_DIM", "HAS_DROPOUT"])
 @triton.jit
-def _attention_bwd_dq_kernel(qkv_ptr, key_valid_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, stride_b, stride_l,
+def _attention_bwd_dq_kernel(qkv_ptr, key_valid_ptr, do_ptr, o_ptr, lse_ptr, delta_ptr, dqkv_ptr, stride_b, stride_l,
                              stride_t, stride_h, stride_gb, stride_gl, stride_gh, H, L, qk_scale, ds_scale, p,
                              seed_ptr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ of a block of query rows, and first their delta = (1 - p) * the sum over the head dim of dO * O (float32:
+    dS's delta in the units of the unscaled kept dP; dropout's 1 / (1 - p) is applied to dQ and dK at the end),
+    stored for the dK / dV kernel, which runs after this one. O is laid out as dO."""
     q_ptr, k_ptr, v_ptr, dq_ptr = qkv_ptr, qkv_ptr + stride_t, qkv_ptr + 2 * stride_t, dqkv_ptr
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
@@ -289,8 +278,10 @@ def _attention_bwd_dq_kernel(qkv_ptr, key_valid_ptr, do_ptr, lse_ptr, delta_ptr,
     rows = first_row + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     base, g_base = b * stride_b + h * stride_h, b * stride_gb + h * stride_gh
-    q, do, lse, delta = _load_query_rows(q_ptr + base, do_ptr + g_base, lse_ptr, delta_ptr, bh, rows, dims,
-                                         stride_l, stride_gl, L)
+    q, do, lse = _load_query_rows(q_ptr + base, do_ptr + g_base, lse_ptr, bh, rows, dims, stride_l, stride_gl, L)
+    o = _load_tile(o_ptr + g_base, rows, dims, stride_gl, L)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1) * (1.0 - p)
+    tl.store(delta_ptr + bh * L + rows, delta, mask=rows < L)
     k_ptr, v_ptr, key_valid_ptr = k_ptr + base, v_ptr + base, key_valid_ptr + b * L
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     unpadded = _unpadded_end(key_valid_ptr, first_row, BLOCK_N)
@@ -353,15 +344,13 @@ def attention_bwd_triton(do, qkv, o, lse, key_valid, p: float, seed: Optional[to
     """dqkv, laid out as qkv; `do` and `o` contiguous [B, L, H, Dh]."""
     B, L, _, H, Dh = qkv.shape
     dqkv = torch.empty_like(qkv)
-    delta = torch.empty(B, H, L, device=qkv.device, dtype=torch.float32)
-    _attention_bwd_delta_kernel[(triton.cdiv(L, 64), B * H)](o, do, delta, o.stride(0), o.stride(1), o.stride(2), H, L,
-                                                             1.0 - p, HEAD_DIM=Dh, BLOCK=64)
+    delta = torch.empty(B, H, L, device=qkv.device, dtype=torch.float32)  # written by the dQ kernel
     common = (*qkv.stride()[:4], do.stride(0), do.stride(1), do.stride(2), H, L, LOG2E / math.sqrt(Dh),
               1.0 / (math.sqrt(Dh) * (1.0 - p)), p, seed if p > 0 else lse)
     meta = dict(HAS_DROPOUT=p > 0, HEAD_DIM=Dh, PRECISION=dot_config(qkv.dtype)[1])
-    _attention_bwd_dkdv_kernel[lambda m: (B * H, triton.cdiv(L, m["BLOCK_N"]))](
-        qkv, key_valid, do, lse, delta, dqkv, *common, **meta)
     _attention_bwd_dq_kernel[lambda m: (B * H, triton.cdiv(L, m["BLOCK_M"]))](
+        qkv, key_valid, do, o, lse, delta, dqkv, *common, **meta)
+    _attention_bwd_dkdv_kernel[lambda m: (B * H, triton.cdiv(L, m["BLOCK_N"]))](
         qkv, key_valid, do, lse, delta, dqkv, *common, **meta)
     return dqkv
 

@@ -57,9 +57,10 @@ def main():
         qkv_ptr="*bf16", key_valid_ptr="*i1", o_ptr="*bf16", lse_ptr="*fp32", **strides,
         **ints("stride_ob", "stride_ol", "stride_oh"), qk_scale="fp32", p="fp32", seed_ptr="*i64"),
         dict(HAS_DROPOUT=True, PRECISION="tf32", HEAD_DIM=64, BLOCK_M=64, BLOCK_N=64), num_warps=4, num_stages=3)
-    for kernel in (attention._attention_bwd_dkdv_kernel, attention._attention_bwd_dq_kernel):
+    for kernel, o_ptr in ((attention._attention_bwd_dkdv_kernel, {}), (attention._attention_bwd_dq_kernel,
+                                                                       dict(o_ptr="*bf16"))):
         compile_for_sm90(kernel, dict(
-            qkv_ptr="*bf16", key_valid_ptr="*i1", do_ptr="*bf16", lse_ptr="*fp32", delta_ptr="*fp32",
+            qkv_ptr="*bf16", key_valid_ptr="*i1", do_ptr="*bf16", **o_ptr, lse_ptr="*fp32", delta_ptr="*fp32",
             dqkv_ptr="*bf16", **strides, **ints("stride_gb", "stride_gl", "stride_gh"), qk_scale="fp32",
             ds_scale="fp32", p="fp32", seed_ptr="*i64"),
             dict(HAS_DROPOUT=True, HEAD_DIM=64, PRECISION="tf32", BLOCK_M=64, BLOCK_N=64), num_warps=4,
