@@ -762,8 +762,12 @@ def test_latent_state_as_its_copy_alone(monkeypatch):
     ids, targets = random_batch(2, 11, 61, lengths=[11, 6])
     real_xyz = type(fast.tiny_net).forward_xyz
     z_dtypes = []
-    monkeypatch.setattr(type(fast.tiny_net), "forward_xyz",
-                        lambda self, *a: (lambda z: z_dtypes.append(z.dtype) or z)(real_xyz(self, *a)))
+
+    def recording_xyz(self, *args):
+        z = real_xyz(self, *args)
+        z_dtypes.append(z.dtype)
+        return z
+    monkeypatch.setattr(type(fast.tiny_net), "forward_xyz", recording_xyz)
     results = []
     for hooked in (False, True):
         fast.zero_grad()
