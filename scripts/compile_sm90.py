@@ -16,6 +16,7 @@ from trm_fast.kernels import concat_linear as cl
 from trm_fast.kernels import cross_entropy as ce
 from trm_fast.kernels import embedding as emb
 from trm_fast.kernels import feed_forward as ffn
+from trm_fast.kernels import masked_mean as mm
 from trm_fast.kernels import residual_layer_norm as rln
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -93,6 +94,14 @@ def main():
             grad_ptr="*fp32", ids_ptr="*i64", token_grad_ptr="*fp32", pos_grad_ptr="*fp32", seed_ptr="*i64",
             **ints("n_rows", "L", "D", "padding_idx"), p="fp32", scale="fp32"),
             dict(DROPOUT=True, ATOMIC=atomic, BLOCK_R=8, BLOCK_D=512), num_warps=4)
+    compile_for_sm90(mm._masked_mean_fwd_kernel, dict(y_ptr="*fp32", mask_ptr="*i64", out_ptr="*fp32",
+                                                      count_ptr="*fp32", **ints("L", "D", "stride_yb", "stride_yl",
+                                                                                "stride_mb")),
+                     dict(BLOCK_L=128, BLOCK_D=64), num_warps=8)
+    compile_for_sm90(mm._masked_mean_bwd_kernel, dict(grad_ptr="*fp32", mask_ptr="*i64", count_ptr="*fp32",
+                                                      grad_y_ptr="*fp32", **ints("L", "D", "stride_mb")),
+                     dict(BLOCK_L=32, BLOCK_D=64), num_warps=4)
+
 
 if __name__ == "__main__":
     main()

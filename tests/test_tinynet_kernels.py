@@ -21,6 +21,7 @@ from trm_fast.kernels import embedding as emb  # noqa: E402
 from trm_fast.kernels import feed_forward as ffn  # noqa: E402
 from trm_fast.kernels import head_cross_entropy as hce  # noqa: E402
 from trm_fast.kernels import linear  # noqa: E402
+from trm_fast.kernels import masked_mean as mm  # noqa: E402
 from trm_fast.kernels import residual_layer_norm as rln  # noqa: E402
 
 KERNEL_DEVICE = "cuda" if "cuda" in DEVICES else "cpu"
@@ -785,3 +786,42 @@ def test_latent_state_as_its_copy_alone(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(q_hats, q_hats_hooked))
     for (name, _), a, b in zip(fast.named_parameters(), grads, grads_hooked):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("B, L, D", [(3, 37, 40), (2, 300, 70), (1, 1, 8)])
+def test_masked_mean_kernels(B, L, D):
+    """The q head's pooling and its gradient against float64 torch (the seed's formula): an integer mask with an
+    all-padding row (count clamped to 1), a bool and a weighted float mask, a y with a row stride of its own."""
+    g = torch.Generator().manual_seed(L)
+    y = torch.randn(B, L, 2 * D, generator=g)[:, :, :D].to(KERNEL_DEVICE)
+    grad = torch.randn(B, D, generator=g).to(KERNEL_DEVICE)
+    mask = (torch.rand(B, L, generator=g) < 0.7).long()
+    mask[0] = 0
+    for m in (mask, mask.bool(), mask * torch.rand(B, L, generator=g)):
+        leaf = y.double().cpu().requires_grad_()
+        expected = torch_ops.masked_mean(leaf, m)
+        (expected * grad.double().cpu()).sum().backward()
+        pooled, count = mm.masked_mean_fwd_triton(y, m.to(KERNEL_DEVICE))
+        assert pooled.dtype == torch.float32 and count.shape == (B,) and float(count.min()) >= 1.0
+        _close(pooled.cpu(), expected.detach(), 1e-5)
+        _close(mm.masked_mean_bwd_triton(grad, m.to(KERNEL_DEVICE), count).cpu(), leaf.grad, 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_mean_op(device):
+    """The op's value and gradient equal the seed's torch steps (bf16 y within its rounding); opcheck; errors."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 5, 8, generator=g).to(device)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]], device=device)
+    leaves = y.clone().requires_grad_(), y.clone().requires_grad_()
+    got, expected = mm.masked_mean(leaves[0], mask), torch_ops.masked_mean(leaves[1], mask)
+    torch.testing.assert_close(got, expected)
+    got.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(leaves[0].grad, leaves[1].grad)
+    torch.testing.assert_close(mm.masked_mean(y.bfloat16(), mask).float(), expected.detach(), rtol=1e-2, atol=1e-2)
+    torch.library.opcheck(torch.ops.trm_fast.masked_mean.default, (y.clone().requires_grad_(), mask))
+    with pytest.raises(ValueError, match="attention_mask must be a \\(2, 5\\) tensor"):
+        mm.masked_mean(y, mask[:, :4])
+    with pytest.raises(ValueError, match="y must be a float"):
+        mm.masked_mean(y[0], mask)

@@ -297,6 +297,10 @@ class TRMModel(reference.TRMModel):
             return super()._output_logits(y)
         return ops.linear(_copy_of(y, dtype), *self.tiny_net.linear_params(ops, self.output_head.weight), None)
 
+    def _pool_for_q(self, y: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The seed's pooling of y for the q head, on the op table's `masked_mean`."""
+        return tinynet_ops(self.kernels, y.device).masked_mean(y, attention_mask)
+
     def _supervision_losses(self, logits, q_hat, target_ids, attention_mask):
         """The seed's step losses, the cross-entropy and argmax on the kernels' op (one read of the logits)."""
         ops = tinynet_ops(self.kernels, logits.device)

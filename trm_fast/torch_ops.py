@@ -88,6 +88,12 @@ def embed(input_ids, token_weight, pos_weight, padding_idx: Optional[int], p: fl
     return F.dropout(x, p, training=p > 0)
 
 
+def masked_mean(y, attention_mask) -> torch.Tensor:
+    """The seed's q-head pooling of y [B, L, D] over the tokens of attention_mask [B, L] (trm_fast.reference)."""
+    from .reference import TRMModel
+    return TRMModel._pool_for_q(y, attention_mask)
+
+
 def act_labels(correct, attention_mask, threshold: float) -> torch.Tensor:
     """The seed's ACT labels, float32 [B, 1], from bool [B, L] argmax == target (trm_fast.reference)."""
     from .reference import TRMModel
