@@ -1,5 +1,6 @@
-"""`trm_fast::masked_mean`: the q head's pooling of a supervision step's y, `(y * mask).sum(1) / mask.sum(1).clamp(min=1)`
-for y [B, L, D] and attention_mask [B, L] (the seed's `_pool_for_q`), forward and backward.
+"""`trm_fast::masked_mean`: the q head's pooling of a supervision step's y,
+`(y * mask).sum(1) / mask.sum(1).clamp(min=1)` for y [B, L, D] and attention_mask [B, L] (the seed's
+`_pool_for_q`), forward and backward.
 
 The seed's torch steps take ~35 us a step at B16 L512 d512 on the H100 (a [B, L, D] product written and read
 back by the sum over L) and ~28 us in the backward (the product's gradient, then a copy); here one program per
@@ -90,8 +91,9 @@ def _check(y, attention_mask):
                          f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != y.shape[:2] or \
             attention_mask.device != y.device:
-        raise ValueError(f"masked_mean: attention_mask must be a {tuple(y.shape[:2])} tensor on {y.device}, got "
-                         f"{tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask}")
+        got = (f"{tuple(attention_mask.shape)} on {attention_mask.device}" if isinstance(attention_mask, torch.Tensor)
+               else type(attention_mask).__name__)
+        raise ValueError(f"masked_mean: attention_mask must be a {tuple(y.shape[:2])} tensor on {y.device}, got {got}")
 
 
 def _count_torch(y, attention_mask) -> torch.Tensor:
