@@ -30,14 +30,18 @@ def _act_labels_kernel(correct_ptr, mask_ptr, labels_ptr, L, stride_c, stride_m,
     tl.store(labels_ptr + b, label.to(tl.float32))
 
 
+def mask_operand(mask: torch.Tensor) -> torch.Tensor:
+    """A [B, L] bool or integer tensor as the kernels read it: unit column stride, bool viewed as int8."""
+    mask = mask if mask.stride(-1) == 1 else mask.contiguous()
+    return mask.view(torch.int8) if mask.dtype == torch.bool else mask
+
+
 def act_labels_triton(correct: torch.Tensor, attention_mask: torch.Tensor, threshold: float) -> torch.Tensor:
     """The labels [B, 1] float32 of bool correct [B, L] and an integer or bool attention_mask [B, L]."""
     B, L = correct.shape
-    correct = correct if correct.stride(-1) == 1 else correct.contiguous()
-    mask = attention_mask if attention_mask.stride(-1) == 1 else attention_mask.contiguous()
-    mask = mask.view(torch.int8) if mask.dtype == torch.bool else mask
+    correct, mask = mask_operand(correct), mask_operand(attention_mask)
     labels = torch.empty(B, 1, device=correct.device, dtype=torch.float32)
-    _act_labels_kernel[(B,)](correct.view(torch.int8), mask, labels, L, correct.stride(0), mask.stride(0),
+    _act_labels_kernel[(B,)](correct, mask, labels, L, correct.stride(0), mask.stride(0),
                              float(threshold), ALL=threshold >= 1.0, BLOCK_L=min(1024, triton.next_power_of_2(L)))
     return labels
 

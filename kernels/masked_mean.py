@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from trm_fast import torch_ops
+from trm_fast.kernels.act_labels import mask_operand
 
 _BLOCK_D = 64  # forward: one program per (sequence, 64 columns), 128 rows a load (16 x 8 programs at B16 d512)
 _FWD_BLOCK_L = 128
@@ -54,17 +55,12 @@ def _masked_mean_bwd_kernel(grad_ptr, mask_ptr, count_ptr, grad_y_ptr, L, D, str
                  mask=(rows[:, None] < L) & (cols[None, :] < D))
 
 
-def _mask_operand(attention_mask: torch.Tensor) -> torch.Tensor:
-    mask = attention_mask if attention_mask.stride(-1) == 1 else attention_mask.contiguous()
-    return mask.view(torch.int8) if mask.dtype == torch.bool else mask
-
-
 def masked_mean_fwd_triton(y: torch.Tensor, attention_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(pooled [B, D] in y's dtype, count [B] float32: the mask's sum clamped to >= 1) for y [B, L, D] with unit
     column stride and attention_mask [B, L]."""
     B, L, D = y.shape
     y = y if y.stride(-1) == 1 else y.contiguous()
-    mask = _mask_operand(attention_mask)
+    mask = mask_operand(attention_mask)
     out = torch.empty(B, D, device=y.device, dtype=y.dtype)
     count = torch.empty(B, device=y.device, dtype=torch.float32)
     block_l = min(_FWD_BLOCK_L, triton.next_power_of_2(L))
@@ -78,7 +74,7 @@ def masked_mean_bwd_triton(grad: torch.Tensor, attention_mask: torch.Tensor, cou
     """grad y [B, L, D] (grad's dtype) = mask * grad / count, for grad [B, D]."""
     B, D = grad.shape
     L = attention_mask.shape[1]
-    mask = _mask_operand(attention_mask)
+    mask = mask_operand(attention_mask)
     grad_y = torch.empty(B, L, D, device=grad.device, dtype=grad.dtype)
     _masked_mean_bwd_kernel[(B, triton.cdiv(L, _BWD_BLOCK_L))](grad.contiguous(), mask, count, grad_y, L, D,
                                                                mask.stride(0), BLOCK_L=_BWD_BLOCK_L, BLOCK_D=_BLOCK_D)
