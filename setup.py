@@ -25,7 +25,8 @@ def extension():
     if want_cuda and torch.version.cuda is not None and CUDA_HOME is not None:
         print(f"trm_fast: building trm_fast._C with CUDA ({CUDA_HOME})")
         return CUDAExtension("trm_fast._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
-                             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]})
+                             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
+                             libraries=["cublasLt"])
     why = "disabled by TRM_FAST_NO_CUDA" if not want_cuda else (
         "this torch has no CUDA" if torch.version.cuda is None else "no CUDA toolkit found")
     print(f"trm_fast: building trm_fast._C for CPU only ({why})")

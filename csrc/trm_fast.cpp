@@ -12,6 +12,7 @@
 #include <cstring>
 #include <tuple>
 #include <limits>
+#include <optional>
 
 extern "C" {
 // An importable module `trm_fast._C` whose import runs the TORCH_LIBRARY registrations below.
@@ -226,6 +227,14 @@ at::Tensor hidden_confidence(const at::Tensor& hidden, const at::Tensor& weight,
   return row_sum.reciprocal();
 }
 
+// a [R, K] @ b [K, N] (+ bias [N]) by ATen: the CPU kernel of trm_fast::lt_matmul, and its CUDA kernel's
+// path for what cuBLASLt without a workspace does not take (csrc/cuda/lt_matmul.cu).
+at::Tensor lt_matmul_fallback(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "lt_matmul: a [R, K] and b [K, N] must agree, "
+              "got ", a.sizes(), " and ", b.sizes());
+  return bias.has_value() ? at::addmm(*bias, a, b) : at::mm(a, b);
+}
+
 TORCH_LIBRARY(trm_fast, m) {
   m.def("token_confidence(Tensor logits) -> Tensor");
   m.def("route_tokens(Tensor confidence, Tensor active, float threshold) -> (Tensor, Tensor, Tensor)");
@@ -234,6 +243,7 @@ TORCH_LIBRARY(trm_fast, m) {
   m.def("gather_rows(Tensor src, Tensor index) -> Tensor");
   m.def("scatter_rows(Tensor(a!) dst, Tensor index, Tensor src) -> ()");
   m.def("hidden_confidence(Tensor hidden, Tensor weight, int chunk) -> Tensor");
+  m.def("lt_matmul(Tensor a, Tensor b, Tensor? bias=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(trm_fast, CompositeExplicitAutograd, m) {
@@ -246,6 +256,7 @@ TORCH_LIBRARY_IMPL(trm_fast, CPU, m) {
   m.impl("route_rows", &route_rows_cpu);
   m.impl("gather_rows", &gather_rows_cpu);
   m.impl("scatter_rows", &scatter_rows_cpu);
+  m.impl("lt_matmul", &lt_matmul_fallback);
 }
 
 }  // namespace trm_fast

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from trm_fast.grad_sums import bias_grad, grad_product, grad_sums_of
 from trm_fast.kernels.column_sum import BAND_ROWS
-from trm_fast.kernels.matmul import BIAS, NONE, autocast_cast, matmul_into
+from trm_fast.kernels.matmul import BIAS, NONE, autocast_cast, matmul_into, product
 
 _BAND_ROWS = tl.constexpr(BAND_ROWS)
 _GELU_BLOCK = 4096
@@ -61,7 +61,7 @@ def _gelu_backward_kernel(grad_ptr, pre_ptr, act_ptr, sums_ptr, M, N, WRITE_ACT:
 def feed_forward_fwd_triton(h, w1, b1, w2, b2, keep_pre: bool = True):
     """(out [M, D], pre-activation [M, F] or None, gelu(pre-activation) [M, F] or None) for a contiguous [M, D] h,
     computed in w1's dtype; b2 may be None."""
-    pre = torch.addmm(b1, h.to(w1.dtype), w1.t())
+    pre = product(h.to(w1.dtype), w1.t(), b1)
     act = torch.empty_like(pre) if keep_pre else pre
     _gelu_kernel[(triton.cdiv(pre.numel(), _GELU_BLOCK),)](pre, act, pre.numel(), BLOCK=_GELU_BLOCK, num_warps=8)
     out = torch.empty(h.shape[0], w2.shape[0], device=h.device, dtype=w1.dtype)
@@ -75,7 +75,7 @@ def feed_forward_bwd_triton(grad_out, h, pre, w1, w2, has_b2: bool, grad_sums=(N
     when added into its grad_sums entry (w1, b1, w2, b2; trm_fast.grad_sums)."""
     dtype = w1.dtype
     M, F = pre.shape
-    grad_pre = grad_out.to(dtype) @ w2
+    grad_pre = product(grad_out.to(dtype), w2)
     write_act = act is None
     act = torch.empty_like(pre) if write_act else act
     b1_bands = torch.empty(triton.cdiv(M, BAND_ROWS), F, device=pre.device, dtype=torch.float32)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from trm_fast.grad_sums import bias_grad, grad_product, grad_sum_of, grad_sums_of
-from trm_fast.kernels.matmul import autocast_cast
+from trm_fast.kernels.matmul import autocast_cast, product
 
 
 def _check(x, weight, bias):
@@ -24,7 +24,12 @@ def _check(x, weight, bias):
 def linear_forward(x, weight, bias):
     """In weight's dtype (x is cast to it); bias may be None."""
     _check(x, weight, bias)
-    return F.linear(x.to(weight.dtype), weight, bias)
+    x = x.to(weight.dtype)
+    if bias is None or not x.is_cuda:
+        return F.linear(x, weight, bias)
+    # with a bias (the QKV projection) torch's kernel zeroes a workspace first; without one (the output projection,
+    # the head) torch's choice is as fast or faster (scripts/lt_matmul_bench.py)
+    return product(x.reshape(-1, x.shape[-1]), weight.t(), bias).view(*x.shape[:-1], weight.shape[0])
 
 
 def linear_backward(grad_out, x, weight, has_bias: bool, grad_sums=(None, None), x_grad_sum=None,

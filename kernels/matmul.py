@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from trm_fast.ops import lt_matmul
 from trm_fast.torch_ops import autocast_dtype
 
 NONE, BIAS = 0, 1
@@ -120,6 +121,15 @@ def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, dot_dtype: 
     _matmul_kernel[matmul_grid(M, N)](a, b, out, bias if bias is not None else out, M, N, K, a.stride(0),
                                        a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
                                        EPILOGUE=epilogue, DOT_DTYPE=dtype, PRECISION=precision)
+
+
+def product(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a @ b (+ bias) for 2-D operands of one dtype by cuBLAS: for CUDA bf16 / fp16 through cuBLASLt without a
+    workspace (trm_fast.ops.lt_matmul: none of the memsets, and the GPU's idle after them, that torch.addmm's
+    kernels for the TinyNet's K = 512 products bring), else torch."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return lt_matmul(a, b, bias)
+    return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
 
 
 def matmul_grid(M: int, N: int):

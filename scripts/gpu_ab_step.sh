@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A/B of the Triton train step on the GPU machine: this tree against an older one, run alternately in fresh
 # processes (ROUNDS times each), so that the machine's drift between runs falls on both alike. The older tree is
-# a folder holding trm_fast/ with its kernels at trm_fast/kernels/, e.g. made here with
+# a folder holding trm_fast/ with its kernels at trm_fast/kernels/ (run without the compiled extension, whose
+# ops then fall back to torch), e.g. made here with
 #   mkdir -p ab_old && git archive REV trm_fast kernels | tar -x -C ab_old && mv ab_old/kernels ab_old/trm_fast/
 #   device run: OUT=$OUT OLD=ab_old bash scripts/gpu_ab_step.sh     (CASE, IMPLS, MODES as in gpu_train_step.sh)
 set -uo pipefail
@@ -10,7 +11,8 @@ OLD=${OLD:?set OLD}
 CASE=${CASE:-B16-L512-d512}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-TRM_FAST_NO_CUDA=1 python3 -m pip install -e . --no-build-isolation --no-deps > "$OUT/setup.log" 2>&1 || echo "build failed"
+python3 -m pip install -e . --no-build-isolation --no-deps > "$OUT/setup.log" 2>&1 || echo "build failed"
+(cd /tmp && python3 -m trm_fast doctor | grep lt_matmul)
 for round in $(seq "${ROUNDS:-2}"); do
   for tree in old new; do
     path=$([ $tree = old ] && realpath "$OLD" || echo "")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 3's train step on the GPU machine, in one call of the device tool (no CUDA extension: the TinyNet path
-# does not use it): the kernels' and GraphedTrainStep's CUDA tests, then per-implementation step times and peak
+# Issue 3's train step on the GPU machine, in one call of the device tool (the CUDA extension built: the TinyNet
+# path's cuBLASLt products are its trm_fast::lt_matmul): the kernels' and GraphedTrainStep's CUDA tests, then per-implementation step times and peak
 # memory (scripts/train_step_profile.py: medians of 20, one process) with the heaviest kernels of the eager
 # Triton step. Logs and the results JSON go to $OUT.
 #   device run: OUT=$OUT bash scripts/gpu_train_step.sh
@@ -12,8 +12,9 @@ CASE=${CASE:-B16-L512-d512}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/setup.log"
-TRM_FAST_NO_CUDA=1 python3 -m pip install -e . --no-build-isolation --no-deps >> "$OUT/setup.log" 2>&1 || echo "build failed"
+python3 -m pip install -e . --no-build-isolation --no-deps >> "$OUT/setup.log" 2>&1 || echo "build failed"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+(cd /tmp && python3 -m trm_fast doctor | grep lt_matmul)
 if [ "${TESTS:-}" != none ]; then
   echo "== CUDA tests"
   # one tiling per kernel (TRM_FAST_AUTOTUNE=0): autotuning every test shape would take minutes

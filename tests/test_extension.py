@@ -299,3 +299,78 @@ def test_hidden_confidence_bad_input():
         ops.hidden_confidence(torch.randn(2, 3), torch.randn(5, 4))
     with pytest.raises(ValueError, match="chunk must be a positive int"):
         ops.hidden_confidence(torch.randn(2, 3), torch.randn(5, 3), 0)
+
+
+def lt_matmul_operands(R, K, N, dtype, device, transposed=True, has_bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(R, K, generator=g).to(device, dtype)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(device, dtype)
+    bias = torch.randn(N, generator=g).to(device, dtype) if has_bias else None
+    return a, (w.t() if transposed else w.t().contiguous()), bias
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("R, K, N", [(1, 1, 1), (37, 24, 40), (130, 512, 1536), (64, 256, 1000)])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_lt_matmul_matches_float64(device, dtype, tol, R, K, N, transposed, has_bias):
+    a, b, bias = lt_matmul_operands(R, K, N, dtype, device, transposed, has_bias)
+    out = ops.lt_matmul(a, b, bias)
+    expected = a.double() @ b.double() + (bias.double() if has_bias else 0)
+    assert out.dtype == dtype and out.shape == (R, N)
+    assert float((out.double() - expected).abs().max()) <= tol * float(expected.abs().max())
+    # torch's own product rounds the same float32 sums: at most one unit of the last place apart
+    torch.testing.assert_close(out, ops._lt_matmul_torch(a, b, bias))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lt_matmul_any_strides(device):
+    """Operands cuBLASLt without a workspace does not take (a with strided columns, b with no unit stride, a
+    column block of a wider tensor) give torch's numbers through the fallback."""
+    a, b, bias = lt_matmul_operands(48, 64, 80, torch.bfloat16, device)
+    wide = torch.randn(64, 170, device=device).bfloat16()
+    for a_, b_ in ((a.t().contiguous().t(), b), (a, wide[:, ::2][:, :80]), (a, wide[:, 3:83]), (a[::2], b)):
+        torch.testing.assert_close(ops.lt_matmul(a_, b_, bias), ops._lt_matmul_torch(a_, b_, bias))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+@pytest.mark.parametrize("R, K, N", [(8192, 512, 1536), (8192, 512, 2048), (8192, 256, 768)])
+def test_lt_matmul_is_torchs_product_at_the_tinynet_shapes(R, K, N):
+    """At the shapes the TinyNet gives it (QKV and FFN up with their bias, FFN backward's grad @ w2) the
+    workspace-free kernels return torch's bf16 outputs exactly."""
+    for transposed, has_bias in ((True, True), (False, False)):
+        a, b, bias = lt_matmul_operands(R, K, N, torch.bfloat16, "cuda", transposed, has_bias)
+        assert torch.equal(ops.lt_matmul(a, b, bias), ops._lt_matmul_torch(a, b, bias))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_lt_matmul_in_a_cuda_graph():
+    from trm_fast import cuda_graphs
+    a, b, bias = lt_matmul_operands(512, 128, 384, torch.bfloat16, "cuda")
+    out = {}
+    graph = cuda_graphs.capture(lambda: out.update(value=ops.lt_matmul(a, b, bias)))
+    a.copy_(torch.randn_like(a))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out["value"], ops._lt_matmul_torch(a, b, bias))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lt_matmul_opcheck(device):
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b, bias = lt_matmul_operands(33, 40, 24, dtype, device)
+        torch.library.opcheck(torch.ops.trm_fast.lt_matmul.default, (a, b, bias))
+        torch.library.opcheck(torch.ops.trm_fast.lt_matmul.default, (a, b.contiguous()))
+
+
+def test_lt_matmul_bad_input():
+    a, b, bias = lt_matmul_operands(4, 3, 5, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"lt_matmul: expects a \[R, K\], b \[K, N\]"):
+        ops.lt_matmul(a, b.t(), bias)
+    with pytest.raises(ValueError, match=r"bias \[N\]"):
+        ops.lt_matmul(a, b, bias[:4])
+    with pytest.raises(ValueError, match="must have a's dtype"):
+        ops.lt_matmul(a, b.double(), bias)
+    with pytest.raises(TypeError, match="b must be a floating-point tensor"):
+        ops.lt_matmul(a, b.long())

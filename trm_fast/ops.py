@@ -6,7 +6,7 @@ with CUDA), else defined here in Python with the same schema and numbers.
 from __future__ import annotations
 
 import importlib.util
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -69,9 +69,13 @@ def _hidden_confidence_torch(hidden: torch.Tensor, weight: torch.Tensor, chunk: 
     return row_sum.reciprocal()
 
 
+def _lt_matmul_torch(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+
+
 FALLBACKS = {"token_confidence": _token_confidence_torch, "route_tokens": _route_tokens_torch,
              "route_rows": _route_rows_torch, "gather_rows": _gather_rows_torch, "scatter_rows": _scatter_rows_torch,
-             "hidden_confidence": _hidden_confidence_torch}
+             "hidden_confidence": _hidden_confidence_torch, "lt_matmul": _lt_matmul_torch}
 DEVICE_AGNOSTIC = {"hidden_confidence"}  # one ATen-composite kernel in _C serves every device
 MUTATES = {"scatter_rows": ("dst",), "route_rows": ("rows", "exited_rows", "exit_step", "counts")}
 
@@ -120,6 +124,27 @@ def _scatter_rows_fake(dst, index, src):
 @torch.library.register_fake("trm_fast::hidden_confidence")
 def _hidden_confidence_fake(hidden, weight, chunk):
     return hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+
+
+@torch.library.register_fake("trm_fast::lt_matmul")
+def _lt_matmul_fake(a, b, bias=None):
+    return a.new_empty(a.shape[0], b.shape[1])
+
+
+def lt_matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a [R, K] @ b [K, N] (+ bias [N]), in a's dtype. On CUDA, bf16 / fp16 operands (a with unit column stride, b
+    or b.T contiguous in its rows) go to cuBLASLt with no workspace: the kernels that torch.addmm's workspace lets
+    its heuristic pick for the TinyNet's products zero it with a memset first, and the GPU then idles a few us;
+    these need none (csrc/cuda/lt_matmul.cu). Anything else, and the CPU, runs torch.addmm / torch.mm."""
+    for name, t in (("a", a), ("b", b)) + ((("bias", bias),) if bias is not None else ()):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"lt_matmul: {name} must be a floating-point tensor")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0] or (bias is not None and bias.shape != (b.shape[1],)):
+        raise ValueError(f"lt_matmul: expects a [R, K], b [K, N] and bias [N] or None, got {tuple(a.shape)}, "
+                         f"{tuple(b.shape)} and {None if bias is None else tuple(bias.shape)}")
+    if any(t.dtype != a.dtype or t.device != a.device for t in (b, bias) if t is not None):
+        raise ValueError(f"lt_matmul: b and bias must have a's dtype and device ({a.dtype}, {a.device})")
+    return torch.ops.trm_fast.lt_matmul(a, b, bias)
 
 
 def hidden_confidence(hidden: torch.Tensor, weight: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
