@@ -10,8 +10,9 @@ import triton.language as tl
 
 BAND_ROWS = 64  # rows per band of the partial sums that other kernels write (kernels/feed_forward.py)
 ONE_PASS_ROWS = 512  # at most this many rows (partial sums, mostly) are summed in one pass
-# the first pass: bands of 256 rows walked in 32 x 64 tiles, 4 warps (H100, scripts/column_sum_bench.py: 3.4 TB/s
-# over [8192, 1536] bf16, where one 64 x 128 tile per program ran at 1.3)
+# the first pass: bands of 256 rows walked in 32 x 64 tiles (H100, scripts/column_sum_bench.py: 3.4 TB/s over
+# [8192, 1536] bf16 from L2, where one 64 x 128 tile per program ran at 1.3; its warps and the second pass's as
+# sum_rows sets them, session 28)
 FIRST_PASS_ROWS, FIRST_PASS_TILE = 256, (32, 64)
 
 
@@ -35,12 +36,12 @@ def _column_sum_kernel(x_ptr, out_ptr, R, N, stride_r, band_rows, ACCUMULATE: tl
     tl.store(out_ptr + band * N + cols, total.to(out_ptr.dtype.element_ty), mask=cols < N)
 
 
-def _sum_bands(x: torch.Tensor, out: torch.Tensor, band_rows: int, block_r: int, block_n: int,
+def _sum_bands(x: torch.Tensor, out: torch.Tensor, band_rows: int, block_r: int, block_n: int, warps: int,
                accumulate: bool = False) -> None:
     R, N = x.shape
     grid = (triton.cdiv(N, block_n), triton.cdiv(R, band_rows))
     _column_sum_kernel[grid](x, out, R, N, x.stride(0), band_rows, ACCUMULATE=accumulate, BLOCK_R=block_r,
-                             BLOCK_N=block_n, num_warps=8 if block_r * block_n > 4096 else 4)
+                             BLOCK_N=block_n, num_warps=warps)
 
 
 def sum_rows(x: torch.Tensor, dtype: torch.dtype, into: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -60,8 +61,12 @@ def sum_rows(x: torch.Tensor, dtype: torch.dtype, into: Optional[torch.Tensor] =
     out = into if into is not None else torch.empty(N, device=x.device, dtype=dtype)
     if R > ONE_PASS_ROWS:
         bands = torch.empty(triton.cdiv(R, FIRST_PASS_ROWS), N, device=x.device, dtype=torch.float32)
-        _sum_bands(x, bands, FIRST_PASS_ROWS, *FIRST_PASS_TILE)
+        # where the columns give few programs (fewer than ~4 an SM), 8 warps each: -2.7 us at [8192, 512] from DRAM
+        programs = triton.cdiv(N, FIRST_PASS_TILE[1]) * bands.shape[0]
+        _sum_bands(x, bands, FIRST_PASS_ROWS, *FIRST_PASS_TILE, warps=8 if programs < 512 else 4)
         x, R = bands, bands.shape[0]
     block_r = min(max(triton.next_power_of_2(R), 16), ONE_PASS_ROWS)
-    _sum_bands(x, out, R, block_r, min(32, 8192 // block_r), accumulate=into is not None)
+    block_n = min(32, 8192 // block_r)
+    # half the warps of a tile's elements / 1024 (at least 2): [128, 2048] float32 2.7 -> 1.8 us from L2
+    _sum_bands(x, out, R, block_r, block_n, warps=4 if block_r * block_n > 4096 else 2, accumulate=into is not None)
     return out
