@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A/B of the Triton train step on the GPU machine: this tree against an older one, run alternately in fresh
 # processes (ROUNDS times each), so that the machine's drift between runs falls on both alike. The older tree is
-# a folder holding trm_fast/ with its kernels at trm_fast/kernels/ (run without the compiled extension, whose
-# ops then fall back to torch), e.g. made here with
+# a folder holding trm_fast/ with its kernels at trm_fast/kernels/ (without the compiled extension its ops fall
+# back to torch: for a tree that uses them, build first and copy trm_fast/_C*.so into it), e.g. made here with
 #   mkdir -p ab_old && git archive REV trm_fast kernels | tar -x -C ab_old && mv ab_old/kernels ab_old/trm_fast/
 #   device run: OUT=$OUT OLD=ab_old bash scripts/gpu_ab_step.sh     (CASE, IMPLS, MODES as in gpu_train_step.sh)
 set -uo pipefail

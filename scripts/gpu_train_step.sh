@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 3's train step on the GPU machine, in one call of the device tool (the CUDA extension built: the TinyNet
-# path's cuBLASLt products are its trm_fast::lt_matmul): the kernels' and GraphedTrainStep's CUDA tests, then per-implementation step times and peak
-# memory (scripts/train_step_profile.py: medians of 20, one process) with the heaviest kernels of the eager
-# Triton step. Logs and the results JSON go to $OUT.
+# path's cuBLASLt products are its trm_fast::lt_matmul): the kernels' and GraphedTrainStep's CUDA tests, then
+# per-implementation step times and peak memory (scripts/train_step_profile.py: medians of 20, one process) with
+# the heaviest kernels of the eager Triton step. Logs and the results JSON go to $OUT.
 #   device run: OUT=$OUT bash scripts/gpu_train_step.sh
 #   TESTS: pytest -k expression, or "none" to skip the tests; CASE: B16-L512-d512 | B8-L1024-d256;
 #   IMPLS, MODES, PROFILE: train_step_profile.py's --impls, --modes, --profile
