@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trm_fast.ops import lt_matmul
+from trm_fast.ops import lt_matmul, lt_matmul_torch
 from trm_fast.torch_ops import autocast_dtype
 
 NONE, BIAS = 0, 1
@@ -129,7 +129,7 @@ def product(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = Non
     kernels for the TinyNet's K = 512 products bring), else torch."""
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
         return lt_matmul(a, b, bias)
-    return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+    return lt_matmul_torch(a, b, bias)
 
 
 def matmul_grid(M: int, N: int):

@@ -195,15 +195,16 @@ def add_layer_norm_forward(h, residual, weight, bias, eps: float, p: float, seed
     dtypes of h, residual and residual_bias. With `cast_only` and a cast, out is empty (not written)."""
     _check(h, residual, weight, bias, p, seed, residual_bias)
     N = h.shape[-1]
-    cast_only = cast_only and _cast_wanted(cast_dtype, weight)
+    cast_wanted = _cast_wanted(cast_dtype, weight)
+    cast_only = cast_only and cast_wanted
     if not h.is_cuda:
         s = _summed_torch(h, residual, p, seed, residual_bias)
         mean = s.mean(dim=1)
         rstd = torch.rsqrt(s.var(dim=1, unbiased=False) + eps)
         out = (((s - mean[:, None]) * rstd[:, None]) * weight.float() + bias.float()).to(weight.dtype).view(h.shape)
-        cast = out.to(cast_dtype) if _cast_wanted(cast_dtype, weight) else h.new_empty(0)
+        cast = out.to(cast_dtype) if cast_wanted else h.new_empty(0)
         return out.new_empty(0) if cast_only else out, cast, mean, rstd
-    cast = torch.empty(h.shape, device=h.device, dtype=cast_dtype) if _cast_wanted(cast_dtype, weight) else None
+    cast = torch.empty(h.shape, device=h.device, dtype=cast_dtype) if cast_wanted else None
     out, mean, rstd = residual_layer_norm_fwd_triton(h.reshape(-1, N).contiguous(),
                                                      residual.reshape(-1, N).contiguous(), weight, bias, eps, p, seed,
                                                      cast.view(-1, N) if cast is not None else None, residual_bias,

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from attention_bench import CASES  # the train step's attention shapes
 from profiling import kernel_times
 from trm_fast.kernels import attention
 from trm_fast.seeds import new_seed
 
-CASES = ((16, 512, 8, 64), (8, 1024, 8, 32))
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
 CALLS = 20

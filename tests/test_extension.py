@@ -321,7 +321,7 @@ def test_lt_matmul_matches_float64(device, dtype, tol, R, K, N, transposed, has_
     assert out.dtype == dtype and out.shape == (R, N)
     assert float((out.double() - expected).abs().max()) <= tol * float(expected.abs().max())
     # torch's own product rounds the same float32 sums: at most one unit of the last place apart
-    torch.testing.assert_close(out, ops._lt_matmul_torch(a, b, bias))
+    torch.testing.assert_close(out, ops.lt_matmul_torch(a, b, bias))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -331,7 +331,7 @@ def test_lt_matmul_any_strides(device):
     a, b, bias = lt_matmul_operands(48, 64, 80, torch.bfloat16, device)
     wide = torch.randn(64, 170, device=device).bfloat16()
     for a_, b_ in ((a.t().contiguous().t(), b), (a, wide[:, ::2][:, :80]), (a, wide[:, 3:83]), (a[::2], b)):
-        torch.testing.assert_close(ops.lt_matmul(a_, b_, bias), ops._lt_matmul_torch(a_, b_, bias))
+        torch.testing.assert_close(ops.lt_matmul(a_, b_, bias), ops.lt_matmul_torch(a_, b_, bias))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
@@ -341,7 +341,7 @@ def test_lt_matmul_is_torchs_product_at_the_tinynet_shapes(R, K, N):
     workspace-free kernels return torch's bf16 outputs exactly."""
     for transposed, has_bias in ((True, True), (False, False)):
         a, b, bias = lt_matmul_operands(R, K, N, torch.bfloat16, "cuda", transposed, has_bias)
-        assert torch.equal(ops.lt_matmul(a, b, bias), ops._lt_matmul_torch(a, b, bias))
+        assert torch.equal(ops.lt_matmul(a, b, bias), ops.lt_matmul_torch(a, b, bias))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
@@ -353,7 +353,7 @@ def test_lt_matmul_in_a_cuda_graph():
     a.copy_(torch.randn_like(a))
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(out["value"], ops._lt_matmul_torch(a, b, bias))
+    assert torch.equal(out["value"], ops.lt_matmul_torch(a, b, bias))
 
 
 @pytest.mark.parametrize("device", DEVICES)

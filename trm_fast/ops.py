@@ -69,13 +69,14 @@ def _hidden_confidence_torch(hidden: torch.Tensor, weight: torch.Tensor, chunk: 
     return row_sum.reciprocal()
 
 
-def _lt_matmul_torch(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def lt_matmul_torch(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """lt_matmul's fallback, and the product of operands it is not given (kernels/matmul.py `product`)."""
     return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
 
 
 FALLBACKS = {"token_confidence": _token_confidence_torch, "route_tokens": _route_tokens_torch,
              "route_rows": _route_rows_torch, "gather_rows": _gather_rows_torch, "scatter_rows": _scatter_rows_torch,
-             "hidden_confidence": _hidden_confidence_torch, "lt_matmul": _lt_matmul_torch}
+             "hidden_confidence": _hidden_confidence_torch, "lt_matmul": lt_matmul_torch}
 DEVICE_AGNOSTIC = {"hidden_confidence"}  # one ATen-composite kernel in _C serves every device
 MUTATES = {"scatter_rows": ("dst",), "route_rows": ("rows", "exited_rows", "exit_step", "counts")}
 
