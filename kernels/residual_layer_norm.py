@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trm_fast.grad_sums import GradSum, plus, shared_grad_sum
+from trm_fast.grad_sums import GradSum, grad_sum_of, plus, shared_grad_sum
 from trm_fast.kernels.column_sum import sum_rows
 from trm_fast.kernels.dropout import check_seed, keep_mask, load_seed, row_key, torch_keep_mask
 from trm_fast.seeds import new_seed
@@ -300,7 +300,8 @@ add_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
 class _AddLayerNorm(torch.autograd.Function):
     """The eager path (see kernels/concat_linear.py). With `cast_sums_grads` the cast copy gets a GradSum
     (trm_fast.grad_sums) that its uses may add their gradients into, read here as the copy's gradient; with
-    `cast_only` the output in its own dtype is empty."""
+    `cast_only` the output in its own dtype is empty. Where h has a GradSum (`summing_grads`), h's gradient is
+    handed to it."""
 
     @staticmethod
     def forward(ctx, h, residual, weight, bias, eps, p, seed, cast_dtype, residual_bias, cast_sums_grads, cast_only):
@@ -310,6 +311,7 @@ class _AddLayerNorm(torch.autograd.Function):
         ctx.save_for_backward(h, residual, weight, mean, rstd, seed, residual_bias)
         ctx.p = p
         ctx.grad_sum = shared_grad_sum(weight, bias, *(() if residual_bias is None else (residual_bias,)))
+        ctx.h_grad_sum = grad_sum_of(h)
         ctx.cast_grad_sum = None
         if cast_sums_grads and cast.numel():
             cast.grad_sum = ctx.cast_grad_sum = GradSum(shape=cast.shape)
@@ -327,6 +329,9 @@ class _AddLayerNorm(torch.autograd.Function):
         grad_h, grad_residual, grad_weight, grad_bias, grad_rb = add_layer_norm_backward(
             grad_out.reshape(h.shape), grad_cast, h, residual, weight, mean, rstd, ctx.p, seed, residual_bias,
             ctx.grad_sum)
+        if ctx.h_grad_sum is not None:  # handed over: h's other uses add theirs into it
+            ctx.h_grad_sum.add(grad_h)
+            grad_h = None
         return grad_h, grad_residual, grad_weight, grad_bias, None, None, None, None, grad_rb, None, None
 
 

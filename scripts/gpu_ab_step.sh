@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A/B of the Triton train step on the GPU machine: this tree against an older one, run alternately in fresh
 # processes (ROUNDS times each), so that the machine's drift between runs falls on both alike. The older tree is
-# a folder holding trm_fast/ with its kernels at trm_fast/kernels/ (without the compiled extension its ops fall
-# back to torch: for a tree that uses them, build first and copy trm_fast/_C*.so into it), e.g. made here with
+# a folder holding trm_fast/ with its kernels at trm_fast/kernels/; the extension built here is copied into it
+# (so its csrc/ must match this tree's, else its ops fall back to torch), e.g. made here with
 #   mkdir -p ab_old && git archive REV trm_fast kernels | tar -x -C ab_old && mv ab_old/kernels ab_old/trm_fast/
 #   device run: OUT=$OUT OLD=ab_old bash scripts/gpu_ab_step.sh     (CASE, IMPLS, MODES as in gpu_train_step.sh)
 set -uo pipefail
@@ -12,6 +12,7 @@ CASE=${CASE:-B16-L512-d512}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -m pip install -e . --no-build-isolation --no-deps > "$OUT/setup.log" 2>&1 || echo "build failed"
+cp trm_fast/_C*.so "$OLD/trm_fast/" 2>/dev/null || echo "no compiled extension to copy into $OLD"
 (cd /tmp && python3 -m trm_fast doctor | grep lt_matmul)
 for round in $(seq "${ROUNDS:-2}"); do
   for tree in old new; do

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from parity_helpers import DEVICES
-from trm_fast.grad_sums import cast_summing_grads, params_summing_grads, shared_grad_sum
+from trm_fast.grad_sums import cast_summing_grads, params_summing_grads, shared_grad_sum, summing_grads
 from trm_fast.kernels.linear import linear
 from trm_fast.kernels.residual_layer_norm import add_layer_norm
 
@@ -75,3 +75,29 @@ def test_layer_norm_params_summed_once_per_pass(device):
     out.backward()
     for p, q in zip(params, plain):
         torch.testing.assert_close(p.grad, 2 * q.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_activation_gradient_summed_in_its_dtype(device):
+    """An activation read by a LayerNorm and a linear layer (a TinyNet block's input) as `summing_grads`' alias:
+    the LayerNorm's backward hands its gradient over as the sum (bf16), the linear's input-gradient GEMM adds into
+    it, and the alias's gradient is that sum: autograd's gradient of the two uses, pass after pass (the second
+    pass with a third use outside the ops, whose returned gradient is added)."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 6, 16, generator=g).bfloat16().to(device).requires_grad_()
+    r = torch.randn(2, 6, 16, generator=g).to(device)
+    w, b = torch.randn(24, 16, generator=g).bfloat16().to(device), torch.randn(24, generator=g).bfloat16().to(device)
+    ln_w, ln_b = torch.randn(16, generator=g).to(device), torch.randn(16, generator=g).to(device)
+
+    def uses(x, plain_use=False):
+        out = add_layer_norm(x, r, ln_w, ln_b, 1e-5, 0.0).sum(-1, keepdim=True) * linear(x, w, b).float()
+        return out.square().sum() + (x.float().square().sum() if plain_use else 0.0)
+    expected = torch.autograd.grad(uses(h), h)[0]
+    alias = summing_grads(h)
+    assert alias.grad_sum.dtype == torch.bfloat16
+    got = torch.autograd.grad(uses(alias), h)[0]
+    assert got.dtype == torch.bfloat16 and alias.grad_sum.total is None  # taken by the alias's backward
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
+    expected = torch.autograd.grad(uses(h, plain_use=True), h)[0]
+    got = torch.autograd.grad(uses(summing_grads(h), plain_use=True), h)[0]
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2 * float(expected.abs().max()))

@@ -11,6 +11,9 @@ op adds their column sums into one total (kernels/column_sum.py adding into it),
 Activations that several ops read in the autocast dtype get it too: a TinyNet state carries a bf16 copy (written
 by the LayerNorm that makes it, whose backward reads the total) and x is cast once per forward; the projections and
 the output head add their input gradients into the copy's total (cuBLAS, beta = 1) instead of returning them.
+An activation read by two ops in its own dtype (a TinyNet block's input: by the QKV projection and by the first
+LayerNorm) gets a sum in that dtype (`summing_grads`): the LayerNorm's backward hands it its gradient, into which the
+projection's input-gradient GEMM adds its own (beta = 1) instead of autograd's add of the two.
 """
 from typing import Optional
 
@@ -19,13 +22,14 @@ import torch
 
 class GradSum:
     """The float32 sum of the gradients of `count` parameters (concatenated) over the uses of their cast copy or
-    aliases in the running backward."""
+    aliases in the running backward (or, `summing_grads`, an activation's sum in its own dtype)."""
 
-    def __init__(self, count: int = 1, shape: Optional[torch.Size] = None):
+    def __init__(self, count: int = 1, shape: Optional[torch.Size] = None, dtype: torch.dtype = torch.float32):
         self.total: Optional[torch.Tensor] = None
         self.task = None
         self.count = count  # parameters whose gradients it sums, concatenated
         self.shape = shape  # of the total that `take` returns (the GEMMs form it in 2-D)
+        self.dtype = dtype  # of the total: float32, or (`summing_grads`) the activation's own
 
     def _in_this_pass(self) -> None:
         task = torch._C._current_graph_task_id()
@@ -33,16 +37,32 @@ class GradSum:
             self.total, self.task = None, task
 
     def addmm(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """total += a @ b, computed from a and b as they are (bf16 on the GPU) into float32."""
+        """total += a @ b, computed from a and b as they are (bf16 on the GPU) into the total's dtype (float32
+        accumulation)."""
         self._in_this_pass()
         with torch.autocast(a.device.type, enabled=False):  # a backward run inside an autocast region
-            if not a.is_cuda:  # CPU GEMMs have no float32 output for bf16 operands
+            if self.dtype != torch.float32:  # an activation's sum, in its dtype
+                if not a.is_cuda:
+                    product = (a.float() @ b.float()).to(self.dtype)
+                    self.total = product if self.total is None else self.total.add_(product)
+                elif self.total is None:
+                    self.total = a @ b
+                else:
+                    self.total.addmm_(a, b)
+            elif not a.is_cuda:  # CPU GEMMs have no float32 output for bf16 operands
                 product = a.float() @ b.float()
                 self.total = product if self.total is None else self.total.add_(product)
             elif self.total is None:
                 self.total = torch.mm(a, b, out_dtype=torch.float32)
             else:
                 torch.addmm(self.total, a, b, out_dtype=torch.float32, out=self.total)
+
+    def add(self, x: torch.Tensor) -> None:
+        """total += x (rows of its last dimension, as the GEMMs form the total), x itself becoming the total when
+        there is none yet (its owner hands it over)."""
+        self._in_this_pass()
+        x = x.reshape(-1, x.shape[-1])
+        self.total = x if self.total is None else self.total.add_(x)
 
     def add_column_sums(self, x: torch.Tensor) -> None:
         """total += x.sum(0) in float32 (on CUDA kernels/column_sum.py, adding into the total)."""
@@ -96,6 +116,28 @@ class _ParamsSummingGrads(torch.autograd.Function):
         parts = total.split([shape.numel() for shape in ctx.shapes]) if total is not None else [None] * len(grads)
         return tuple(plus(part.view(shape) if part is not None else None, grad)
                      for part, shape, grad in zip(parts, ctx.shapes, grads))
+
+
+class _SummingGrads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.set_materialize_grads(False)
+        alias = x.view_as(x)
+        alias.grad_sum = ctx.grad_sum = GradSum(shape=x.shape, dtype=x.dtype)
+        return alias
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = ctx.grad_sum.take()
+        if total is None or grad is None:  # (uses that returned their gradient: a torch fallback)
+            return grad if total is None else total
+        return total + grad
+
+
+def summing_grads(x: torch.Tensor) -> torch.Tensor:
+    """An alias of the activation x whose uses may add their gradients into its `grad_sum`, a sum in x's dtype,
+    instead of returning them (the first may hand over its gradient as the sum: `GradSum.add`)."""
+    return _SummingGrads.apply(x)
 
 
 def plus(total: Optional[torch.Tensor], grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -12,7 +12,7 @@ from . import decoding, reference, seeds
 from .early_exit import EarlyExit, compacted_early_exit
 from .early_exit import reset_runs as reset_early_exit_runs
 from .dispatch import check_kernels_choice, tinynet_ops
-from .grad_sums import cast_summing_grads, params_summing_grads
+from .grad_sums import cast_summing_grads, params_summing_grads, summing_grads
 from .linear_cross_entropy import linear_cross_entropy
 from .reference import TRMConfig
 from .torch_ops import autocast_dtype
@@ -69,6 +69,10 @@ class DispatchTinyNet(reference.TinyNet):
         """The TinyNet block on the projection's output h; with `copy_only` (where states carry copies) the new state
         is its copy in the autocast dtype alone."""
         block, attn = self.block, self.block.attn
+        if ops.SUMS_WEIGHT_GRADS and h.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # h is read by the QKV projection and the first LayerNorm: the LayerNorm's backward hands its gradient of
+            # h to a sum that the projection's input-gradient GEMM adds into (no add of the two)
+            h = summing_grads(h)
         key_valid = self._memo_get(("key_valid", attn_mask), lambda: (attn_mask != 0) if attn_mask is not None else
                                    torch.ones(h.shape[:2], dtype=torch.bool, device=h.device))
 
