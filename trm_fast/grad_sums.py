@@ -41,21 +41,13 @@ class GradSum:
         accumulation)."""
         self._in_this_pass()
         with torch.autocast(a.device.type, enabled=False):  # a backward run inside an autocast region
-            if self.dtype != torch.float32:  # an activation's sum, in its dtype
-                if not a.is_cuda:
-                    product = (a.float() @ b.float()).to(self.dtype)
-                    self.total = product if self.total is None else self.total.add_(product)
-                elif self.total is None:
-                    self.total = a @ b
-                else:
-                    self.total.addmm_(a, b)
-            elif not a.is_cuda:  # CPU GEMMs have no float32 output for bf16 operands
-                product = a.float() @ b.float()
+            if not a.is_cuda:  # CPU GEMMs have no float32 output for bf16 operands
+                product = (a.float() @ b.float()).to(self.dtype)
                 self.total = product if self.total is None else self.total.add_(product)
             elif self.total is None:
-                self.total = torch.mm(a, b, out_dtype=torch.float32)
+                self.total = torch.mm(a, b, out_dtype=self.dtype)
             else:
-                torch.addmm(self.total, a, b, out_dtype=torch.float32, out=self.total)
+                torch.addmm(self.total, a, b, out_dtype=self.dtype, out=self.total)
 
     def add(self, x: torch.Tensor) -> None:
         """total += x (rows of its last dimension, as the GEMMs form the total), x itself becoming the total when
@@ -128,10 +120,7 @@ class _SummingGrads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        total = ctx.grad_sum.take()
-        if total is None or grad is None:  # (uses that returned their gradient: a torch fallback)
-            return grad if total is None else total
-        return total + grad
+        return plus(ctx.grad_sum.take(), grad, ctx.grad_sum.dtype)
 
 
 def summing_grads(x: torch.Tensor) -> torch.Tensor:
@@ -140,11 +129,12 @@ def summing_grads(x: torch.Tensor) -> torch.Tensor:
     return _SummingGrads.apply(x)
 
 
-def plus(total: Optional[torch.Tensor], grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A summed gradient plus one that a use returned (a torch fallback), either possibly None."""
+def plus(total: Optional[torch.Tensor], grad: Optional[torch.Tensor],
+         dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]:
+    """A summed gradient (in `dtype`) plus one that a use returned (a torch fallback), either possibly None."""
     if grad is None:
         return total
-    return grad.float() if total is None else total + grad
+    return grad.to(dtype) if total is None else total + grad
 
 
 def params_summing_grads(*params: torch.Tensor) -> tuple:
