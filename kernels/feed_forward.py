@@ -1,13 +1,14 @@
 """`trm_fast::feed_forward`: `linear(gelu(linear(h, w1, b1)), w2, b2)` (exact GELU), forward and backward.
 
 Forward: cuBLAS computes the pre-activation with its bias (h cast to the weights' dtype first), one elementwise
-kernel applies GELU (in place when the pre-activation is not kept), the Triton matmul adds the second bias (the
+kernel applies GELU (in place when the pre-activation is not kept), cuBLAS the second product with its bias (the
 residual add and dropout belong to `add_layer_norm`, which may take that bias too: b2 None). (With GELU in the
 Triton matmul's epilogue instead, the first matmul took ~82 us in the d512 train step, cuBLAS' product alone ~31:
-benchmarks/NOTES.md, session 18.)
+benchmarks/NOTES.md, session 18.) The products go through kernels/matmul.py's `product` (cuBLASLt without a
+workspace on CUDA); the second and grad h's ran 25-26 us there against the Triton matmul's 29 (session 30).
 Backward: grad_out @ w2 by cuBLAS, then one elementwise kernel multiplies it by GELU'(pre-activation) in place,
-writes gelu(pre-activation) for grad w2 and sums grad b1 per band of rows; grad h by the Triton matmul (it
-writes h's dtype), the weight gradients by cuBLAS (long K), grad b2 (when there is one) by kernels/column_sum.py.
+writes gelu(pre-activation) for grad w2 and sums grad b1 per band of rows; grad h by cuBLAS, the weight gradients
+by cuBLAS (long K), grad b2 (when there is one) by kernels/column_sum.py.
 (With dGELU in a Triton matmul's epilogue instead, grad_out @ w2 took 0.095 ms at d512, cuBLAS alone 0.033:
 benchmarks/NOTES.md, sessions 14 and 15.)
 """
@@ -19,7 +20,7 @@ import triton.language as tl
 
 from trm_fast.grad_sums import bias_grad, grad_product, grad_sums_of
 from trm_fast.kernels.column_sum import BAND_ROWS
-from trm_fast.kernels.matmul import BIAS, NONE, autocast_cast, matmul_into, product
+from trm_fast.kernels.matmul import autocast_cast, product
 
 _BAND_ROWS = tl.constexpr(BAND_ROWS)
 _GELU_BLOCK = 4096
@@ -64,8 +65,7 @@ def feed_forward_fwd_triton(h, w1, b1, w2, b2, keep_pre: bool = True):
     pre = product(h.to(w1.dtype), w1.t(), b1)
     act = torch.empty_like(pre) if keep_pre else pre
     _gelu_kernel[(triton.cdiv(pre.numel(), _GELU_BLOCK),)](pre, act, pre.numel(), BLOCK=_GELU_BLOCK, num_warps=8)
-    out = torch.empty(h.shape[0], w2.shape[0], device=h.device, dtype=w1.dtype)
-    matmul_into(act, w2.t(), out, w1.dtype, NONE if b2 is None else BIAS, bias=b2)
+    out = product(act, w2.t(), b2)
     return (out, pre, act) if keep_pre else (out, None, None)
 
 
@@ -83,8 +83,7 @@ def feed_forward_bwd_triton(grad_out, h, pre, w1, w2, has_b2: bool, grad_sums=(N
     block_n, warps = (128, 8) if write_act else (64, 4)
     _gelu_backward_kernel[(triton.cdiv(M, BAND_ROWS), triton.cdiv(F, block_n))](
         grad_pre, pre, act, b1_bands, M, F, WRITE_ACT=write_act, BLOCK_N=block_n, num_warps=warps)
-    grad_h = torch.empty_like(h)
-    matmul_into(grad_pre, w1, grad_h, dtype)
+    grad_h = product(grad_pre, w1).to(h.dtype)
     return (grad_h, grad_product(grad_sums[0], grad_pre.t(), h.to(dtype)), bias_grad(grad_sums[1], b1_bands, dtype),
             grad_product(grad_sums[2], grad_out.t().to(dtype), act),
             bias_grad(grad_sums[3], grad_out, dtype) if has_b2 else None)

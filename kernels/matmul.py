@@ -1,12 +1,11 @@
-"""One strided Triton matmul with fused epilogues, shared by the TinyNet kernels' forward and backward, and
-the dtype rules they share.
+"""One strided Triton matmul, its tile placement (shared with kernels/concat_linear.py's forward), the cuBLAS
+product the other kernels call, and the dtype rules they share.
 
-`matmul_into(a, b, out, ...)`: out = epilogue(a @ b) for 2-D tensors of any strides and dtypes (transposes
-and column blocks are views; a and b are cast to the dot dtype as they are loaded, so an fp32 state meets a
-bf16 weight without a copy), float32 accumulation, optionally plus a bias. (A bias + erf-GELU epilogue for the
-FFN's first matmul was slower in the train step than cuBLAS then a GELU pass: benchmarks/NOTES.md, session 18.)
-
-The kernels use it where the output has many rows (8192 tokens): forward projections and input gradients.
+`matmul_into(a, b, out, dot_dtype)`: out = a @ b for 2-D tensors of any strides and dtypes (transposes and column
+blocks are views; a and b are cast to the dot dtype as they are loaded, so an fp32 state meets a bf16 weight
+without a copy), float32 accumulation. (A bias + erf-GELU epilogue for the FFN's first matmul was slower in the
+train step than cuBLAS then a GELU pass: benchmarks/NOTES.md, session 18; the FFN's other products left it for
+cuBLAS in session 30.) The concatenation's input gradients use it (column blocks of its weight).
 Weight gradients (a [N, K] output summed over all tokens: few output tiles, long K) go to cuBLAS, which
 splits K; a tiled kernel without split-K left most of the GPU idle there (measured, benchmarks/NOTES.md).
 
@@ -23,7 +22,6 @@ import triton.language as tl
 from trm_fast.ops import lt_matmul, lt_matmul_torch
 from trm_fast.torch_ops import autocast_dtype
 
-NONE, BIAS = 0, 1
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("TRM_FAST_AUTOTUNE", "1") != "0"
 TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -73,15 +71,14 @@ def grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 # per SM walking the tiles) was no faster there
 @triton.autotune(configs=tile_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), [
     (128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 3), (128, 256, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4),
-    (128, 64, 64, 8, 4, 4), (128, 128, 64, 1, 8, 3)], (32, 32, 32, 2, 4, 1)), key=["M", "N", "K", "EPILOGUE"])
+    (128, 64, 64, 8, 4, 4), (128, 128, 64, 1, 8, 3)], (32, 32, 32, 2, 4, 1)), key=["M", "N", "K"])
 @triton.heuristics({"EVEN": lambda args: all(args[d] % args["BLOCK_" + d] == 0 for d in "MNK")})
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                   stride_cm, stride_cn, EPILOGUE: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                   EVEN: tl.constexpr):
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                   DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN: tl.constexpr):
     """One output tile per program: the K loop (unmasked when EVEN: M, N, K multiples of the blocks), then the
-    epilogue."""
+    store."""
     tile_m, tile_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -98,8 +95,6 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, stride_am, stride_ak,
         acc = dot_as(a, b, acc, DOT_DTYPE, PRECISION)
         a_tile += BLOCK_K * stride_ak
         b_tile += BLOCK_K * stride_bk
-    if EPILOGUE == 1:
-        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
@@ -113,14 +108,12 @@ def autocast_cast(*tensors: Optional[torch.Tensor]):
     return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
-def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, dot_dtype: torch.dtype, epilogue: int = NONE,
-                bias: torch.Tensor = None) -> None:
-    """out[:] = a @ b (epilogue NONE) or a @ b + bias (BIAS), the dot in `dot_dtype`."""
+def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, dot_dtype: torch.dtype) -> None:
+    """out[:] = a @ b, the dot in `dot_dtype`."""
     (M, K), N = a.shape, b.shape[1]
     dtype, precision = dot_config(dot_dtype)
-    _matmul_kernel[matmul_grid(M, N)](a, b, out, bias if bias is not None else out, M, N, K, a.stride(0),
-                                       a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-                                       EPILOGUE=epilogue, DOT_DTYPE=dtype, PRECISION=precision)
+    _matmul_kernel[matmul_grid(M, N)](a, b, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                                       out.stride(0), out.stride(1), DOT_DTYPE=dtype, PRECISION=precision)
 
 
 def product(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -40,12 +40,12 @@ def compile_for_sm90(kernel, signature: dict, constexprs: dict, **options):
 
 def main():
     ints = lambda *names: {name: "i32" for name in names}  # noqa: E731
-    for epilogue, even in ((1, True), (0, False)):
+    for even in (True, False):
         compile_for_sm90(matmul._matmul_kernel, dict(
-            a_ptr="*bf16", b_ptr="*bf16", c_ptr="*bf16", bias_ptr="*fp32",
+            a_ptr="*bf16", b_ptr="*bf16", c_ptr="*bf16",
             **ints("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn")),
-            dict(EPILOGUE=epilogue, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
-                 GROUP_M=8, EVEN=even), num_warps=8, num_stages=3)
+            dict(DOT_DTYPE=tl.bfloat16, PRECISION="tf32", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EVEN=even),
+            num_warps=8, num_stages=3)
     compile_for_sm90(ffn._gelu_backward_kernel, dict(grad_ptr="*bf16", pre_ptr="*bf16", act_ptr="*bf16",
                                                      sums_ptr="*fp32", **ints("M", "N")),
                      dict(WRITE_ACT=False, BLOCK_N=128), num_warps=8)

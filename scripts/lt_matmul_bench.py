@@ -7,14 +7,18 @@ the kernels each runs.
 import torch
 
 from profiling import graph_us, kernel_times
+from trm_fast.kernels.matmul import matmul_into
 from trm_fast.ops import lt_matmul
 
 # name: (rows, K, N, bias, b as a transposed weight [N, K])
 SHAPES = {"QKV + bias": (8192, 512, 1536, True, True), "FFN up + bias": (8192, 512, 2048, True, True),
           "output projection": (8192, 512, 512, False, True), "FFN backward grad @ w2": (8192, 512, 2048, False, False),
-          "head (eval logits)": (8192, 512, 16000, False, True),
+          "head (eval logits)": (8192, 512, 16000, False, True), "FFN down": (8192, 2048, 512, False, True),
+          "FFN backward grad @ w1": (8192, 2048, 512, False, False),
           "d256 QKV + bias": (8192, 256, 768, True, True), "d256 FFN up + bias": (8192, 256, 1024, True, True),
           "d256 grad @ w2": (8192, 256, 1024, False, False)}
+
+TRITON_SHAPES = ("FFN down", "FFN backward grad @ w1")  # kernels/feed_forward.py's matmul_into calls
 
 
 def torch_product(a, b, bias):
@@ -37,6 +41,9 @@ def main():
         ours, theirs = graph_us(lambda: lt_matmul(a, b, bias)), graph_us(lambda: torch_product(a, b, bias))
         print(f"{name:24s} [{R}, {K}] @ [{K}, {N}]: torch {theirs:6.1f} us | lt_matmul {ours:6.1f} us "
               f"({ours - theirs:+.1f}; bit-identical: {same})")
+        if name in TRITON_SHAPES:
+            out = torch.empty(R, N, device="cuda", dtype=torch.bfloat16)
+            print(f"    Triton matmul {graph_us(lambda: matmul_into(a, b, out, torch.bfloat16)):6.1f} us")
         print(f"    torch: {kernel_names(lambda: torch_product(a, b, bias))}")
         print(f"    lt:    {kernel_names(lambda: lt_matmul(a, b, bias))}")
 

@@ -72,9 +72,9 @@ def host_costs(calls: int = 2000):
     dtype, precision = matmul.dot_config(a.dtype)
 
     def plain_matmul():
-        matmul._matmul_kernel.fn.fn[(1,)](a, a, out, out, 16, 16, 16, 16, 1, 16, 1, 16, 1, EPILOGUE=0,
-                                          DOT_DTYPE=dtype, PRECISION=precision, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16,
-                                          GROUP_M=1, EVEN=True)
+        matmul._matmul_kernel.fn.fn[(1,)](a, a, out, 16, 16, 16, 16, 1, 16, 1, 16, 1, DOT_DTYPE=dtype,
+                                          PRECISION=precision, BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1,
+                                          EVEN=True)
 
     for name, fn in (("torch add", lambda: torch.add(a, a)), ("F.linear", lambda: torch.nn.functional.linear(a, a)),
                      ("Triton matmul, autotuned", lambda: matmul.matmul_into(a, a, out, a.dtype)),
