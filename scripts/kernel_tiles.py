@@ -67,18 +67,12 @@ def report(results: dict, title: str, found: dict) -> None:
         print(f"   {tile:45s} {r}")
 
 
-def matmul_shapes(D: int, F: int):
-    """(name, a, b, out) of Triton matmuls at d_model D, FFN width F, in the train step's dtypes (the FFN's products
-    are cuBLAS' since session 30: kept for comparison)."""
-    bf, f32 = torch.bfloat16, torch.float32
-    w1, w2, wcat = (torch.randn(*s, device="cuda", dtype=bf) * 0.05 for s in ((F, D), (D, F), (D, 3 * D)))
-    act = torch.randn(M, F, device="cuda", dtype=bf)
-    grad = torch.randn(M, D, device="cuda", dtype=bf)
-    return [
-        ("ffn_down", act, w2.t(), torch.empty(M, D, device="cuda", dtype=bf)),
-        ("ffn_grad_h", act, w1, torch.empty(M, D, device="cuda", dtype=f32)),
-        ("concat_grad_x", grad, wcat[:, :D], torch.empty(M, D, device="cuda", dtype=f32)),
-    ]
+def matmul_shapes(D: int):
+    """(name, a, b, out) of the train step's Triton matmuls at d_model D, in its dtypes (the concatenation's input
+    gradients; the FFN's products are cuBLAS' since session 30)."""
+    wcat = torch.randn(D, 3 * D, device="cuda", dtype=torch.bfloat16) * 0.05
+    grad = torch.randn(M, D, device="cuda", dtype=torch.bfloat16)
+    return [("concat_grad_x", grad, wcat[:, :D], torch.empty(M, D, device="cuda", dtype=torch.float32))]
 
 
 def main():
@@ -87,8 +81,8 @@ def main():
     args = parser.parse_args()
     results = {"device": torch.cuda.get_device_name()}
     names = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
-    for D, F in ((512, 2048), (256, 1024)):
-        for name, a, b, out in matmul_shapes(D, F):
+    for D in (512, 256):
+        for name, a, b, out in matmul_shapes(D):
             K, N = a.shape[1], b.shape[1]
             flop = 2 * M * N * K
             tiles = MATMUL_TILES if D == 512 else MATMUL_TILES[:4]

@@ -18,7 +18,7 @@ SHAPES = {"QKV + bias": (8192, 512, 1536, True, True), "FFN up + bias": (8192, 5
           "d256 QKV + bias": (8192, 256, 768, True, True), "d256 FFN up + bias": (8192, 256, 1024, True, True),
           "d256 grad @ w2": (8192, 256, 1024, False, False)}
 
-TRITON_SHAPES = ("FFN down", "FFN backward grad @ w1")  # kernels/feed_forward.py's matmul_into calls
+TRITON_SHAPES = ("FFN down", "FFN backward grad @ w1")  # on the Triton matmul before session 30
 
 
 def torch_product(a, b, bias):
