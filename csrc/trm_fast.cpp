@@ -235,6 +235,25 @@ at::Tensor lt_matmul_fallback(const at::Tensor& a, const at::Tensor& b, const st
   return bias.has_value() ? at::addmm(*bias, a, b) : at::mm(a, b);
 }
 
+// out [R, N] (=|+=) a [R, K] @ b [K, N] by ATen, out in a's dtype or float32 (on the CPU, which has no float32
+// output for bf16 GEMMs, from float32 operands): the CPU kernel of trm_fast::lt_matmul_into, and its CUDA kernel's
+// path for what cuBLASLt does not take.
+void lt_matmul_into_fallback(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) && out.dim() == 2 && out.size(0) == a.size(0) &&
+              out.size(1) == b.size(1), "lt_matmul_into: out [R, N], a [R, K] and b [K, N] must agree, got ",
+              out.sizes(), ", ", a.sizes(), " and ", b.sizes());
+  const auto dtype = out.scalar_type();
+  const int beta = accumulate ? 1 : 0;
+  if (dtype == a.scalar_type()) {
+    at::addmm_out(out, out, a, b, beta);
+  } else if (a.is_cuda()) {
+    at::addmm_out(out, out, a, b, dtype, beta);
+  } else {
+    const at::Tensor product = at::mm(a.to(dtype), b.to(dtype));
+    accumulate ? out.add_(product) : out.copy_(product);
+  }
+}
+
 TORCH_LIBRARY(trm_fast, m) {
   m.def("token_confidence(Tensor logits) -> Tensor");
   m.def("route_tokens(Tensor confidence, Tensor active, float threshold) -> (Tensor, Tensor, Tensor)");
@@ -244,6 +263,8 @@ TORCH_LIBRARY(trm_fast, m) {
   m.def("scatter_rows(Tensor(a!) dst, Tensor index, Tensor src) -> ()");
   m.def("hidden_confidence(Tensor hidden, Tensor weight, int chunk) -> Tensor");
   m.def("lt_matmul(Tensor a, Tensor b, Tensor? bias=None) -> Tensor");
+  m.def("lt_matmul_into(Tensor(a!) out, Tensor a, Tensor b, bool accumulate) -> ()");
+  m.def("lt_matmul_timings(Tensor a, Tensor b, Tensor? bias, ScalarType out_dtype, bool accumulate) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(trm_fast, CompositeExplicitAutograd, m) {
@@ -257,6 +278,7 @@ TORCH_LIBRARY_IMPL(trm_fast, CPU, m) {
   m.impl("gather_rows", &gather_rows_cpu);
   m.impl("scatter_rows", &scatter_rows_cpu);
   m.impl("lt_matmul", &lt_matmul_fallback);
+  m.impl("lt_matmul_into", &lt_matmul_into_fallback);
 }
 
 }  // namespace trm_fast

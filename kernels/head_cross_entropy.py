@@ -13,11 +13,11 @@ reaches the returned logits as well is added to g's share first.
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from trm_fast.grad_sums import grad_product, grad_sum_of
+from trm_fast.kernels.matmul import product
 from trm_fast.linear_cross_entropy import check_targets, cross_entropy_and_grad
 
 
@@ -58,7 +58,7 @@ def head_cross_entropy_forward(h, weight, targets, ignore_index: int, with_grad:
     """(logits [N, V], mean loss float32, bool [N] argmax == target, (softmax - one-hot) / count [N, V] or an empty
     tensor without `with_grad`)."""
     _check(h, weight, targets)
-    logits = F.linear(h, weight)
+    logits = product(h, weight.t())
     count = (targets != ignore_index).sum()
     scale = (1.0 / count.clamp(min=1).float()).reshape(1) if with_grad else None
     loss, correct, grad = cross_entropy_and_grad(logits, targets, ignore_index, scale)

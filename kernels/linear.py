@@ -25,10 +25,9 @@ def linear_forward(x, weight, bias):
     """In weight's dtype (x is cast to it); bias may be None."""
     _check(x, weight, bias)
     x = x.to(weight.dtype)
-    if bias is None or not x.is_cuda:
+    if not x.is_cuda:
         return F.linear(x, weight, bias)
-    # with a bias (the QKV projection) torch's kernel zeroes a workspace first; without one (the output projection,
-    # the head) torch's choice is as fast or faster (scripts/lt_matmul_bench.py)
+    # cuBLASLt's tuned algorithm, or torch's call where that is faster (scripts/lt_matmul_bench.py)
     return product(x.reshape(-1, x.shape[-1]), weight.t(), bias).view(*x.shape[:-1], weight.shape[0])
 
 

@@ -118,8 +118,8 @@ def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, dot_dtype: 
 
 def product(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """a @ b (+ bias) for 2-D operands of one dtype by cuBLAS: for CUDA bf16 / fp16 through cuBLASLt without a
-    workspace (trm_fast.ops.lt_matmul: none of the memsets, and the GPU's idle after them, that torch.addmm's
-    kernels for the TinyNet's K = 512 products bring), else torch."""
+    workspace, each shape's fastest algorithm (trm_fast.ops.lt_matmul: none of the memsets, and the GPU's idle
+    after them, that torch.addmm's kernels for the TinyNet's K = 512 products bring), else torch."""
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
         return lt_matmul(a, b, bias)
     return lt_matmul_torch(a, b, bias)

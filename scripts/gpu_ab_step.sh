@@ -5,7 +5,8 @@
 # (so its csrc/ must match this tree's, else its ops fall back to torch), e.g. made here with
 #   mkdir -p ab_old && git archive REV trm_fast kernels | tar -x -C ab_old && mv ab_old/kernels ab_old/trm_fast/
 #   device run: OUT=$OUT OLD=ab_old bash scripts/gpu_ab_step.sh     (CASE, IMPLS, MODES as in gpu_train_step.sh)
-# NEW, a folder like OLD, puts another tree in this tree's place (two changes measured apart in one session).
+# NEW, a folder like OLD, puts another tree in this tree's place (two changes measured apart in one session);
+# OLD_ENV / NEW_ENV, "NAME=value ..." set for that tree's runs (e.g. OLD_ENV=TRM_FAST_LT_TUNE=0).
 set -uo pipefail
 OUT=${OUT:?set OUT}
 OLD=${OLD:?set OLD}
@@ -22,7 +23,9 @@ for round in $(seq "${ROUNDS:-2}"); do
     path=$([ $tree = old ] && realpath "$OLD" || ([ -n "${NEW:-}" ] && realpath "$NEW") || echo "")
     echo "== round $round, $tree tree"
     (cd /tmp && PYTHONPATH=$path python3 -c "import trm_fast.kernels.matmul as m; print(m.__file__)")
-    PYTHONPATH=$path timeout "${STEP_TIMEOUT:-150}" python3 scripts/train_step_profile.py --case "$CASE" \
+    tree_env=$([ $tree = old ] && echo "${OLD_ENV:-}" || echo "${NEW_ENV:-}")
+    echo "   env: ${tree_env:-(none)}"
+    env $tree_env PYTHONPATH=$path timeout "${STEP_TIMEOUT:-150}" python3 scripts/train_step_profile.py --case "$CASE" \
       --impls ${IMPLS:-triton-graph} --modes ${MODES:-train} --profile ${PROFILE-} \
       --json "$OUT/ab_${tree}_${round}.json" 2>&1 | grep -v "UserWarning\|_warn_once"
   done

@@ -25,7 +25,7 @@ def test_doctor_reports_every_op(capsys):
                                   "decode.decode_attention", "decode.add_layer_norm_into", "decode.decode_append",
                                   "decode.decode_pool", "decode.decode_select", "decode.decode_emit",
                                   "token_confidence", "route_tokens", "route_rows", "gather_rows", "scatter_rows",
-                                  "hidden_confidence", "lt_matmul",
+                                  "hidden_confidence", "lt_matmul", "lt_matmul_into",
                                   "early_exit.compact_attention", "early_exit.confidence"}
     assert status["ops"]["tinynet.causal_attention"] in ("torch", "triton")
     assert status["ops"]["decode.decode_attention"] == ("triton" if status["device"].startswith("cuda") else "torch")

@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from trm_fast.ops import lt_matmul, lt_matmul_into
+
 
 class GradSum:
     """The float32 sum of the gradients of `count` parameters (concatenated) over the uses of their cast copy or
@@ -38,16 +40,13 @@ class GradSum:
 
     def addmm(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """total += a @ b, computed from a and b as they are (bf16 on the GPU) into the total's dtype (float32
-        accumulation)."""
+        accumulation; cuBLASLt's tuned algorithm on CUDA: trm_fast.ops.lt_matmul_into)."""
         self._in_this_pass()
+        first = self.total is None
+        if first:
+            self.total = a.new_empty(a.shape[0], b.shape[1], dtype=self.dtype)
         with torch.autocast(a.device.type, enabled=False):  # a backward run inside an autocast region
-            if not a.is_cuda:  # CPU GEMMs have no float32 output for bf16 operands
-                product = (a.float() @ b.float()).to(self.dtype)
-                self.total = product if self.total is None else self.total.add_(product)
-            elif self.total is None:
-                self.total = torch.mm(a, b, out_dtype=self.dtype)
-            else:
-                torch.addmm(self.total, a, b, out_dtype=self.dtype, out=self.total)
+            lt_matmul_into(self.total, a, b, accumulate=not first)
 
     def add(self, x: torch.Tensor) -> None:
         """total += x (rows of its last dimension, as the GEMMs form the total), x itself becoming the total when
@@ -172,7 +171,7 @@ def grad_product(grad_sum: Optional[GradSum], a: torch.Tensor, b: torch.Tensor) 
     """A gradient a @ b (a weight's, or an input copy's): added into `grad_sum` (then None) when the tensor has one,
     else returned."""
     if grad_sum is None:
-        return a @ b
+        return lt_matmul(a, b)
     grad_sum.addmm(a, b)
     return None
 

@@ -74,11 +74,26 @@ def lt_matmul_torch(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tenso
     return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
 
 
+def lt_matmul_into_torch(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """lt_matmul_into's fallback: out in a's dtype, or float32 (on the CPU, which has no float32 output for bf16
+    GEMMs, from float32 operands)."""
+    dtype, beta = out.dtype, 1 if accumulate else 0
+    if dtype == a.dtype:
+        torch.addmm(out, a, b, beta=beta, out=out)
+    elif a.is_cuda:
+        torch.addmm(out, a, b, out_dtype=dtype, beta=beta, out=out)
+    else:
+        product = a.to(dtype) @ b.to(dtype)
+        out.add_(product) if accumulate else out.copy_(product)
+
+
 FALLBACKS = {"token_confidence": _token_confidence_torch, "route_tokens": _route_tokens_torch,
              "route_rows": _route_rows_torch, "gather_rows": _gather_rows_torch, "scatter_rows": _scatter_rows_torch,
-             "hidden_confidence": _hidden_confidence_torch, "lt_matmul": lt_matmul_torch}
+             "hidden_confidence": _hidden_confidence_torch, "lt_matmul": lt_matmul_torch,
+             "lt_matmul_into": lt_matmul_into_torch}
 DEVICE_AGNOSTIC = {"hidden_confidence"}  # one ATen-composite kernel in _C serves every device
-MUTATES = {"scatter_rows": ("dst",), "route_rows": ("rows", "exited_rows", "exit_step", "counts")}
+MUTATES = {"scatter_rows": ("dst",), "route_rows": ("rows", "exited_rows", "exit_step", "counts"),
+           "lt_matmul_into": ("out",)}
 
 
 def _has_kernel(name: str, dispatch_key: str) -> bool:
@@ -132,20 +147,55 @@ def _lt_matmul_fake(a, b, bias=None):
     return a.new_empty(a.shape[0], b.shape[1])
 
 
-def lt_matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """a [R, K] @ b [K, N] (+ bias [N]), in a's dtype. On CUDA, bf16 / fp16 operands (a with unit column stride, b
-    or b.T contiguous in its rows) go to cuBLASLt with no workspace: the kernels that torch.addmm's workspace lets
-    its heuristic pick for the TinyNet's products zero it with a memset first, and the GPU then idles a few us;
-    these need none (csrc/cuda/lt_matmul.cu). Anything else, and the CPU, runs torch.addmm / torch.mm."""
+@torch.library.register_fake("trm_fast::lt_matmul_into")
+def _lt_matmul_into_fake(out, a, b, accumulate):
+    return None
+
+
+def _check_product(op: str, a, b, bias=None) -> None:
     for name, t in (("a", a), ("b", b)) + ((("bias", bias),) if bias is not None else ()):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"lt_matmul: {name} must be a floating-point tensor")
+            raise TypeError(f"{op}: {name} must be a floating-point tensor")
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0] or (bias is not None and bias.shape != (b.shape[1],)):
-        raise ValueError(f"lt_matmul: expects a [R, K], b [K, N] and bias [N] or None, got {tuple(a.shape)}, "
+        raise ValueError(f"{op}: expects a [R, K], b [K, N] and bias [N] or None, got {tuple(a.shape)}, "
                          f"{tuple(b.shape)} and {None if bias is None else tuple(bias.shape)}")
     if any(t.dtype != a.dtype or t.device != a.device for t in (b, bias) if t is not None):
-        raise ValueError(f"lt_matmul: b and bias must have a's dtype and device ({a.dtype}, {a.device})")
+        raise ValueError(f"{op}: b and bias must have a's dtype and device ({a.dtype}, {a.device})")
+
+
+def lt_matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a [R, K] @ b [K, N] (+ bias [N]), in a's dtype. On CUDA, bf16 / fp16 operands (each with a unit stride: row-
+    or column-major) go to cuBLASLt with no workspace: the kernels that torch.addmm's workspace lets its heuristic
+    pick for the TinyNet's products zero it with a memset first, and the GPU then idles a few us; these need none.
+    Each shape's path is the fastest of cuBLASLt's candidates and torch's call, timed at its first call
+    (csrc/cuda/lt_matmul.cu; TRM_FAST_LT_TUNE=0 keeps the heuristic's first). Anything else, and the CPU, runs
+    torch.addmm / torch.mm."""
+    _check_product("lt_matmul", a, b, bias)
     return torch.ops.trm_fast.lt_matmul(a, b, bias)
+
+
+def lt_matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False) -> None:
+    """out = a @ b, or out += a @ b when `accumulate`, in place; out [R, N] in a's dtype or float32 (float32
+    accumulation either way: the weight gradients' sums), with a unit column stride. cuBLASLt as `lt_matmul`."""
+    _check_product("lt_matmul_into", a, b)
+    if not isinstance(out, torch.Tensor) or out.shape != (a.shape[0], b.shape[1]) or out.device != a.device \
+            or out.dtype not in (a.dtype, torch.float32) or (out.numel() and out.stride(-1) != 1):
+        got = f"{out.dtype} {tuple(out.shape)} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"lt_matmul_into: out must be [{a.shape[0]}, {b.shape[1]}] in {a.dtype} or float32 on "
+                         f"{a.device} with a unit column stride, got {got}")
+    torch.ops.trm_fast.lt_matmul_into(out, a, b, bool(accumulate))
+
+
+def lt_matmul_timings(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                      out_dtype: Optional[torch.dtype] = None, accumulate: bool = False) -> list:
+    """Microseconds per call of each algorithm cuBLASLt offers without a workspace for lt_matmul / lt_matmul_into
+    of these operands (out in `out_dtype`, default a's), the heuristic's first first, then of torch's call (last;
+    alone when cuBLASLt does not take them): what the op's first call chooses from. CUDA and the compiled extension
+    only (scripts/lt_matmul_bench.py)."""
+    _check_product("lt_matmul_timings", a, b, bias)
+    if not a.is_cuda or not hasattr(torch.ops.trm_fast, "lt_matmul_timings") or "lt_matmul" in CUDA_FALLBACK:
+        raise RuntimeError("lt_matmul_timings: needs CUDA tensors and trm_fast._C built with CUDA")
+    return torch.ops.trm_fast.lt_matmul_timings(a, b, bias, out_dtype or a.dtype, bool(accumulate)).tolist()
 
 
 def hidden_confidence(hidden: torch.Tensor, weight: torch.Tensor, chunk: int = 4096) -> torch.Tensor:

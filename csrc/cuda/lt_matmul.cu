@@ -1,10 +1,17 @@
-// trm_fast::lt_matmul on CUDA: out = a @ b (+ bias) for bf16 / fp16 operands by cuBLASLt with no workspace.
+// trm_fast::lt_matmul and lt_matmul_into on CUDA: out (=|+=) a @ b (+ bias) for bf16 / fp16 operands by cuBLASLt
+// with no workspace, out in their dtype or float32 (the weight gradients' sums).
 // torch.addmm's cuBLASLt call gives the heuristic a workspace, and the kernels it then picks for the TinyNet's
 // K = 512 products (QKV, FFN up) zero part of it with a memset first, after which the GPU idles 3-6 us
-// (benchmarks/NOTES.md, sessions 27-28); without one the heuristic picks kernels that need none, as fast and
-// with the same results. Each shape's algorithm is chosen once and cached. Anything cuBLASLt does not take
-// (other dtypes or strides, no algorithm) runs lt_matmul_fallback (at::addmm / at::mm).
+// (benchmarks/NOTES.md, sessions 27-28); without one the heuristic picks kernels that need none. The heuristic's
+// first is often not the fastest at these shapes (session 31), so each product's path is chosen once per shape,
+// strides and alignments and cached: the fastest of the heuristic's first candidates and of torch's own call,
+// each timed on the GPU at the first call. Under graph capture (nothing may be timed) a product not seen before
+// gets the heuristic's first, uncached; TRM_FAST_LT_TUNE=0 or deterministic algorithms keep the heuristic's first
+// always. lt_matmul_timings reports the times. Anything cuBLASLt does not take (other dtypes or strides, no
+// algorithm) runs lt_matmul_fallback / lt_matmul_into_fallback (torch's call).
+#include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Sleep.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -12,14 +19,20 @@
 
 #include <cublasLt.h>
 
+#include <algorithm>
 #include <array>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <optional>
+#include <vector>
 
 namespace trm_fast {
 
 at::Tensor lt_matmul_fallback(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias);
+void lt_matmul_into_fallback(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
 
 namespace {
 
@@ -30,6 +43,39 @@ namespace {
                 cublasLtGetStatusString(status_));                                                          \
   } while (0)
 
+constexpr int kCandidates = 16;  // heuristic results timed when an algorithm is chosen
+constexpr int kWarmupRuns = 3;   // runs before the timed ones (clocks, caches, lazy initialization)
+constexpr int kTimedRuns = 10;   // runs per timing round
+constexpr int kRounds = 3;       // timing rounds; the fastest counts
+constexpr double kClearly = 0.97;  // another path replaces the heuristic's first when this much faster
+constexpr int64_t kHoldCycles = 1000000;  // ~0.5 ms: the GPU waits while the host queues a round's runs
+
+// Microseconds per call of run_once() on `stream`, the current stream (it returns false when it cannot run:
+// infinity). Each round's runs are queued behind a spinning kernel, so that the host's cost of a call (torch's is
+// 10-20 us) is not timed in place of a short kernel's.
+template <typename Run>
+double time_us(const Run& run_once, cudaStream_t stream) {
+  for (int i = 0; i < kWarmupRuns; ++i)
+    if (!run_once()) return std::numeric_limits<double>::infinity();
+  cudaEvent_t start, stop;
+  C10_CUDA_CHECK(cudaEventCreate(&start));
+  C10_CUDA_CHECK(cudaEventCreate(&stop));
+  double best = std::numeric_limits<double>::infinity();
+  for (int round = 0; round < kRounds; ++round) {
+    at::cuda::sleep(kHoldCycles);
+    C10_CUDA_CHECK(cudaEventRecord(start, stream));
+    for (int i = 0; i < kTimedRuns; ++i) run_once();
+    C10_CUDA_CHECK(cudaEventRecord(stop, stream));
+    C10_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0.0f;
+    C10_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    best = std::min(best, 1000.0 * ms / kTimedRuns);
+  }
+  C10_CUDA_CHECK(cudaEventDestroy(start));
+  C10_CUDA_CHECK(cudaEventDestroy(stop));
+  return best;
+}
+
 // The largest power of two, at most 256, that divides the address (what the heuristic may assume).
 uint32_t alignment(const void* p) {
   const uintptr_t address = reinterpret_cast<uintptr_t>(p);
@@ -38,110 +84,235 @@ uint32_t alignment(const void* p) {
   return align;
 }
 
-// The descriptors of one product, destroyed with it.
-struct Descriptors {
+// A [rows, cols] operand t as cuBLASLt's column-major view of t.T: row-major t is t.T column-major (not
+// transposed); column-major t is t itself, transposed by the op. Empty when neither stride is 1 with the other
+// spanning its line.
+struct Operand {
+  cublasOperation_t op;
+  uint64_t rows, cols;
+  int64_t ld;
+};
+
+std::optional<Operand> as_transposed(const at::Tensor& t) {
+  const int64_t rows = t.size(0), cols = t.size(1);
+  if (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(cols, 1))
+    return Operand{CUBLAS_OP_N, static_cast<uint64_t>(cols), static_cast<uint64_t>(rows), t.stride(0)};
+  if (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(rows, 1))
+    return Operand{CUBLAS_OP_T, static_cast<uint64_t>(rows), static_cast<uint64_t>(cols), t.stride(1)};
+  return std::nullopt;
+}
+
+// device, input dtype, output dtype, N, R, K, ld of b, a and out, b's and a's op, bias, accumulate, and the
+// alignments of b, a, out and bias
+using Key = std::array<int64_t, 17>;
+std::map<Key, std::optional<cublasLtMatmulAlgo_t>> algorithms;  // empty: torch's call
+std::mutex algorithms_mutex;
+
+// One product out [R, N] (=|+=) a [R, K] @ b [K, N] (+ bias [N]) as cuBLASLt's column-major out.T = b.T @ a.T.
+struct Product {
   cublasLtMatmulDesc_t op = nullptr;
-  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
-  Descriptors(const Descriptors&) = delete;
-  Descriptors& operator=(const Descriptors&) = delete;
-  Descriptors() = default;
-  ~Descriptors() {
-    if (d) cublasLtMatrixLayoutDestroy(d);
-    if (b) cublasLtMatrixLayoutDestroy(b);
-    if (a) cublasLtMatrixLayoutDestroy(a);
+  cublasLtMatrixLayout_t b_layout = nullptr, a_layout = nullptr, out_layout = nullptr;
+  const void *a_ptr = nullptr, *b_ptr = nullptr;
+  void* out_ptr = nullptr;
+  float beta = 0.0f;
+  Key key{};
+
+  Product(const Product&) = delete;
+  Product& operator=(const Product&) = delete;
+  Product() = default;
+  ~Product() {
+    if (out_layout) cublasLtMatrixLayoutDestroy(out_layout);
+    if (a_layout) cublasLtMatrixLayoutDestroy(a_layout);
+    if (b_layout) cublasLtMatrixLayoutDestroy(b_layout);
     if (op) cublasLtMatmulDescDestroy(op);
+  }
+
+  // Fills the descriptors; false when cuBLASLt is not given these operands (the caller falls back).
+  bool describe(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias,
+                const at::Tensor& out, bool accumulate) {
+    const auto dtype = a.scalar_type(), out_dtype = out.scalar_type();
+    const int64_t R = a.size(0), K = a.size(1), N = b.size(1);
+    const auto b_view = as_transposed(b), a_view = as_transposed(a);
+    const bool usable = (dtype == at::kBFloat16 || dtype == at::kHalf) && b.scalar_type() == dtype &&
+                        (out_dtype == dtype || out_dtype == at::kFloat) && b_view && a_view && R > 0 && N > 0 &&
+                        K > 0 && out.stride(1) == 1 && out.stride(0) >= N &&
+                        (!bias.has_value() || (out_dtype == dtype && !accumulate && bias->scalar_type() == dtype &&
+                                               bias->dim() == 1 && bias->size(0) == N && bias->stride(0) == 1));
+    if (!usable) return false;
+    const cudaDataType_t type = dtype == at::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F;
+    const cudaDataType_t out_type = out_dtype == at::kFloat ? CUDA_R_32F : type;
+    const void* bias_ptr = bias.has_value() ? bias->data_ptr() : nullptr;
+    TRM_LT_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    TRM_LT_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &b_view->op, sizeof(b_view->op)));
+    TRM_LT_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &a_view->op, sizeof(a_view->op)));
+    if (bias_ptr != nullptr) {
+      const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+      TRM_LT_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
+      TRM_LT_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &type, sizeof(type)));
+      TRM_LT_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr,
+                                                  sizeof(bias_ptr)));
+    }
+    TRM_LT_CHECK(cublasLtMatrixLayoutCreate(&b_layout, type, b_view->rows, b_view->cols, b_view->ld));
+    TRM_LT_CHECK(cublasLtMatrixLayoutCreate(&a_layout, type, a_view->rows, a_view->cols, a_view->ld));
+    TRM_LT_CHECK(cublasLtMatrixLayoutCreate(&out_layout, out_type, N, R, out.stride(0)));
+    a_ptr = a.data_ptr();
+    b_ptr = b.data_ptr();
+    out_ptr = out.data_ptr();
+    beta = accumulate ? 1.0f : 0.0f;
+    key = {a.get_device(), static_cast<int64_t>(dtype), static_cast<int64_t>(out_dtype), N, R, K, b_view->ld,
+           a_view->ld, out.stride(0), b_view->op, a_view->op, bias_ptr != nullptr, accumulate, alignment(b_ptr),
+           alignment(a_ptr), alignment(out_ptr), bias_ptr ? alignment(bias_ptr) : 0};
+    return true;
+  }
+
+  // Up to `count` algorithms that need no workspace, the heuristic's first first.
+  std::vector<cublasLtMatmulAlgo_t> candidates(cublasLtHandle_t handle, int count) const {
+    cublasLtMatmulPreference_t preference;
+    TRM_LT_CHECK(cublasLtMatmulPreferenceCreate(&preference));
+    const uint64_t no_workspace = 0;
+    const std::array<std::pair<cublasLtMatmulPreferenceAttributes_t, uint32_t>, 4> alignments{{
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, static_cast<uint32_t>(key[13])},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, static_cast<uint32_t>(key[14])},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, static_cast<uint32_t>(key[15])},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, static_cast<uint32_t>(key[15])}}};
+    cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &no_workspace,
+                                         sizeof(no_workspace));
+    for (const auto& [attribute, value] : alignments)
+      cublasLtMatmulPreferenceSetAttribute(preference, attribute, &value, sizeof(value));
+    std::vector<cublasLtMatmulHeuristicResult_t> results(count);
+    int found = 0;
+    const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(handle, op, b_layout, a_layout, out_layout,
+                                                                 out_layout, preference, count, results.data(),
+                                                                 &found);
+    cublasLtMatmulPreferenceDestroy(preference);
+    std::vector<cublasLtMatmulAlgo_t> algos;
+    if (status != CUBLAS_STATUS_SUCCESS) return algos;
+    for (int i = 0; i < found; ++i)
+      if (results[i].state == CUBLAS_STATUS_SUCCESS && results[i].workspaceSize == 0) algos.push_back(results[i].algo);
+    return algos;
+  }
+
+  cublasStatus_t run(cublasLtHandle_t handle, const cublasLtMatmulAlgo_t& algo, void* into,
+                     cudaStream_t stream) const {
+    const float alpha = 1.0f;
+    return cublasLtMatmul(handle, op, &alpha, b_ptr, b_layout, a_ptr, a_layout, &beta, into, out_layout, into,
+                          out_layout, &algo, nullptr, 0, stream);
   }
 };
 
-// device, dtype, m, n, k, lda, ldb, ldd, transa, bias, and the alignments of a, b, d and bias
-using Key = std::array<int64_t, 14>;
-std::map<Key, std::optional<cublasLtMatmulAlgo_t>> algorithms;
-std::mutex algorithms_mutex;
+bool tuning_allowed() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("TRM_FAST_LT_TUNE");
+    return value == nullptr || std::strcmp(value, "0") != 0;
+  }();
+  return enabled && !at::globalContext().deterministicAlgorithms();
+}
+
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// Microseconds per call of each candidate writing `scratch` (out's shape), then of torch's call (`torch_call`).
+template <typename TorchCall>
+std::vector<double> time_paths(const Product& product, const std::vector<cublasLtMatmulAlgo_t>& algos,
+                               const TorchCall& torch_call, at::Tensor scratch, cublasLtHandle_t handle,
+                               cudaStream_t stream) {
+  std::vector<double> times;
+  for (const auto& algo : algos)
+    times.push_back(time_us([&] { return product.run(handle, algo, scratch.data_ptr(), stream) ==
+                                         CUBLAS_STATUS_SUCCESS; }, stream));
+  times.push_back(time_us([&] { torch_call(scratch); return true; }, stream));
+  return times;
+}
+
+// The product's path: cached, else chosen (timed into a scratch output when tuning is allowed and the stream is
+// not being captured); an empty algorithm means torch's call.
+template <typename TorchCall>
+std::optional<cublasLtMatmulAlgo_t> path(const Product& product, const at::Tensor& out, const TorchCall& torch_call,
+                                         cublasLtHandle_t handle, cudaStream_t stream) {
+  const std::lock_guard<std::mutex> lock(algorithms_mutex);
+  const auto found = algorithms.find(product.key);
+  if (found != algorithms.end()) return found->second;
+  const bool tune = tuning_allowed() && !capturing(stream);
+  const auto algos = product.candidates(handle, tune ? kCandidates : 1);
+  if (!tune) return algos.empty() ? std::nullopt : std::optional<cublasLtMatmulAlgo_t>(algos.front());
+  const auto times = time_paths(product, algos, torch_call, at::zeros_like(out), handle, stream);
+  // the heuristic's first unless another path is clearly faster (timing noise is ~1-2%)
+  const size_t fastest = std::min_element(times.begin(), times.end()) - times.begin();
+  const size_t chosen = times[fastest] < kClearly * times.front() ? fastest : 0;
+  const std::optional<cublasLtMatmulAlgo_t> choice =
+      chosen < algos.size() ? std::optional<cublasLtMatmulAlgo_t>(algos[chosen]) : std::nullopt;
+  algorithms.emplace(product.key, choice);
+  return choice;
+}
+
+// Runs the product into `out` on its path; false when that is torch's call (the caller's `torch_call`).
+template <typename TorchCall>
+bool lt_product(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias, at::Tensor& out,
+                bool accumulate, const TorchCall& torch_call) {
+  Product product;
+  if (!product.describe(a, b, bias, out, accumulate)) return false;
+  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto algo = path(product, out, torch_call, handle, stream);
+  if (!algo.has_value()) return false;
+  TRM_LT_CHECK(product.run(handle, *algo, out.data_ptr(), stream));
+  return true;
+}
+
+void check_shapes(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "lt_matmul: a [R, K] and b [K, N] must agree, "
+              "got ", a.sizes(), " and ", b.sizes());
+}
 
 }  // namespace
 
-// a [R, K] with unit column stride, b [K, N] with a unit stride (b itself or a transposed [N, K]), bias [N].
+// a [R, K] and b [K, N] each with a unit stride (row- or column-major), bias [N]: a new [R, N] in a's dtype.
 at::Tensor lt_matmul_cuda(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "lt_matmul: a [R, K] and b [K, N] must agree, "
-              "got ", a.sizes(), " and ", b.sizes());
-  const int64_t R = a.size(0), K = a.size(1), N = b.size(1);
-  const auto dtype = a.scalar_type();
-  const bool half = dtype == at::kBFloat16 || dtype == at::kHalf;
-  // column-major, out.T [N, R] = b.T [N, K] @ a.T [K, R]: a row-major b is b.T column-major (not transposed),
-  // b = w.T of a row-major w [N, K] is w.T = b column-major [K, N] (transposed)
-  const bool b_rows = b.stride(1) == 1 && b.stride(0) >= N, b_cols = b.stride(0) == 1 && b.stride(1) >= K;
-  const bool usable = half && b.scalar_type() == dtype && a.stride(1) == 1 && a.stride(0) >= K && (b_rows || b_cols) &&
-                      R > 0 && N > 0 && K > 0 &&
-                      (!bias.has_value() || (bias->scalar_type() == dtype && bias->dim() == 1 &&
-                                             bias->size(0) == N && bias->stride(0) == 1));
-  if (!usable) return lt_matmul_fallback(a, b, bias);
+  check_shapes(a, b);
   const c10::cuda::CUDAGuard guard(a.device());
-  at::Tensor out = at::empty({R, N}, a.options());
-  const bool transa = !b_rows;
-  const int64_t lda = b_rows ? b.stride(0) : b.stride(1), ldb = a.stride(0);
-  const cudaDataType_t type = dtype == at::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F;
-  const void* bias_ptr = bias.has_value() ? bias->data_ptr() : nullptr;
-
-  Descriptors desc;
-  TRM_LT_CHECK(cublasLtMatmulDescCreate(&desc.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-  const cublasOperation_t op_a = transa ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = CUBLAS_OP_N;
-  TRM_LT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
-  TRM_LT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
-  if (bias_ptr != nullptr) {
-    const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
-    TRM_LT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
-    TRM_LT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &type, sizeof(type)));
-    TRM_LT_CHECK(cublasLtMatmulDescSetAttribute(desc.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr,
-                                                sizeof(bias_ptr)));
-  }
-  TRM_LT_CHECK(cublasLtMatrixLayoutCreate(&desc.a, type, transa ? K : N, transa ? N : K, lda));
-  TRM_LT_CHECK(cublasLtMatrixLayoutCreate(&desc.b, type, K, R, ldb));
-  TRM_LT_CHECK(cublasLtMatrixLayoutCreate(&desc.d, type, N, R, N));
-
-  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
-  const uint32_t align_a = alignment(b.data_ptr()), align_b = alignment(a.data_ptr()),
-                 align_d = alignment(out.data_ptr());
-  const Key key{a.get_device(), static_cast<int64_t>(dtype), N, R, K, lda, ldb, N, transa, bias_ptr != nullptr,
-                align_a, align_b, align_d, bias_ptr ? alignment(bias_ptr) : 0};
-  std::optional<cublasLtMatmulAlgo_t> algo;
-  {
-    const std::lock_guard<std::mutex> lock(algorithms_mutex);
-    auto found = algorithms.find(key);
-    if (found == algorithms.end()) {
-      cublasLtMatmulPreference_t preference;
-      TRM_LT_CHECK(cublasLtMatmulPreferenceCreate(&preference));
-      const uint64_t no_workspace = 0;
-      cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &no_workspace,
-                                           sizeof(no_workspace));
-      cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a,
-                                           sizeof(align_a));
-      cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b,
-                                           sizeof(align_b));
-      cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d,
-                                           sizeof(align_d));
-      cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d,
-                                           sizeof(align_d));
-      cublasLtMatmulHeuristicResult_t result;
-      int count = 0;
-      const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(handle, desc.op, desc.a, desc.b, desc.d, desc.d,
-                                                                   preference, 1, &result, &count);
-      cublasLtMatmulPreferenceDestroy(preference);
-      std::optional<cublasLtMatmulAlgo_t> chosen;
-      if (status == CUBLAS_STATUS_SUCCESS && count > 0 && result.workspaceSize == 0) chosen = result.algo;
-      found = algorithms.emplace(key, chosen).first;
-    }
-    algo = found->second;
-  }
-  if (!algo.has_value()) return lt_matmul_fallback(a, b, bias);
-  const float alpha = 1.0f, beta = 0.0f;
-  TRM_LT_CHECK(cublasLtMatmul(handle, desc.op, &alpha, b.data_ptr(), desc.a, a.data_ptr(), desc.b, &beta,
-                              out.data_ptr(), desc.d, out.data_ptr(), desc.d, &*algo, nullptr, 0,
-                              c10::cuda::getCurrentCUDAStream()));
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  const auto torch_call = [&](at::Tensor&) { lt_matmul_fallback(a, b, bias); };
+  if (!lt_product(a, b, bias, out, false, torch_call)) return lt_matmul_fallback(a, b, bias);
   return out;
+}
+
+// out [R, N] (a's dtype or float32, unit column stride) = a @ b, or += a @ b when accumulating.
+void lt_matmul_into_cuda(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  check_shapes(a, b);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == a.size(0) && out.size(1) == b.size(1), "lt_matmul_into: out must be [",
+              a.size(0), ", ", b.size(1), "], got ", out.sizes());
+  const c10::cuda::CUDAGuard guard(a.device());
+  const auto torch_call = [&](at::Tensor& into) { lt_matmul_into_fallback(into, a, b, accumulate); };
+  if (!lt_product(a, b, std::nullopt, out, accumulate, torch_call)) lt_matmul_into_fallback(out, a, b, accumulate);
+}
+
+// Microseconds per call of each algorithm cuBLASLt offers without a workspace for the product (the heuristic's
+// first first; infinity where one failed), then of torch's call, each timed into a scratch output; torch's alone
+// when cuBLASLt does not take the product.
+at::Tensor lt_matmul_timings_cuda(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias,
+                                  at::ScalarType out_dtype, bool accumulate) {
+  check_shapes(a, b);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const at::Tensor scratch = at::zeros({a.size(0), b.size(1)}, a.options().dtype(out_dtype));
+  const auto torch_call = [&](at::Tensor& into) {
+    bias.has_value() ? (void)lt_matmul_fallback(a, b, bias) : lt_matmul_into_fallback(into, a, b, accumulate);
+  };
+  Product product;
+  cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool described = product.describe(a, b, bias, scratch, accumulate);
+  const auto algos = described ? product.candidates(handle, kCandidates) : std::vector<cublasLtMatmulAlgo_t>{};
+  return at::tensor(time_paths(product, algos, torch_call, scratch, handle, stream),
+                    at::TensorOptions().dtype(at::kDouble));
 }
 
 TORCH_LIBRARY_IMPL(trm_fast, CUDA, m) {
   m.impl("lt_matmul", &lt_matmul_cuda);
+  m.impl("lt_matmul_into", &lt_matmul_into_cuda);
+  m.impl("lt_matmul_timings", &lt_matmul_timings_cuda);
 }
 
 }  // namespace trm_fast
