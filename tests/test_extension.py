@@ -406,6 +406,26 @@ def test_lt_matmul_in_a_cuda_graph():
     assert torch.equal(out["value"], ops.lt_matmul_torch(a, b, bias))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_lt_matmul_first_met_under_capture_is_counted():
+    """A product first met under graph capture cannot be timed: it runs the heuristic's first algorithm (right
+    numbers) and is counted; one run before its capture, as cuda_graphs.capture's warm-up does, is not."""
+    a, b, _ = lt_matmul_operands(200, 96, 136, torch.bfloat16, "cuda", has_bias=False)
+    ops.lt_matmul(a[:8], b)  # cuBLASLt's handle made outside the capture
+    before = ops.lt_matmul_untimed_captures()
+    out = {}
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out["value"] = ops.lt_matmul(a, b)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert ops.lt_matmul_untimed_captures() == before + 1
+    torch.testing.assert_close(out["value"], ops.lt_matmul_torch(a, b))
+    from trm_fast import cuda_graphs
+    cuda_graphs.capture(lambda: ops.lt_matmul(a[:, :72], b[:72]))
+    assert ops.lt_matmul_untimed_captures() == before + 1
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_lt_matmul_opcheck(device):
     for dtype in (torch.float32, torch.bfloat16):

@@ -114,6 +114,7 @@ def test_cuda_graph_trains_as_the_eager_step(kernels):
     between replays of one batch)."""
     model, batches = _model("cuda", kernels), [_batch(i, "cuda") for i in range(4)]
     twin = copy.deepcopy(model)
+    untimed = trm_fast.ops.lt_matmul_untimed_captures()
 
     def optimizer(m):
         return torch.optim.AdamW(m.parameters(), lr=torch.tensor(1e-2, device="cuda"), capturable=True)
@@ -127,6 +128,8 @@ def test_cuda_graph_trains_as_the_eager_step(kernels):
             got.append(step(ids, target_ids=targets)["loss"])
             expected += _eager_steps(twin, twin_opt, [(ids, targets)], 1.0)
     torch.testing.assert_close(torch.stack(got), torch.stack(expected), rtol=2e-2, atol=2e-2)
+    # every cuBLASLt product of the captured step ran (and was timed) in the plain first step
+    assert trm_fast.ops.lt_matmul_untimed_captures() == untimed
     D = model.config.d_model
     for (name, a), b in zip(model.named_parameters(), twin.parameters()):
         if name.endswith("attn.in_proj_bias"):

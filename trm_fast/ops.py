@@ -316,6 +316,14 @@ def route_rows(confidence: torch.Tensor, rows: torch.Tensor, exited_rows: torch.
     torch.ops.trm_fast.route_rows(confidence, rows, exited_rows, exit_step, counts, step, float(threshold))
 
 
+def lt_matmul_untimed_captures() -> int:
+    """How many products lt_matmul / lt_matmul_into first met under CUDA graph capture with tuning on: each ran
+    the heuristic's first algorithm there, untimed (none where every product ran before its capture, as
+    GraphedTrainStep's and GraphedForward's warm-ups make sure). 0 without the CUDA extension."""
+    op = getattr(torch.ops.trm_fast, "lt_matmul_untimed_captures", None)
+    return int(op()) if op is not None else 0
+
+
 def extension_status() -> str:
     if EXTENSION_ERROR is not None:
         return f"not loaded, pure-PyTorch fallback ({EXTENSION_ERROR})"

@@ -6,8 +6,8 @@
 // first is often not the fastest at these shapes (session 31), so each product's path is chosen once per shape,
 // strides and alignments and cached: the fastest of the heuristic's first candidates and of torch's own call,
 // each timed on the GPU at the first call. Under graph capture (nothing may be timed) a product not seen before
-// gets the heuristic's first, uncached; TRM_FAST_LT_TUNE=0 or deterministic algorithms keep the heuristic's first
-// always. lt_matmul_timings reports the times. Anything cuBLASLt does not take (other dtypes or strides, no
+// gets the heuristic's first, uncached (lt_matmul_untimed_captures counts those); TRM_FAST_LT_TUNE=0 or
+// deterministic algorithms keep the heuristic's first always. lt_matmul_timings reports the times. Anything cuBLASLt does not take (other dtypes or strides, no
 // algorithm) runs lt_matmul_fallback / lt_matmul_into_fallback (torch's call).
 #include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -107,6 +108,7 @@ std::optional<Operand> as_transposed(const at::Tensor& t) {
 using Key = std::array<int64_t, 17>;
 std::map<Key, std::optional<cublasLtMatmulAlgo_t>> algorithms;  // empty: torch's call
 std::mutex algorithms_mutex;
+std::atomic<int64_t> untimed_captures{0};  // products first met under capture with tuning on
 
 // One product out [R, N] (=|+=) a [R, K] @ b [K, N] (+ bias [N]) as cuBLASLt's column-major out.T = b.T @ a.T.
 struct Product {
@@ -235,9 +237,12 @@ std::optional<cublasLtMatmulAlgo_t> path(const Product& product, const at::Tenso
   const std::lock_guard<std::mutex> lock(algorithms_mutex);
   const auto found = algorithms.find(product.key);
   if (found != algorithms.end()) return found->second;
-  const bool tune = tuning_allowed() && !capturing(stream);
+  const bool allowed = tuning_allowed(), tune = allowed && !capturing(stream);
   const auto algos = product.candidates(handle, tune ? kCandidates : 1);
-  if (!tune) return algos.empty() ? std::nullopt : std::optional<cublasLtMatmulAlgo_t>(algos.front());
+  if (!tune) {
+    if (allowed) ++untimed_captures;
+    return algos.empty() ? std::nullopt : std::optional<cublasLtMatmulAlgo_t>(algos.front());
+  }
   const auto times = time_paths(product, algos, torch_call, at::zeros_like(out), handle, stream);
   // the heuristic's first unless another path is clearly faster (timing noise is ~1-2%)
   const size_t fastest = std::min_element(times.begin(), times.end()) - times.begin();
@@ -307,6 +312,13 @@ at::Tensor lt_matmul_timings_cuda(const at::Tensor& a, const at::Tensor& b, cons
   const auto algos = described ? product.candidates(handle, kCandidates) : std::vector<cublasLtMatmulAlgo_t>{};
   return at::tensor(time_paths(product, algos, torch_call, scratch, handle, stream),
                     at::TensorOptions().dtype(at::kDouble));
+}
+
+// How many products were first met under graph capture with tuning on (each got the heuristic's first, untimed).
+int64_t lt_matmul_untimed_captures() { return untimed_captures.load(); }
+
+TORCH_LIBRARY_FRAGMENT(trm_fast, m) {
+  m.def("lt_matmul_untimed_captures() -> int", &lt_matmul_untimed_captures);
 }
 
 TORCH_LIBRARY_IMPL(trm_fast, CUDA, m) {
