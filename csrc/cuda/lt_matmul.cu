@@ -7,8 +7,9 @@
 // strides and alignments and cached: the fastest of the heuristic's first candidates and of torch's own call,
 // each timed on the GPU at the first call. Under graph capture (nothing may be timed) a product not seen before
 // gets the heuristic's first, uncached (lt_matmul_untimed_captures counts those); TRM_FAST_LT_TUNE=0 or
-// deterministic algorithms keep the heuristic's first always. lt_matmul_timings reports the times. Anything cuBLASLt does not take (other dtypes or strides, no
-// algorithm) runs lt_matmul_fallback / lt_matmul_into_fallback (torch's call).
+// deterministic algorithms keep the heuristic's first always. lt_matmul_timings reports the times. Anything
+// cuBLASLt does not take (other dtypes or strides, no algorithm) runs lt_matmul_fallback / lt_matmul_into_fallback
+// (torch's call).
 #include <ATen/Context.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/Sleep.h>
