@@ -444,3 +444,14 @@ def test_lt_matmul_bad_input():
         ops.lt_matmul(a, b.double(), bias)
     with pytest.raises(TypeError, match="b must be a floating-point tensor"):
         ops.lt_matmul(a, b.long())
+
+
+def test_doctor_says_whether_lt_matmul_times_its_algorithms(monkeypatch):
+    monkeypatch.setattr(ops, "EXTENSION_ERROR", None)
+    monkeypatch.setattr(ops, "CUDA_FALLBACK", set())
+    cuda = torch.device("cuda")
+    timed = "trm_fast._C (CUDA; each shape's algorithm timed at its first call)"
+    assert ops.op_backend("lt_matmul_into", cuda) == timed
+    monkeypatch.setenv("TRM_FAST_LT_TUNE", "0")
+    assert ops.op_backend("lt_matmul", cuda) == "trm_fast._C (CUDA; cuBLASLt's heuristic's algorithms)"
+    assert ops.op_backend("gather_rows", cuda) == "trm_fast._C (CUDA)"

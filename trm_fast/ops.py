@@ -6,6 +6,7 @@ with CUDA), else defined here in Python with the same schema and numbers.
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -335,4 +336,8 @@ def op_backend(name: str, device: torch.device) -> str:
         return "pytorch fallback"
     if name in DEVICE_AGNOSTIC:
         return "trm_fast._C (ATen composite)"
+    if device.type == "cuda" and name in ("lt_matmul", "lt_matmul_into"):
+        untimed = os.environ.get("TRM_FAST_LT_TUNE") == "0" or torch.are_deterministic_algorithms_enabled()
+        return "trm_fast._C (CUDA; " + ("cuBLASLt's heuristic's algorithms)" if untimed else
+                                         "each shape's algorithm timed at its first call)")
     return "trm_fast._C (CUDA)" if device.type == "cuda" else "trm_fast._C (C++)"
