@@ -365,6 +365,21 @@ def test_lt_matmul_into_matches_float64(device, out_dtype, accumulate, R, K, N):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_lt_matmul_into_a_column_block(device):
+    """out may be a column block of a wider tensor (its rows' stride > N): the block gets the product, with the
+    first call's timing included, and the columns around it are left as they were."""
+    a, b, _ = lt_matmul_operands(160, 64, 48, torch.bfloat16, device, has_bias=False, seed=3)
+    for dtype in (torch.float32, torch.bfloat16):
+        wide = torch.randn(160, 70, device=device).to(dtype)
+        before = wide.clone()
+        ops.lt_matmul_into(wide[:, 5:53], a, b, accumulate=True)
+        expected = before[:, 5:53].double() + a.double() @ b.double()
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert float((wide[:, 5:53].double() - expected).abs().max()) <= tol * float(expected.abs().max())
+        assert torch.equal(wide[:, :5], before[:, :5]) and torch.equal(wide[:, 53:], before[:, 53:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_lt_matmul_into_opcheck(device):
     a, b, _ = lt_matmul_operands(33, 40, 24, torch.bfloat16, device, has_bias=False)
     for out_dtype, accumulate in ((torch.float32, True), (torch.bfloat16, False)):

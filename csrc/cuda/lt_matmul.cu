@@ -244,7 +244,9 @@ std::optional<cublasLtMatmulAlgo_t> path(const Product& product, const at::Tenso
     if (allowed) ++untimed_captures;
     return algos.empty() ? std::nullopt : std::optional<cublasLtMatmulAlgo_t>(algos.front());
   }
-  const auto times = time_paths(product, algos, torch_call, at::zeros_like(out), handle, stream);
+  // the scratch has out's strides (out may be a column block of a wider tensor: its rows' stride is the layout's)
+  const at::Tensor scratch = at::empty_strided(out.sizes(), out.strides(), out.options()).zero_();
+  const auto times = time_paths(product, algos, torch_call, scratch, handle, stream);
   // the heuristic's first unless another path is clearly faster (timing noise is ~1-2%)
   const size_t fastest = std::min_element(times.begin(), times.end()) - times.begin();
   const size_t chosen = times[fastest] < kClearly * times.front() ? fastest : 0;
