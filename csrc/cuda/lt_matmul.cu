@@ -174,10 +174,10 @@ struct Product {
     TRM_LT_CHECK(cublasLtMatmulPreferenceCreate(&preference));
     const uint64_t no_workspace = 0;
     const std::array<std::pair<cublasLtMatmulPreferenceAttributes_t, uint32_t>, 4> alignments{{
-        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, static_cast<uint32_t>(key[13])},
-        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, static_cast<uint32_t>(key[14])},
-        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, static_cast<uint32_t>(key[15])},
-        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, static_cast<uint32_t>(key[15])}}};
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, alignment(b_ptr)},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, alignment(a_ptr)},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, alignment(out_ptr)},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, alignment(out_ptr)}}};
     cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &no_workspace,
                                          sizeof(no_workspace));
     for (const auto& [attribute, value] : alignments)
@@ -305,8 +305,11 @@ at::Tensor lt_matmul_timings_cuda(const at::Tensor& a, const at::Tensor& b, cons
   check_shapes(a, b);
   const c10::cuda::CUDAGuard guard(a.device());
   const at::Tensor scratch = at::zeros({a.size(0), b.size(1)}, a.options().dtype(out_dtype));
+  // torch's call as the op that would run this product times it: lt_matmul's (a bias, or a new output in a's
+  // dtype), else lt_matmul_into's
+  const bool new_output = bias.has_value() || (out_dtype == a.scalar_type() && !accumulate);
   const auto torch_call = [&](at::Tensor& into) {
-    bias.has_value() ? (void)lt_matmul_fallback(a, b, bias) : lt_matmul_into_fallback(into, a, b, accumulate);
+    new_output ? (void)lt_matmul_fallback(a, b, bias) : lt_matmul_into_fallback(into, a, b, accumulate);
   };
   Product product;
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
