@@ -34,12 +34,19 @@ def extension():
 
 
 class BuildWithFallback(BuildExtension):
-    """Compiling is optional: on failure, say why and install the pure-PyTorch package."""
+    """Compiling is optional: on failure, say why and install the pure-PyTorch package (without the failed
+    extension in the list of built ones, which an editable install would otherwise try to copy and fail on)."""
+
+    def build_extensions(self):
+        self.failed = []
+        super().build_extensions()
+        self.extensions = [ext for ext in self.extensions if ext not in self.failed]
 
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
         except Exception as exc:  # a missing compiler or toolkit raises many different types
+            self.failed.append(ext)
             print(f"\ntrm_fast: WARNING: could not build {ext.name} ({type(exc).__name__}: {exc}).\n"
                   "trm_fast installs without it; its ops use the pure-PyTorch fallback.\n", file=sys.stderr)
 
