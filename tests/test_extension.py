@@ -1,4 +1,10 @@
 """trm_fast._C ops (or their fallback) against PyTorch: numbers, dtypes, fake kernels, opcheck."""
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -14,12 +20,25 @@ def expected_confidence(logits):
 
 def test_extension_is_built():
     """`pip install -e .` must have built trm_fast._C (set TRM_FAST_ALLOW_NO_EXTENSION=1 to run without)."""
-    import os
     if os.environ.get("TRM_FAST_ALLOW_NO_EXTENSION") == "1":
         pytest.skip("running without the compiled extension on purpose")
     assert ops.EXTENSION_ERROR is None, ops.EXTENSION_ERROR
     if torch.cuda.is_available():
         assert not ops.CUDA_FALLBACK, "trm_fast._C was built without its CUDA ops on a CUDA machine"
+
+
+def test_a_failed_compile_still_builds(tmp_path):
+    """setup.py's promise: when the extension does not compile, the build (an in-place one, as `pip install -e .`
+    makes) still succeeds without it, saying why (before session 32 it failed copying the missing library)."""
+    shutil.copy(pathlib.Path(__file__).parents[1] / "setup.py", tmp_path)
+    for folder in ("csrc", "trm_fast", "kernels"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "csrc" / "broken.cpp").write_text("this is not C++\n")
+    run = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path, capture_output=True,
+                         text=True, env={**os.environ, "TRM_FAST_NO_CUDA": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "could not build trm_fast._C" in run.stdout + run.stderr
+    assert not list((tmp_path / "trm_fast").glob("_C*"))
 
 
 @pytest.mark.parametrize("device", DEVICES)
