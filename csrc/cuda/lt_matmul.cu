@@ -104,12 +104,20 @@ std::optional<Operand> as_transposed(const at::Tensor& t) {
   return std::nullopt;
 }
 
-// device, input dtype, output dtype, N, R, K, ld of b, a and out, b's and a's op, bias, accumulate, and the
-// alignments of b, a, out and bias
-using Key = std::array<int64_t, 17>;
+// device, input dtype, output dtype, N, R, K, ld of b, a and out, b's and a's op, bias, accumulate, the
+// alignments of b, a, out and bias, and whether tuning is allowed (a choice made under either setting stays its own)
+using Key = std::array<int64_t, 18>;
 std::map<Key, std::optional<cublasLtMatmulAlgo_t>> algorithms;  // empty: torch's call
 std::mutex algorithms_mutex;
 std::atomic<int64_t> untimed_captures{0};  // products first met under capture with tuning on
+
+bool tuning_allowed() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("TRM_FAST_LT_TUNE");
+    return value == nullptr || std::strcmp(value, "0") != 0;
+  }();
+  return enabled && !at::globalContext().deterministicAlgorithms();
+}
 
 // One product out [R, N] (=|+=) a [R, K] @ b [K, N] (+ bias [N]) as cuBLASLt's column-major out.T = b.T @ a.T.
 struct Product {
@@ -164,7 +172,7 @@ struct Product {
     beta = accumulate ? 1.0f : 0.0f;
     key = {a.get_device(), static_cast<int64_t>(dtype), static_cast<int64_t>(out_dtype), N, R, K, b_view->ld,
            a_view->ld, out.stride(0), b_view->op, a_view->op, bias_ptr != nullptr, accumulate, alignment(b_ptr),
-           alignment(a_ptr), alignment(out_ptr), bias_ptr ? alignment(bias_ptr) : 0};
+           alignment(a_ptr), alignment(out_ptr), bias_ptr ? alignment(bias_ptr) : 0, tuning_allowed()};
     return true;
   }
 
@@ -203,14 +211,6 @@ struct Product {
   }
 };
 
-bool tuning_allowed() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("TRM_FAST_LT_TUNE");
-    return value == nullptr || std::strcmp(value, "0") != 0;
-  }();
-  return enabled && !at::globalContext().deterministicAlgorithms();
-}
-
 bool capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
@@ -231,18 +231,24 @@ std::vector<double> time_paths(const Product& product, const std::vector<cublasL
 }
 
 // The product's path: cached, else chosen (timed into a scratch output when tuning is allowed and the stream is
-// not being captured); an empty algorithm means torch's call.
+// not being captured: a choice first made under capture is not cached, so that a later call may time it); an empty
+// algorithm means torch's call.
 template <typename TorchCall>
 std::optional<cublasLtMatmulAlgo_t> path(const Product& product, const at::Tensor& out, const TorchCall& torch_call,
                                          cublasLtHandle_t handle, cudaStream_t stream) {
   const std::lock_guard<std::mutex> lock(algorithms_mutex);
   const auto found = algorithms.find(product.key);
   if (found != algorithms.end()) return found->second;
-  const bool allowed = tuning_allowed(), tune = allowed && !capturing(stream);
+  const bool allowed = product.key.back() != 0, tune = allowed && !capturing(stream);
   const auto algos = product.candidates(handle, tune ? kCandidates : 1);
   if (!tune) {
-    if (allowed) ++untimed_captures;
-    return algos.empty() ? std::nullopt : std::optional<cublasLtMatmulAlgo_t>(algos.front());
+    const auto first = algos.empty() ? std::nullopt : std::optional<cublasLtMatmulAlgo_t>(algos.front());
+    if (allowed) {
+      ++untimed_captures;
+    } else {
+      algorithms.emplace(product.key, first);
+    }
+    return first;
   }
   // the scratch has out's strides (out may be a column block of a wider tensor: its rows' stride is the layout's)
   const at::Tensor scratch = at::empty_strided(out.sizes(), out.strides(), out.options()).zero_();
