@@ -441,6 +441,7 @@ def test_lt_matmul_in_a_cuda_graph():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+@pytest.mark.skipif(os.environ.get("TRM_FAST_LT_TUNE") == "0", reason="counted only with tuning on")
 def test_lt_matmul_first_met_under_capture_is_counted():
     """A product first met under graph capture cannot be timed: it runs the heuristic's first algorithm (right
     numbers) and is counted; one run before its capture, as cuda_graphs.capture's warm-up does, is not."""
@@ -483,6 +484,7 @@ def test_lt_matmul_bad_input():
 def test_doctor_says_whether_lt_matmul_times_its_algorithms(monkeypatch):
     monkeypatch.setattr(ops, "EXTENSION_ERROR", None)
     monkeypatch.setattr(ops, "CUDA_FALLBACK", set())
+    monkeypatch.delenv("TRM_FAST_LT_TUNE", raising=False)
     cuda = torch.device("cuda")
     timed = "trm_fast._C (CUDA; each shape's algorithm timed at its first call)"
     assert ops.op_backend("lt_matmul_into", cuda) == timed
