@@ -229,22 +229,38 @@ at::Tensor hidden_confidence(const at::Tensor& hidden, const at::Tensor& weight,
 
 // a [R, K] @ b [K, N] (+ bias [N]) by ATen: the CPU kernel of trm_fast::lt_matmul, and its CUDA kernel's
 // path for what cuBLASLt without a workspace does not take (csrc/cuda/lt_matmul.cu).
-at::Tensor lt_matmul_fallback(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
+
+// scale * a @ b in float32 (on CUDA from the operands as they are; the CPU has no float32 output for bf16 GEMMs).
+at::Tensor scaled_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale) {
+  if (!a.is_cuda() || a.scalar_type() == at::kFloat) return at::mm(a.to(at::kFloat), b.to(at::kFloat)).mul_(scale);
+  at::Tensor product = at::empty({a.size(0), b.size(1)}, a.options().dtype(at::kFloat));
+  return at::addmm_out(product, product, a, b, at::kFloat, 0).mul_(scale);
+}
+
+// With `scale` (float32, one element) the product is formed in float32, scaled, and rounded once.
+at::Tensor lt_matmul_fallback(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "lt_matmul: a [R, K] and b [K, N] must agree, "
               "got ", a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(!(bias.has_value() && scale.has_value()), "lt_matmul: takes a bias or a scale, not both");
+  if (scale.has_value()) return scaled_product(a, b, *scale).to(a.scalar_type());
   return bias.has_value() ? at::addmm(*bias, a, b) : at::mm(a, b);
 }
 
-// out [R, N] (=|+=) a [R, K] @ b [K, N] by ATen, out in a's dtype or float32 (on the CPU, which has no float32
-// output for bf16 GEMMs, from float32 operands): the CPU kernel of trm_fast::lt_matmul_into, and its CUDA kernel's
-// path for what cuBLASLt does not take.
-void lt_matmul_into_fallback(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+// out [R, N] (=|+=) (scale *) a [R, K] @ b [K, N] by ATen, out in a's dtype or float32 (on the CPU, which has no
+// float32 output for bf16 GEMMs, from float32 operands): the CPU kernel of trm_fast::lt_matmul_into, and its CUDA
+// kernel's path for what cuBLASLt does not take.
+void lt_matmul_into_fallback(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+                             const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) && out.dim() == 2 && out.size(0) == a.size(0) &&
               out.size(1) == b.size(1), "lt_matmul_into: out [R, N], a [R, K] and b [K, N] must agree, got ",
               out.sizes(), ", ", a.sizes(), " and ", b.sizes());
   const auto dtype = out.scalar_type();
   const int beta = accumulate ? 1 : 0;
-  if (dtype == a.scalar_type()) {
+  if (scale.has_value()) {
+    const at::Tensor product = scaled_product(a, b, *scale);
+    accumulate ? out.add_(product) : out.copy_(product);
+  } else if (dtype == a.scalar_type()) {
     at::addmm_out(out, out, a, b, beta);
   } else if (a.is_cuda()) {
     at::addmm_out(out, out, a, b, dtype, beta);
@@ -262,8 +278,8 @@ TORCH_LIBRARY(trm_fast, m) {
   m.def("gather_rows(Tensor src, Tensor index) -> Tensor");
   m.def("scatter_rows(Tensor(a!) dst, Tensor index, Tensor src) -> ()");
   m.def("hidden_confidence(Tensor hidden, Tensor weight, int chunk) -> Tensor");
-  m.def("lt_matmul(Tensor a, Tensor b, Tensor? bias=None) -> Tensor");
-  m.def("lt_matmul_into(Tensor(a!) out, Tensor a, Tensor b, bool accumulate) -> ()");
+  m.def("lt_matmul(Tensor a, Tensor b, Tensor? bias=None, Tensor? scale=None) -> Tensor");
+  m.def("lt_matmul_into(Tensor(a!) out, Tensor a, Tensor b, bool accumulate, Tensor? scale=None) -> ()");
   m.def("lt_matmul_timings(Tensor a, Tensor b, Tensor? bias, ScalarType out_dtype, bool accumulate) -> Tensor");
 }
 

@@ -66,6 +66,37 @@ def _cross_entropy_kernel(logits_ptr, stride_row, targets_ptr, lse_ptr, loss_ptr
             tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
 
 
+@triton.jit
+def _target_count_kernel(targets_ptr, N, ignore_index, count_ptr, scale_ptr, BLOCK: tl.constexpr):
+    """One program: the count of targets that are not ignore_index (float32) and 1 / max(count, 1)."""
+    total = tl.zeros([], tl.int32)
+    for start in range(0, N, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        targets = tl.load(targets_ptr + idx, mask=idx < N, other=ignore_index)
+        total += tl.sum((targets != ignore_index).to(tl.int32), axis=0)
+    count = total.to(tl.float32)
+    tl.store(count_ptr, count)
+    tl.store(scale_ptr, tl.math.div_rn(1.0, tl.maximum(count, 1.0)))
+
+
+def target_count_triton(targets: torch.Tensor, ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`target_count` in one kernel."""
+    count = torch.empty((), device=targets.device, dtype=torch.float32)
+    scale = torch.empty(1, device=targets.device, dtype=torch.float32)
+    _target_count_kernel[(1,)](targets, targets.numel(), ignore_index, count, scale,
+                               BLOCK=min(4096, triton.next_power_of_2(max(targets.numel(), 1))))
+    return count, scale
+
+
+def target_count(targets: torch.Tensor, ignore_index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(count of the targets [N] that are not `ignore_index`, float32 0-dim; 1 / max(count, 1), float32 [1]): the
+    mean loss's divisor and the gradient's scale, one kernel on CUDA (the torch steps take six), torch elsewhere."""
+    if targets.is_cuda:
+        return target_count_triton(targets, ignore_index)
+    count = (targets != ignore_index).sum().float()
+    return count, (1.0 / count.clamp(min=1)).reshape(1)
+
+
 def _launch(logits, targets, lse, loss, correct, grad, scale, ignore_index, stats: bool, write_grad: bool):
     """One program per row, in blocks of BLOCK_V columns; the pass that both reads a row for its statistics and
     writes its gradient reads it twice in wider blocks (GRAD_BLOCK_V, GRAD_WARPS: scripts/cross_entropy_bench.py)."""
@@ -112,14 +143,14 @@ def cross_entropy_forward(logits, targets, ignore_index: int) -> Tuple[torch.Ten
     if logits.is_cuda:
         logits = logits if logits.stride(-1) == 1 else logits.contiguous()
         rows, lse, correct = cross_entropy_rows_triton(logits, targets, ignore_index)
-        return rows.sum() / (targets != ignore_index).sum(), correct, lse
+        return rows.sum() / target_count(targets, ignore_index)[0], correct, lse
     loss = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
     return loss, logits.argmax(-1) == targets, logits.new_empty(0, dtype=torch.float32)
 
 
 def cross_entropy_backward(grad_loss, logits, targets, lse, ignore_index: int) -> torch.Tensor:
     if logits.is_cuda:
-        scale = (grad_loss.float() / (targets != ignore_index).sum()).reshape(1)
+        scale = (grad_loss.float() / target_count(targets, ignore_index)[0]).reshape(1)
         return cross_entropy_grad_triton(logits if logits.stride(-1) == 1 else logits.contiguous(), targets, lse,
                                          ignore_index, scale)
     counted = targets != ignore_index

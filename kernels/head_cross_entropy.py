@@ -5,43 +5,19 @@ argmax is its target, forward and backward.
 Apart (`linear`, then `cross_entropy`), the loss reads the [N, vocab] logits twice: once in the forward for its
 statistics, once in the backward to form (softmax - one-hot) * grad_loss / count. Here the forward's one pass
 (kernels/cross_entropy.py) writes (softmax - one-hot) / count into a buffer kept for the backward, which reads no
-logits: it applies grad_loss to the small operands of the two GEMMs instead, grad h = g @ (weight * grad_loss) and
-grad weight = g.T @ (h * grad_loss) (added into their float32 sums where h or the weight has one,
-trm_fast.grad_sums). The cost is the buffer's memory, held from the forward to the backward. A gradient that
-reaches the returned logits as well is added to g's share first.
+logits: the two GEMMs, grad h = grad_loss * g @ weight and grad weight = grad_loss * g.T @ h, read grad_loss
+themselves (`lt_matmul`'s scale; added into their float32 sums where h or the weight has one, trm_fast.grad_sums).
+The cost is the buffer's memory, held from the forward to the backward. A gradient that reaches the returned logits
+as well is added to g's share first.
 """
 from typing import Optional, Tuple
 
 import torch
-import triton
-import triton.language as tl
 
 from trm_fast.grad_sums import grad_product, grad_sum_of
+from trm_fast.kernels.cross_entropy import target_count
 from trm_fast.kernels.matmul import product
 from trm_fast.linear_cross_entropy import check_targets, cross_entropy_and_grad
-
-
-SCALE_BLOCK = 4096
-
-
-@triton.jit
-def _scale_kernel(x_ptr, scale_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + offsets, mask=offsets < n).to(tl.float32)
-    tl.store(out_ptr + offsets, (x * tl.load(scale_ptr)).to(out_ptr.dtype.element_ty), mask=offsets < n)
-
-
-def scale_triton(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x * scale (a one-element float32 tensor) in x's dtype, float32 math: one pass (torch's multiply of a bf16
-    tensor by a float32 tensor takes the slow mixed-dtype path, ~2x the time on the H100)."""
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    _scale_kernel[(triton.cdiv(x.numel(), SCALE_BLOCK),)](x, scale, out, x.numel(), BLOCK=SCALE_BLOCK)
-    return out
-
-
-def _scaled(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return scale_triton(x, scale) if x.is_cuda else (x.float() * scale).to(x.dtype)
 
 
 def _check(h, weight, targets):
@@ -59,9 +35,8 @@ def head_cross_entropy_forward(h, weight, targets, ignore_index: int, with_grad:
     tensor without `with_grad`)."""
     _check(h, weight, targets)
     logits = product(h, weight.t())
-    count = (targets != ignore_index).sum()
-    scale = (1.0 / count.clamp(min=1).float()).reshape(1) if with_grad else None
-    loss, correct, grad = cross_entropy_and_grad(logits, targets, ignore_index, scale)
+    count, scale = target_count(targets, ignore_index)
+    loss, correct, grad = cross_entropy_and_grad(logits, targets, ignore_index, scale if with_grad else None)
     return logits, loss / count, correct, grad if grad is not None else logits.new_empty(0)
 
 
@@ -70,14 +45,13 @@ def head_cross_entropy_backward(grad_logits: Optional[torch.Tensor], grad_loss: 
     """(grad h, grad weight), each None where not needed or added into its sum (`grad_sums`: h's, the weight's)."""
     if grad_logits is None and grad_loss is None:
         return None, None
-    if grad_logits is None:  # the usual case: grad_loss scales the small operands, not the [N, V] buffer
-        scale = grad_loss.float()
-        g, weight_operand, h_operand = grad, _scaled(weight, scale), _scaled(h, scale)
+    scale = None
+    if grad_logits is None:  # the usual case: the GEMMs scale their products by grad_loss (no pass over [N, V])
+        g, scale = grad, grad_loss.float().reshape(1)
     else:
         g = grad_logits if grad_loss is None else grad_logits + grad * grad_loss.float()
-        weight_operand, h_operand = weight, h
-    grad_h = grad_product(grad_sums[0], g, weight_operand) if needs_input_grads[0] else None
-    grad_weight = grad_product(grad_sums[1], g.t(), h_operand) if needs_input_grads[1] else None
+    grad_h = grad_product(grad_sums[0], g, weight, scale) if needs_input_grads[0] else None
+    grad_weight = grad_product(grad_sums[1], g.t(), h, scale) if needs_input_grads[1] else None
     return grad_h, grad_weight
 
 

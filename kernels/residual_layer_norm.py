@@ -319,8 +319,9 @@ class _AddLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_cast):
-        if ctx.cast_grad_sum is not None:
-            grad_cast = plus(ctx.cast_grad_sum.take(), grad_cast)
+        total = ctx.cast_grad_sum.take() if ctx.cast_grad_sum is not None else None
+        if total is not None:  # (a use that returned its gradient instead, the head's: read in its own dtype)
+            grad_cast = plus(total, grad_cast)
         if grad_out is None:
             grad_out, grad_cast = grad_cast, None
         if grad_out is None:

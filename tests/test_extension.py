@@ -384,6 +384,44 @@ def test_lt_matmul_into_matches_float64(device, out_dtype, accumulate, R, K, N):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_lt_matmul_scaled_matches_float64(device, out_dtype, accumulate):
+    """With a scale tensor the product is scale * a @ b (the scale read on the device), new or into out, for every
+    layout of a and b."""
+    a, b, _ = lt_matmul_operands(130, 512, 256, torch.bfloat16, device, has_bias=False, seed=5)
+    scale = torch.tensor([0.3], device=device)
+    start = torch.randn(130, 256, generator=torch.Generator().manual_seed(2)).to(device, out_dtype)
+    tol = 1e-5 if out_dtype == torch.float32 else 1e-2
+    product = 0.3 * (a.double() @ b.double())
+    for a_ in (a, a.t().contiguous().t()):
+        for b_ in (b, b.contiguous()):
+            out = start.clone()
+            ops.lt_matmul_into(out, a_, b_, accumulate, scale=scale)
+            expected = product + (start.double() if accumulate else 0)
+            assert float((out.double() - expected).abs().max()) <= tol * float(expected.abs().max())
+            new = ops.lt_matmul(a_, b_, scale=scale)
+            assert new.dtype == torch.bfloat16
+            torch.testing.assert_close(new, ops.lt_matmul_torch(a_, b_, None, scale))
+            assert float((new.double() - product).abs().max()) <= 1e-2 * float(product.abs().max())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_lt_matmul_scale_is_read_at_each_replay():
+    """In a CUDA graph the scale is read when the product runs: a new value in the same tensor scales the next
+    replay."""
+    from trm_fast import cuda_graphs
+    a, b, _ = lt_matmul_operands(512, 128, 384, torch.bfloat16, "cuda", has_bias=False)
+    scale = torch.tensor([1.0], device="cuda")
+    out = torch.zeros(512, 384, device="cuda")
+    graph = cuda_graphs.capture(lambda: ops.lt_matmul_into(out, a, b, accumulate=False, scale=scale))
+    scale.fill_(0.25)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, 0.25 * (a.float() @ b.float()), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_lt_matmul_into_a_column_block(device):
     """out may be a column block of a wider tensor (its rows' stride > N): the block gets the product, with the
     first call's timing included, and the columns around it are left as they were."""
@@ -404,6 +442,8 @@ def test_lt_matmul_into_opcheck(device):
     for out_dtype, accumulate in ((torch.float32, True), (torch.bfloat16, False)):
         out = torch.randn(33, 24, device=device).to(out_dtype)
         torch.library.opcheck(torch.ops.trm_fast.lt_matmul_into.default, (out, a.t().contiguous().t(), b, accumulate))
+        torch.library.opcheck(torch.ops.trm_fast.lt_matmul_into.default,
+                              (out, a, b, accumulate, torch.tensor([0.5], device=device)))
 
 
 def test_lt_matmul_into_bad_input():
@@ -467,6 +507,7 @@ def test_lt_matmul_opcheck(device):
         a, b, bias = lt_matmul_operands(33, 40, 24, dtype, device)
         torch.library.opcheck(torch.ops.trm_fast.lt_matmul.default, (a, b, bias))
         torch.library.opcheck(torch.ops.trm_fast.lt_matmul.default, (a, b.contiguous()))
+        torch.library.opcheck(torch.ops.trm_fast.lt_matmul.default, (a, b, None, torch.tensor([2.0], device=device)))
 
 
 def test_lt_matmul_bad_input():
@@ -479,6 +520,13 @@ def test_lt_matmul_bad_input():
         ops.lt_matmul(a, b.double(), bias)
     with pytest.raises(TypeError, match="b must be a floating-point tensor"):
         ops.lt_matmul(a, b.long())
+    for scale in (torch.tensor([0.5], dtype=torch.float64), torch.ones(2), 0.5):
+        with pytest.raises(ValueError, match="scale must be a float32 tensor of one element"):
+            ops.lt_matmul(a, b, scale=scale)
+        with pytest.raises(ValueError, match="scale must be a float32 tensor of one element"):
+            ops.lt_matmul_into(torch.zeros(4, 5), a, b, scale=scale)
+    with pytest.raises(ValueError, match="a bias or a scale, not both"):
+        ops.lt_matmul(a, b, bias, scale=torch.ones(1))
 
 
 def test_doctor_says_whether_lt_matmul_times_its_algorithms(monkeypatch):

@@ -566,14 +566,15 @@ def test_embed_op(device):
         emb.embed(ids, tok, pos[:5], 0, 0.0)
 
 
-@pytest.mark.parametrize("shape", [(5, 3), (37, 300)])
-def test_scale_kernel(shape):
-    x = _randn(*shape).bfloat16()
-    scale = torch.tensor(0.37, device=KERNEL_DEVICE)
-    got = hce.scale_triton(x, scale)
-    assert got.dtype == torch.bfloat16
-    # float32 math, one rounding to bf16 (the interpreter truncates: within one bf16 step)
-    torch.testing.assert_close(got.float(), x.float() * scale, rtol=2 ** -7, atol=0)
+@pytest.mark.parametrize("N, ignored", [(1, 0), (7, 3), (5000, 1234), (6, 6)])
+def test_target_count_kernel(N, ignored):
+    """The count of targets that are not ignore_index and its reciprocal (1 where none count) match torch's."""
+    targets = torch.randint(1, 50, (N,), generator=torch.Generator().manual_seed(N))
+    targets[torch.randperm(N, generator=torch.Generator().manual_seed(1))[:ignored]] = 0
+    count, scale = ce.target_count_triton(targets.to(KERNEL_DEVICE), 0)
+    assert count.shape == () and scale.shape == (1,) and count.dtype == scale.dtype == torch.float32
+    assert count.item() == N - ignored
+    assert scale.item() == (1.0 / torch.tensor(float(max(N - ignored, 1)))).item()
 
 
 @pytest.mark.parametrize("device", DEVICES)

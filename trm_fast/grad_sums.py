@@ -38,15 +38,16 @@ class GradSum:
         if task != self.task:
             self.total, self.task = None, task
 
-    def addmm(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """total += a @ b, computed from a and b as they are (bf16 on the GPU) into the total's dtype (float32
-        accumulation; cuBLASLt's tuned algorithm on CUDA: trm_fast.ops.lt_matmul_into)."""
+    def addmm(self, a: torch.Tensor, b: torch.Tensor, scale: Optional[torch.Tensor] = None) -> None:
+        """total += a @ b (times `scale`, a float32 tensor of one element, where given), computed from a and b as
+        they are (bf16 on the GPU) into the total's dtype (float32 accumulation; cuBLASLt's tuned algorithm on CUDA:
+        trm_fast.ops.lt_matmul_into)."""
         self._in_this_pass()
         first = self.total is None
         if first:
             self.total = a.new_empty(a.shape[0], b.shape[1], dtype=self.dtype)
         with torch.autocast(a.device.type, enabled=False):  # a backward run inside an autocast region
-            lt_matmul_into(self.total, a, b, accumulate=not first)
+            lt_matmul_into(self.total, a, b, accumulate=not first, scale=scale)
 
     def add(self, x: torch.Tensor) -> None:
         """total += x (rows of its last dimension, as the GEMMs form the total), x itself becoming the total when
@@ -167,12 +168,13 @@ def grad_sums_of(*params: Optional[torch.Tensor]) -> tuple:
     return tuple(grad_sum_of(p) for p in params)
 
 
-def grad_product(grad_sum: Optional[GradSum], a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
-    """A gradient a @ b (a weight's, or an input copy's): added into `grad_sum` (then None) when the tensor has one,
-    else returned."""
+def grad_product(grad_sum: Optional[GradSum], a: torch.Tensor, b: torch.Tensor,
+                 scale: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """A gradient a @ b (a weight's, or an input copy's; times `scale`, a float32 tensor of one element, where given):
+    added into `grad_sum` (then None) when the tensor has one, else returned."""
     if grad_sum is None:
-        return lt_matmul(a, b)
-    grad_sum.addmm(a, b)
+        return lt_matmul(a, b, scale=scale)
+    grad_sum.addmm(a, b, scale)
     return None
 
 

@@ -127,11 +127,15 @@ class DispatchTinyNet(reference.TinyNet):
                 return params_summing_grads(*params)
         return self._memo_get(("norm",) + params, aliases)
 
+    def reads_z_as_copy(self) -> bool:
+        """Within `memoized(z_copy_only=True)`: the forward reads z only through its autocast copy."""
+        return self._memo is not None and self._memo["z_copy_only"]
+
     def forward_xyz(self, x, y, z, attn_mask):
         ops = tinynet_ops(self.kernels, x.device)
         h = ops.concat_linear(self._projection_inputs(ops, (x, y, z)),
                               *self.linear_params(ops, self.xyz_proj.weight, self.xyz_proj.bias))
-        return self._block(ops, h, attn_mask, self._memo is not None and self._memo["z_copy_only"])
+        return self._block(ops, h, attn_mask, self.reads_z_as_copy())
 
     def forward_yz(self, y, z, attn_mask):
         ops = tinynet_ops(self.kernels, y.device)
@@ -284,13 +288,27 @@ class TRMModel(reference.TRMModel):
 
     def _init_states(self, x: torch.Tensor):
         """The seed's (x.clone(), zeros); where states carry their autocast copy, y's is x's and z's zeros in that
-        dtype (no casts of their own)."""
-        y, z = super()._init_states(x)
+        dtype (no casts of their own). Where the forward reads z only through its copy (`reads_z_as_copy`), y is x
+        itself (the clone is never written in place and is read through x's copy) and z its copy alone."""
         dtype = _state_copy_dtype(tinynet_ops(self.kernels, x.device), x)
+        if dtype is not None and self.tiny_net.reads_z_as_copy():
+            _copy_of(x, dtype)
+            return x, torch.zeros_like(x, dtype=dtype)
+        y, z = super()._init_states(x)
         if dtype is not None:
             _keep_copy(y, _copy_of(x, dtype))
             _keep_copy(z, torch.zeros_like(z, dtype=dtype))
         return y, z
+
+    def _deep_recursion_step(self, x, y, z, attention_mask):
+        """The seed's deep recursion step; the detached states it hands to the next step keep their autocast copies
+        (detached), which that step's projections read instead of casting the states again."""
+        y, z, y_next, z_next = super()._deep_recursion_step(x, y, z, attention_mask)
+        for state, detached in ((y, y_next), (z, z_next)):
+            copy, version = getattr(state, "dtype_copy", (None, None))
+            if copy is not None:
+                detached.dtype_copy = (copy.detach(), version)
+        return y, z, y_next, z_next
 
     def _output_logits(self, y: torch.Tensor) -> torch.Tensor:
         """The output head; where the op table has states carry their autocast copy, on y's copy with the head's

@@ -70,16 +70,31 @@ def _hidden_confidence_torch(hidden: torch.Tensor, weight: torch.Tensor, chunk: 
     return row_sum.reciprocal()
 
 
-def lt_matmul_torch(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _scaled_product(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """scale * a @ b in float32 (on CUDA from the operands as they are; the CPU has no float32 output for bf16)."""
+    if not a.is_cuda or a.dtype == torch.float32:
+        return (a.float() @ b.float()).mul_(scale)
+    product = a.new_empty(a.shape[0], b.shape[1], dtype=torch.float32)
+    return torch.addmm(product, a, b, out_dtype=torch.float32, beta=0, out=product).mul_(scale)
+
+
+def lt_matmul_torch(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                    scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """lt_matmul's fallback, and the product of operands it is not given (kernels/matmul.py `product`)."""
+    if scale is not None:
+        return _scaled_product(a, b, scale).to(a.dtype)
     return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
 
 
-def lt_matmul_into_torch(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+def lt_matmul_into_torch(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool,
+                         scale: Optional[torch.Tensor] = None) -> None:
     """lt_matmul_into's fallback: out in a's dtype, or float32 (on the CPU, which has no float32 output for bf16
     GEMMs, from float32 operands)."""
     dtype, beta = out.dtype, 1 if accumulate else 0
-    if dtype == a.dtype:
+    if scale is not None:
+        product = _scaled_product(a, b, scale)
+        out.add_(product) if accumulate else out.copy_(product)
+    elif dtype == a.dtype:
         torch.addmm(out, a, b, beta=beta, out=out)
     elif a.is_cuda:
         torch.addmm(out, a, b, out_dtype=dtype, beta=beta, out=out)
@@ -144,12 +159,12 @@ def _hidden_confidence_fake(hidden, weight, chunk):
 
 
 @torch.library.register_fake("trm_fast::lt_matmul")
-def _lt_matmul_fake(a, b, bias=None):
+def _lt_matmul_fake(a, b, bias=None, scale=None):
     return a.new_empty(a.shape[0], b.shape[1])
 
 
 @torch.library.register_fake("trm_fast::lt_matmul_into")
-def _lt_matmul_into_fake(out, a, b, accumulate):
+def _lt_matmul_into_fake(out, a, b, accumulate, scale=None):
     return None
 
 
@@ -164,27 +179,45 @@ def _check_product(op: str, a, b, bias=None) -> None:
         raise ValueError(f"{op}: b and bias must have a's dtype and device ({a.dtype}, {a.device})")
 
 
-def lt_matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """a [R, K] @ b [K, N] (+ bias [N]), in a's dtype. On CUDA, bf16 / fp16 operands (each with a unit stride: row-
+def _check_scale(op: str, scale, a, bias=None) -> None:
+    if scale is None:
+        return
+    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or scale.numel() != 1 \
+            or scale.device != a.device:
+        got = f"{scale.dtype} {tuple(scale.shape)} on {scale.device}" if isinstance(scale, torch.Tensor) else \
+            type(scale).__name__
+        raise ValueError(f"{op}: scale must be a float32 tensor of one element on {a.device}, got {got}")
+    if bias is not None:
+        raise ValueError(f"{op}: takes a bias or a scale, not both")
+
+
+def lt_matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None,
+              scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a [R, K] @ b [K, N] (+ bias [N]), in a's dtype; with `scale` (a float32 tensor of one element, no bias)
+    scale * a @ b, the scale read by the GEMM on the GPU (no pass of its own, no host read). On CUDA, bf16 / fp16 operands (each with a unit stride: row-
     or column-major) go to cuBLASLt with no workspace: the kernels that torch.addmm's workspace lets its heuristic
     pick for the TinyNet's products zero it with a memset first, and the GPU then idles a few us; these need none.
     Each shape's path is the fastest of cuBLASLt's candidates and torch's call, timed at its first call
     (csrc/cuda/lt_matmul.cu; TRM_FAST_LT_TUNE=0 keeps the heuristic's first). Anything else, and the CPU, runs
     torch.addmm / torch.mm."""
     _check_product("lt_matmul", a, b, bias)
-    return torch.ops.trm_fast.lt_matmul(a, b, bias)
+    _check_scale("lt_matmul", scale, a, bias)
+    return torch.ops.trm_fast.lt_matmul(a, b, bias, scale)
 
 
-def lt_matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False) -> None:
+def lt_matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False,
+                   scale: Optional[torch.Tensor] = None) -> None:
     """out = a @ b, or out += a @ b when `accumulate`, in place; out [R, N] in a's dtype or float32 (float32
-    accumulation either way: the weight gradients' sums), with a unit column stride. cuBLASLt as `lt_matmul`."""
+    accumulation either way: the weight gradients' sums), with a unit column stride; the product times `scale`
+    where given, as `lt_matmul`'s. cuBLASLt as `lt_matmul`."""
     _check_product("lt_matmul_into", a, b)
+    _check_scale("lt_matmul_into", scale, a)
     if not isinstance(out, torch.Tensor) or out.shape != (a.shape[0], b.shape[1]) or out.device != a.device \
             or out.dtype not in (a.dtype, torch.float32) or (out.numel() and out.stride(-1) != 1):
         got = f"{out.dtype} {tuple(out.shape)} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"lt_matmul_into: out must be [{a.shape[0]}, {b.shape[1]}] in {a.dtype} or float32 on "
                          f"{a.device} with a unit column stride, got {got}")
-    torch.ops.trm_fast.lt_matmul_into(out, a, b, bool(accumulate))
+    torch.ops.trm_fast.lt_matmul_into(out, a, b, bool(accumulate), scale)
 
 
 def lt_matmul_timings(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None,

@@ -1,5 +1,7 @@
-// trm_fast::lt_matmul and lt_matmul_into on CUDA: out (=|+=) a @ b (+ bias) for bf16 / fp16 operands by cuBLASLt
-// with no workspace, out in their dtype or float32 (the weight gradients' sums).
+// trm_fast::lt_matmul and lt_matmul_into on CUDA: out (=|+=) scale * a @ b (+ bias) for bf16 / fp16 operands by
+// cuBLASLt with no workspace, out in their dtype or float32 (the weight gradients' sums); scale, when given, a
+// float32 tensor of one element read by the GEMM on the GPU (cuBLASLt's device pointer mode: no host read, so a
+// gradient's incoming scale needs no pass of its own, and graph capture is unaffected).
 // torch.addmm's cuBLASLt call gives the heuristic a workspace, and the kernels it then picks for the TinyNet's
 // K = 512 products (QKV, FFN up) zero part of it with a memset first, after which the GPU idles 3-6 us
 // (benchmarks/NOTES.md, sessions 27-28); without one the heuristic picks kernels that need none. The heuristic's
@@ -33,8 +35,10 @@
 
 namespace trm_fast {
 
-at::Tensor lt_matmul_fallback(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias);
-void lt_matmul_into_fallback(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
+at::Tensor lt_matmul_fallback(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& scale);
+void lt_matmul_into_fallback(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+                             const std::optional<at::Tensor>& scale);
 
 namespace {
 
@@ -105,11 +109,31 @@ std::optional<Operand> as_transposed(const at::Tensor& t) {
 }
 
 // device, input dtype, output dtype, N, R, K, ld of b, a and out, b's and a's op, bias, accumulate, the
-// alignments of b, a, out and bias, and whether tuning is allowed (a choice made under either setting stays its own)
-using Key = std::array<int64_t, 18>;
+// alignments of b, a, out and bias, a device scale, and whether tuning is allowed (last: a choice made under either
+// setting stays its own)
+using Key = std::array<int64_t, 19>;
 std::map<Key, std::optional<cublasLtMatmulAlgo_t>> algorithms;  // empty: torch's call
 std::mutex algorithms_mutex;
 std::atomic<int64_t> untimed_captures{0};  // products first met under capture with tuning on
+
+// 0 and 1 in device memory: beta, where the scale puts cuBLASLt in device pointer mode (alpha and beta both read
+// on the GPU)
+__device__ const float kBetas[2] = {0.0f, 1.0f};
+
+const float* device_betas() {
+  static std::mutex mutex;
+  static std::map<int, const float*> by_device;
+  const std::lock_guard<std::mutex> lock(mutex);
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  auto found = by_device.find(device);
+  if (found == by_device.end()) {
+    void* address = nullptr;
+    C10_CUDA_CHECK(cudaGetSymbolAddress(&address, kBetas));
+    found = by_device.emplace(device, static_cast<const float*>(address)).first;
+  }
+  return found->second;
+}
 
 bool tuning_allowed() {
   static const bool enabled = [] {
@@ -126,6 +150,8 @@ struct Product {
   const void *a_ptr = nullptr, *b_ptr = nullptr;
   void* out_ptr = nullptr;
   float beta = 0.0f;
+  const float* device_alpha = nullptr;  // the scale, where given (then beta is read on the GPU too)
+  const float* device_beta = nullptr;
   Key key{};
 
   Product(const Product&) = delete;
@@ -140,7 +166,7 @@ struct Product {
 
   // Fills the descriptors; false when cuBLASLt is not given these operands (the caller falls back).
   bool describe(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias,
-                const at::Tensor& out, bool accumulate) {
+                const at::Tensor& out, bool accumulate, const std::optional<at::Tensor>& scale) {
     const auto dtype = a.scalar_type(), out_dtype = out.scalar_type();
     const int64_t R = a.size(0), K = a.size(1), N = b.size(1);
     const auto b_view = as_transposed(b), a_view = as_transposed(a);
@@ -148,7 +174,9 @@ struct Product {
                         (out_dtype == dtype || out_dtype == at::kFloat) && b_view && a_view && R > 0 && N > 0 &&
                         K > 0 && out.stride(1) == 1 && out.stride(0) >= N &&
                         (!bias.has_value() || (out_dtype == dtype && !accumulate && bias->scalar_type() == dtype &&
-                                               bias->dim() == 1 && bias->size(0) == N && bias->stride(0) == 1));
+                                               bias->dim() == 1 && bias->size(0) == N && bias->stride(0) == 1)) &&
+                        (!scale.has_value() || (!bias.has_value() && scale->scalar_type() == at::kFloat &&
+                                                scale->numel() == 1 && scale->device() == a.device()));
     if (!usable) return false;
     const cudaDataType_t type = dtype == at::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F;
     const cudaDataType_t out_type = out_dtype == at::kFloat ? CUDA_R_32F : type;
@@ -156,6 +184,12 @@ struct Product {
     TRM_LT_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     TRM_LT_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &b_view->op, sizeof(b_view->op)));
     TRM_LT_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &a_view->op, sizeof(a_view->op)));
+    if (scale.has_value()) {
+      const cublasLtPointerMode_t mode = CUBLASLT_POINTER_MODE_DEVICE;
+      TRM_LT_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_POINTER_MODE, &mode, sizeof(mode)));
+      device_alpha = scale->data_ptr<float>();
+      device_beta = device_betas() + (accumulate ? 1 : 0);
+    }
     if (bias_ptr != nullptr) {
       const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
       TRM_LT_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
@@ -172,7 +206,8 @@ struct Product {
     beta = accumulate ? 1.0f : 0.0f;
     key = {a.get_device(), static_cast<int64_t>(dtype), static_cast<int64_t>(out_dtype), N, R, K, b_view->ld,
            a_view->ld, out.stride(0), b_view->op, a_view->op, bias_ptr != nullptr, accumulate, alignment(b_ptr),
-           alignment(a_ptr), alignment(out_ptr), bias_ptr ? alignment(bias_ptr) : 0, tuning_allowed()};
+           alignment(a_ptr), alignment(out_ptr), bias_ptr ? alignment(bias_ptr) : 0, scale.has_value(),
+           tuning_allowed()};
     return true;
   }
 
@@ -206,8 +241,10 @@ struct Product {
   cublasStatus_t run(cublasLtHandle_t handle, const cublasLtMatmulAlgo_t& algo, void* into,
                      cudaStream_t stream) const {
     const float alpha = 1.0f;
-    return cublasLtMatmul(handle, op, &alpha, b_ptr, b_layout, a_ptr, a_layout, &beta, into, out_layout, into,
-                          out_layout, &algo, nullptr, 0, stream);
+    const bool on_device = device_alpha != nullptr;
+    return cublasLtMatmul(handle, op, on_device ? device_alpha : &alpha, b_ptr, b_layout, a_ptr, a_layout,
+                          on_device ? device_beta : &beta, into, out_layout, into, out_layout, &algo, nullptr, 0,
+                          stream);
   }
 };
 
@@ -217,7 +254,8 @@ bool capturing(cudaStream_t stream) {
   return status != cudaStreamCaptureStatusNone;
 }
 
-// Microseconds per call of each candidate writing `scratch` (out's shape), then of torch's call (`torch_call`).
+// Microseconds per call of each candidate writing `scratch` (out's shape), then of torch's call (`torch_call`)
+// unless the product is scaled (torch's scaled call, a float32 product then a multiply, is never the faster).
 template <typename TorchCall>
 std::vector<double> time_paths(const Product& product, const std::vector<cublasLtMatmulAlgo_t>& algos,
                                const TorchCall& torch_call, at::Tensor scratch, cublasLtHandle_t handle,
@@ -226,7 +264,7 @@ std::vector<double> time_paths(const Product& product, const std::vector<cublasL
   for (const auto& algo : algos)
     times.push_back(time_us([&] { return product.run(handle, algo, scratch.data_ptr(), stream) ==
                                          CUBLAS_STATUS_SUCCESS; }, stream));
-  times.push_back(time_us([&] { torch_call(scratch); return true; }, stream));
+  if (product.device_alpha == nullptr) times.push_back(time_us([&] { torch_call(scratch); return true; }, stream));
   return times;
 }
 
@@ -265,9 +303,9 @@ std::optional<cublasLtMatmulAlgo_t> path(const Product& product, const at::Tenso
 // Runs the product into `out` on its path; false when that is torch's call (the caller's `torch_call`).
 template <typename TorchCall>
 bool lt_product(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias, at::Tensor& out,
-                bool accumulate, const TorchCall& torch_call) {
+                bool accumulate, const std::optional<at::Tensor>& scale, const TorchCall& torch_call) {
   Product product;
-  if (!product.describe(a, b, bias, out, accumulate)) return false;
+  if (!product.describe(a, b, bias, out, accumulate, scale)) return false;
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto algo = path(product, out, torch_call, handle, stream);
@@ -283,24 +321,28 @@ void check_shapes(const at::Tensor& a, const at::Tensor& b) {
 
 }  // namespace
 
-// a [R, K] and b [K, N] each with a unit stride (row- or column-major), bias [N]: a new [R, N] in a's dtype.
-at::Tensor lt_matmul_cuda(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias) {
+// a [R, K] and b [K, N] each with a unit stride (row- or column-major), bias [N] or scale: a new [R, N] in a's
+// dtype.
+at::Tensor lt_matmul_cuda(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& scale) {
   check_shapes(a, b);
   const c10::cuda::CUDAGuard guard(a.device());
   at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
-  const auto torch_call = [&](at::Tensor&) { lt_matmul_fallback(a, b, bias); };
-  if (!lt_product(a, b, bias, out, false, torch_call)) return lt_matmul_fallback(a, b, bias);
+  const auto torch_call = [&](at::Tensor&) { lt_matmul_fallback(a, b, bias, scale); };
+  if (!lt_product(a, b, bias, out, false, scale, torch_call)) return lt_matmul_fallback(a, b, bias, scale);
   return out;
 }
 
-// out [R, N] (a's dtype or float32, unit column stride) = a @ b, or += a @ b when accumulating.
-void lt_matmul_into_cuda(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+// out [R, N] (a's dtype or float32, unit column stride) = scale * a @ b, or += when accumulating.
+void lt_matmul_into_cuda(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+                         const std::optional<at::Tensor>& scale) {
   check_shapes(a, b);
   TORCH_CHECK(out.dim() == 2 && out.size(0) == a.size(0) && out.size(1) == b.size(1), "lt_matmul_into: out must be [",
               a.size(0), ", ", b.size(1), "], got ", out.sizes());
   const c10::cuda::CUDAGuard guard(a.device());
-  const auto torch_call = [&](at::Tensor& into) { lt_matmul_into_fallback(into, a, b, accumulate); };
-  if (!lt_product(a, b, std::nullopt, out, accumulate, torch_call)) lt_matmul_into_fallback(out, a, b, accumulate);
+  const auto torch_call = [&](at::Tensor& into) { lt_matmul_into_fallback(into, a, b, accumulate, scale); };
+  if (!lt_product(a, b, std::nullopt, out, accumulate, scale, torch_call))
+    lt_matmul_into_fallback(out, a, b, accumulate, scale);
 }
 
 // Microseconds per call of each algorithm cuBLASLt offers without a workspace for the product (the heuristic's
@@ -315,12 +357,13 @@ at::Tensor lt_matmul_timings_cuda(const at::Tensor& a, const at::Tensor& b, cons
   // dtype), else lt_matmul_into's
   const bool new_output = bias.has_value() || (out_dtype == a.scalar_type() && !accumulate);
   const auto torch_call = [&](at::Tensor& into) {
-    new_output ? (void)lt_matmul_fallback(a, b, bias) : lt_matmul_into_fallback(into, a, b, accumulate);
+    new_output ? (void)lt_matmul_fallback(a, b, bias, std::nullopt)
+               : lt_matmul_into_fallback(into, a, b, accumulate, std::nullopt);
   };
   Product product;
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool described = product.describe(a, b, bias, scratch, accumulate);
+  const bool described = product.describe(a, b, bias, scratch, accumulate, std::nullopt);
   const auto algos = described ? product.candidates(handle, kCandidates) : std::vector<cublasLtMatmulAlgo_t>{};
   return at::tensor(time_paths(product, algos, torch_call, scratch, handle, stream),
                     at::TensorOptions().dtype(at::kDouble));
