@@ -16,6 +16,7 @@ from trm_fast.kernels.feed_forward import feed_forward  # noqa: F401
 from trm_fast.kernels.head_cross_entropy import head_cross_entropy  # noqa: F401
 from trm_fast.kernels.linear import linear  # noqa: F401
 from trm_fast.kernels.masked_mean import masked_mean  # noqa: F401
+from trm_fast.kernels.q_head import q_head  # noqa: F401
 from trm_fast.kernels.residual_layer_norm import add_layer_norm, add_layer_norm_and_cast  # noqa: F401
 
 AUTO_ON_CUDA = False

@@ -22,6 +22,7 @@ from trm_fast.kernels import feed_forward as ffn  # noqa: E402
 from trm_fast.kernels import head_cross_entropy as hce  # noqa: E402
 from trm_fast.kernels import linear  # noqa: E402
 from trm_fast.kernels import masked_mean as mm  # noqa: E402
+from trm_fast.kernels import q_head as qh  # noqa: E402
 from trm_fast.kernels import residual_layer_norm as rln  # noqa: E402
 
 KERNEL_DEVICE = "cuda" if "cuda" in DEVICES else "cpu"
@@ -806,6 +807,69 @@ def test_masked_mean_kernels(B, L, D):
         assert pooled.dtype == torch.float32 and count.shape == (B,) and float(count.min()) >= 1.0
         _close(pooled.cpu(), expected.detach(), 1e-5)
         _close(mm.masked_mean_bwd_triton(grad, m.to(KERNEL_DEVICE), count).cpu(), leaf.grad, 1e-5)
+
+
+def _q_head_params(D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(*shape, generator=g) * scale + shift).to(KERNEL_DEVICE)
+            for shape, scale, shift in (((D,), 0.2, 1.0), ((D,), 0.2, 0.0), ((1, D), D ** -0.5, 0.0), ((1,), 0.5, 0.0))]
+
+
+@pytest.mark.parametrize("B, D", [(3, 40), (16, 512), (1, 8), (40, 512)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q_head_kernels(B, D, dtype):
+    """q_hat and every gradient against the seed's modules' math with autocast's casts made explicit (float64 for a
+    float32 head; a bf16 head rounds where autocast does: within a step of bf16, its gradients, sums over rows of
+    rounded terms, within a few: the interpreter truncates to bf16 and torch's CPU kernels round in steps)."""
+    ln_w, ln_b, w, b = _q_head_params(D, B)
+    pooled = torch.randn(B, D, generator=torch.Generator().manual_seed(D)).to(KERNEL_DEVICE) * 3 + 1
+    grad_q = torch.randn(B, 1, generator=torch.Generator().manual_seed(1)).to(KERNEL_DEVICE, dtype)
+    ref_dtype = torch.float64 if dtype == torch.float32 else dtype
+    leaves = [t.cpu().to(torch.float64 if dtype == torch.float32 else torch.float32).requires_grad_()
+              for t in (pooled, ln_w, ln_b, w, b)]
+    expected = qh._torch_q_head(*leaves[:3], 1e-5, *leaves[3:], ref_dtype)
+    expected.backward(grad_q.cpu().to(ref_dtype))
+    q = qh.q_head_fwd_triton(pooled, ln_w, ln_b, 1e-5, w, b, dtype)
+    assert q.dtype == dtype and q.shape == (B, 1)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+    torch.testing.assert_close(q.cpu().double(), expected.detach().double(), rtol=tol, atol=tol)
+    grads = qh.q_head_bwd_triton(grad_q, pooled, ln_w, ln_b, 1e-5, w, q)
+    for got, leaf in zip(grads, leaves):
+        assert got.dtype == torch.float32 and got.shape == leaf.shape
+        scale = float(leaf.grad.abs().max()) + 1e-12
+        assert float((got.cpu().double() - leaf.grad.double()).abs().max()) <= (2 if B < 32 else 4) * tol * scale
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_q_head_op(device):
+    """The op table's q head equals the seed's modules (value and gradients, float32), under bf16 autocast too on
+    CUDA; opcheck; errors."""
+    ln_w, ln_b, w, b = (t.to(device) for t in _q_head_params(24))
+    pooled = torch.randn(5, 24, generator=torch.Generator().manual_seed(2)).to(device)
+    head = torch.nn.Sequential(torch.nn.LayerNorm(24), torch.nn.Linear(24, 1)).to(device)
+    with torch.no_grad():
+        for param, value in zip(head.parameters(), (ln_w, ln_b, w, b)):
+            param.copy_(value)
+    x1, x2 = pooled.clone().requires_grad_(), pooled.clone().requires_grad_()
+    got = qh.q_head(x1, head[0].weight, head[0].bias, head[0].eps, head[1].weight, head[1].bias, None)
+    expected = torch.sigmoid(head(x2))
+    torch.testing.assert_close(got, expected)
+    grads = torch.autograd.grad(got.sum(), [x1, *head.parameters()])
+    expected_grads = torch.autograd.grad(expected.sum(), [x2, *head.parameters()])
+    for a, e in zip(grads, expected_grads):
+        torch.testing.assert_close(a, e)
+    if device == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got, expected = qh.q_head(pooled, ln_w, ln_b, 1e-5, w, b, torch.bfloat16), torch.sigmoid(head(pooled))
+        assert got.dtype == expected.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2 ** -7, atol=2 ** -8)
+    torch.library.opcheck(torch.ops.trm_fast.q_head.default,
+                          (pooled.clone().requires_grad_(), ln_w, ln_b, 1e-5, w.clone().requires_grad_(), b,
+                           torch.float32))
+    with pytest.raises(ValueError, match=r"q_head: weight must be \[1, 24\]"):
+        qh.q_head(pooled, ln_w, ln_b, 1e-5, w[:, :4], b, None)
+    with pytest.raises(ValueError, match="pooled must be a float"):
+        qh.q_head(pooled[0], ln_w, ln_b, 1e-5, w, b, None)
 
 
 @pytest.mark.parametrize("device", DEVICES)

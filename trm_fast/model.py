@@ -319,6 +319,13 @@ class TRMModel(reference.TRMModel):
             return super()._output_logits(y)
         return ops.linear(_copy_of(y, dtype), *self.tiny_net.linear_params(ops, self.output_head.weight), None)
 
+    def _q_hat(self, y: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The seed's q head on the op table's `q_head` (with the Triton ops one kernel each way)."""
+        norm, linear = self.q_head
+        return tinynet_ops(self.kernels, y.device).q_head(self._pool_for_q(y, attention_mask), norm.weight, norm.bias,
+                                                          norm.eps, linear.weight, linear.bias,
+                                                          autocast_dtype(y.device.type))
+
     def _pool_for_q(self, y: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The seed's pooling of y for the q head, on the op table's `masked_mean`."""
         return tinynet_ops(self.kernels, y.device).masked_mean(y, attention_mask)

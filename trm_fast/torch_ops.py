@@ -94,6 +94,13 @@ def masked_mean(y, attention_mask) -> torch.Tensor:
     return TRMModel._pool_for_q(y, attention_mask)
 
 
+def q_head(pooled, ln_weight, ln_bias, eps: float, weight, bias, dtype) -> torch.Tensor:
+    """The seed's halting head on pooled [B, D]: sigmoid(linear(layer_norm(pooled))), q_hat [B, 1], under the running
+    autocast (`dtype`, the autocast dtype, is the kernels' to read)."""
+    normed = F.layer_norm(pooled, (pooled.shape[-1],), ln_weight, ln_bias, eps)
+    return torch.sigmoid(F.linear(normed, weight, bias))
+
+
 def act_labels(correct, attention_mask, threshold: float) -> torch.Tensor:
     """The seed's ACT labels, float32 [B, 1], from bool [B, L] argmax == target (trm_fast.reference)."""
     from .reference import TRMModel
