@@ -227,17 +227,16 @@ at::Tensor hidden_confidence(const at::Tensor& hidden, const at::Tensor& weight,
   return row_sum.reciprocal();
 }
 
-// a [R, K] @ b [K, N] (+ bias [N]) by ATen: the CPU kernel of trm_fast::lt_matmul, and its CUDA kernel's
-// path for what cuBLASLt without a workspace does not take (csrc/cuda/lt_matmul.cu).
-
 // scale * a @ b in float32 (on CUDA from the operands as they are; the CPU has no float32 output for bf16 GEMMs).
-at::Tensor scaled_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale) {
+static at::Tensor scaled_product(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale) {
   if (!a.is_cuda() || a.scalar_type() == at::kFloat) return at::mm(a.to(at::kFloat), b.to(at::kFloat)).mul_(scale);
   at::Tensor product = at::empty({a.size(0), b.size(1)}, a.options().dtype(at::kFloat));
   return at::addmm_out(product, product, a, b, at::kFloat, 0).mul_(scale);
 }
 
-// With `scale` (float32, one element) the product is formed in float32, scaled, and rounded once.
+// a [R, K] @ b [K, N] (+ bias [N]) by ATen: the CPU kernel of trm_fast::lt_matmul, and its CUDA kernel's
+// path for what cuBLASLt without a workspace does not take (csrc/cuda/lt_matmul.cu). With `scale` (float32, one
+// element) the product is formed in float32, scaled, and rounded once.
 at::Tensor lt_matmul_fallback(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "lt_matmul: a [R, K] and b [K, N] must agree, "

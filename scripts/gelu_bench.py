@@ -1,7 +1,8 @@
 """The FFN's GELU passes alone on the GPU (session 24): the forward pass (kernels/feed_forward.py `_gelu_kernel`) over
 [8192, 2048] bf16 in blocks of 1024-16384 elements and 4-16 warps, and the backward pass with and without writing
-gelu(pre), in column blocks of 64-256; first, how many of their outputs differ from torch's (session 32). Profiler means of 20 calls; the byte floors at 3.35 TB/s are 20 us (forward:
-read + write) and 30 / 40 us (backward without / with the gelu written).
+gelu(pre), in column blocks of 64-256; first, how many of their outputs differ from torch's (session 32). Profiler
+means of 20 calls; the byte floors at 3.35 TB/s are 20 us (forward: read + write) and 30 / 40 us (backward without /
+with the gelu written).
     device run: python3 scripts/gelu_bench.py
 """
 import torch

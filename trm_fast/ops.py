@@ -194,9 +194,10 @@ def _check_scale(op: str, scale, a, bias=None) -> None:
 def lt_matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None,
               scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """a [R, K] @ b [K, N] (+ bias [N]), in a's dtype; with `scale` (a float32 tensor of one element, no bias)
-    scale * a @ b, the scale read by the GEMM on the GPU (no pass of its own, no host read). On CUDA, bf16 / fp16 operands (each with a unit stride: row-
-    or column-major) go to cuBLASLt with no workspace: the kernels that torch.addmm's workspace lets its heuristic
-    pick for the TinyNet's products zero it with a memset first, and the GPU then idles a few us; these need none.
+    scale * a @ b, the scale read by the GEMM on the GPU (no pass of its own, no host read). On CUDA, bf16 / fp16
+    operands (each with a unit stride: row- or column-major) go to cuBLASLt with no workspace: the kernels that
+    torch.addmm's workspace lets its heuristic pick for the TinyNet's products zero it with a memset first, and the
+    GPU then idles a few us; these need none.
     Each shape's path is the fastest of cuBLASLt's candidates and torch's call, timed at its first call
     (csrc/cuda/lt_matmul.cu; TRM_FAST_LT_TUNE=0 keeps the heuristic's first). Anything else, and the CPU, runs
     torch.addmm / torch.mm."""
