@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from trm_fast import torch_ops
-from trm_fast.kernels.act_labels import mask_operand
+from trm_fast.kernels.halting_loss import mask_operand
 
 _BLOCK_D = 64  # forward: one program per (sequence, 64 columns), 128 rows a load (16 x 8 programs at B16 d512)
 _FWD_BLOCK_L = 128

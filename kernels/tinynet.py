@@ -7,15 +7,16 @@ same math in PyTorch elsewhere).
 they are slower than the torch path (more, smaller kernels; benchmarks/NOTES.md, issue 3), so
 `kernels="auto"` keeps the torch path and an explicit `kernels="triton"` selects these ops.
 """
-from trm_fast.kernels.act_labels import act_labels  # noqa: F401
 from trm_fast.kernels.attention import causal_attention  # noqa: F401
 from trm_fast.kernels.concat_linear import concat_linear  # noqa: F401
 from trm_fast.kernels.cross_entropy import cross_entropy  # noqa: F401
 from trm_fast.kernels.embedding import embed  # noqa: F401
 from trm_fast.kernels.feed_forward import feed_forward  # noqa: F401
+from trm_fast.kernels.halting_loss import halting_loss  # noqa: F401
 from trm_fast.kernels.head_cross_entropy import head_cross_entropy  # noqa: F401
 from trm_fast.kernels.linear import linear  # noqa: F401
 from trm_fast.kernels.masked_mean import masked_mean  # noqa: F401
+from trm_fast.kernels.mean_losses import mean_losses  # noqa: F401
 from trm_fast.kernels.q_head import q_head  # noqa: F401
 from trm_fast.kernels.residual_layer_norm import add_layer_norm, add_layer_norm_and_cast  # noqa: F401
 

@@ -11,11 +11,13 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from trm_fast.kernels import act_labels, attention, column_sum, matmul
+from trm_fast.kernels import attention, column_sum, matmul
 from trm_fast.kernels import concat_linear as cl
 from trm_fast.kernels import cross_entropy as ce
 from trm_fast.kernels import embedding as emb
 from trm_fast.kernels import feed_forward as ffn
+from trm_fast.kernels import halting_loss as hl
+from trm_fast.kernels import id_bounds
 from trm_fast.kernels import masked_mean as mm
 from trm_fast.kernels import residual_layer_norm as rln
 
@@ -83,9 +85,15 @@ def main():
         logits_ptr="*bf16", stride_row="i32", targets_ptr="*i64", lse_ptr="*fp32", loss_ptr="*fp32", correct_ptr="*i8",
         grad_ptr="*bf16", **ints("stride_grad"), scale_ptr="*fp32", **ints("V", "ignore_index")),
         dict(STATS=True, WRITE_GRAD=True, BLOCK_V=8192), num_warps=8)
-    compile_for_sm90(act_labels._act_labels_kernel, dict(correct_ptr="*i8", mask_ptr="*i64", labels_ptr="*fp32",
-                                                         **ints("L", "stride_c", "stride_m"), threshold="fp32"),
-                     dict(ALL=False, BLOCK_L=512))
+    compile_for_sm90(hl._halting_loss_fwd_kernel, dict(
+        correct_ptr="*i8", mask_ptr="*i64", q_ptr="*bf16", labels_ptr="*fp32", loss_ptr="*fp32",
+        **ints("B", "L", "stride_c", "stride_m", "stride_q"), threshold="fp32", inv_b="fp32"),
+        dict(ALL=False, BLOCK_B=16, BLOCK_L=512))
+    compile_for_sm90(hl._halting_loss_bwd_kernel, dict(grad_ptr="*fp32", q_ptr="*bf16", labels_ptr="*fp32",
+                                                       grad_q_ptr="*bf16", **ints("B", "stride_q"), inv_b="fp32"),
+                     dict(BLOCK_B=16))
+    compile_for_sm90(id_bounds._id_bounds_kernel, dict(first_ptr="*i64", second_ptr="*i64", n="i32",
+                                                       bounds_ptr="*i64", high="i32"), dict(BLOCK=8192), num_warps=16)
     compile_for_sm90(emb._embed_fwd_kernel, dict(ids_ptr="*i64", token_ptr="*fp32", pos_ptr="*fp32", out_ptr="*fp32",
                                                  seed_ptr="*i64", **ints("n_rows", "L", "D"), p="fp32", scale="fp32"),
                      dict(DROPOUT=True, BLOCK_R=8, BLOCK_D=512), num_warps=4)

@@ -44,9 +44,9 @@ def show(mode: str, case: dict) -> None:
         c.cell_contents for c in step.__closure__ if type(c.cell_contents).__name__ == "GraphedTrainStep")
     entry, = graphed.graphs.values()
     if mode == "train":
-        replayed, update_graph, static_inputs, *_, id_range = entry
+        replayed, update_graph, static_inputs, _, _, id_range, _ = entry
     else:
-        replayed, static_inputs, _, id_range = entry
+        replayed, static_inputs, _, id_range, _ = entry
     inputs = (ids, None, targets)
     with autocast():
         stages = {"checks": lambda: model._check_inputs(ids, None, targets, None, check_ranges=False),
@@ -59,6 +59,10 @@ def show(mode: str, case: dict) -> None:
         stages["sync"] = torch.cuda.synchronize
         print(mode, timeline(stages), flush=True)
         print(mode, "whole call", timeline({"call": step, "sync": torch.cuda.synchronize}), flush=True)
+        given = [(b, t) for b, t in zip(static_inputs, inputs) if t is not None]
+        print(mode, "input copies", timeline({"foreach": lambda: cuda_graphs.copy_into(static_inputs, inputs),
+                                              "one by one": lambda: [b.copy_(t) for b, t in given],
+                                              "sync": torch.cuda.synchronize}), flush=True)
 
 
 def main():

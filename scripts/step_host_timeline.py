@@ -55,7 +55,7 @@ def main() -> None:
             return graphed(ids, target_ids=targets)
     for _ in range(3):
         step()
-    forward_backward, update, static_inputs, static_losses, _, id_range = next(iter(graphed.graphs.values()))
+    forward_backward, update, static_inputs, static_losses, _, id_range, _ = next(iter(graphed.graphs.values()))
     inputs = (ids, None, targets)
 
     def clone_losses():

@@ -19,8 +19,8 @@ def test_doctor_reports_every_op(capsys):
     status = json.loads(capsys.readouterr().out)
     assert set(status["ops"]) == {"tinynet.concat_linear", "tinynet.causal_attention", "tinynet.add_layer_norm",
                                   "tinynet.add_layer_norm_and_cast", "tinynet.feed_forward", "tinynet.linear",
-                                  "tinynet.cross_entropy", "tinynet.head_cross_entropy", "tinynet.act_labels", "tinynet.embed",
-                                  "tinynet.masked_mean", "tinynet.q_head",
+                                  "tinynet.cross_entropy", "tinynet.head_cross_entropy", "tinynet.halting_loss",
+                                  "tinynet.mean_losses", "tinynet.embed", "tinynet.masked_mean", "tinynet.q_head",
                                   "decode.decode_linear", "decode.decode_add_norm_linear", "decode.decode_ffn_add_norm",
                                   "decode.decode_attention", "decode.add_layer_norm_into", "decode.decode_append",
                                   "decode.decode_pool", "decode.decode_select", "decode.decode_emit",

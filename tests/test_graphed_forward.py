@@ -66,7 +66,7 @@ def test_capture_and_replay_logic(monkeypatch):
     buffers = GraphedForward(model, clone_outputs=False)
     first = buffers(_batch(0)[0])
     second = buffers(ids)  # the q_hats are the graph's outputs; the logits are computed after the replay
-    (_, _, graph_outputs, _), = buffers.graphs.values()
+    (_, _, graph_outputs, _, _), = buffers.graphs.values()
     assert all(q is state[1] for q, state in zip(second["q_hats"], graph_outputs["states"]))
     with torch.no_grad():
         assert torch.equal(first["logits"], model(_batch(0)[0])["logits"])

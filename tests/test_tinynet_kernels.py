@@ -12,16 +12,19 @@ from parity_helpers import DEVICES, make_pair, random_batch
 triton = pytest.importorskip("triton")
 from trm_fast import torch_ops  # noqa: E402
 from trm_fast.grad_sums import GradSum  # noqa: E402
-from trm_fast.kernels import act_labels as act  # noqa: E402
+from trm_fast.reference import TRMModel, halting_bce  # noqa: E402
 from trm_fast.kernels import attention as attn  # noqa: E402
 from trm_fast.kernels import column_sum  # noqa: E402
 from trm_fast.kernels import concat_linear as cl  # noqa: E402
 from trm_fast.kernels import cross_entropy as ce  # noqa: E402
 from trm_fast.kernels import embedding as emb  # noqa: E402
 from trm_fast.kernels import feed_forward as ffn  # noqa: E402
+from trm_fast.kernels import halting_loss as hl  # noqa: E402
 from trm_fast.kernels import head_cross_entropy as hce  # noqa: E402
+from trm_fast.kernels import id_bounds  # noqa: E402
 from trm_fast.kernels import linear  # noqa: E402
 from trm_fast.kernels import masked_mean as mm  # noqa: E402
+from trm_fast.kernels import mean_losses as ml  # noqa: E402
 from trm_fast.kernels import q_head as qh  # noqa: E402
 from trm_fast.kernels import residual_layer_norm as rln  # noqa: E402
 
@@ -459,36 +462,105 @@ def test_cross_entropy_op_matches_torch_path(device):
         ce.cross_entropy(logits, targets.int(), -100)
 
 
-@pytest.mark.parametrize("L", [10, 1500])  # 1500: two blocks
+@pytest.mark.parametrize("L", [10, 1500])  # 1500: two blocks of tokens
 @pytest.mark.parametrize("threshold", [0.0, 0.5, 0.9, 1.0])
-def test_act_labels_kernel(L, threshold):
-    """Per sequence, against the seed's torch steps: random rows, an all-padding row, 9 of 10 tokens correct (0.9
-    exactly in float32, as torch divides), an integer and a bool mask."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_halting_loss_kernels(L, threshold, dtype):
+    """Labels, loss and q_hat's gradient against the seed's torch steps: random rows, an all-padding row, 9 of 10 tokens
+    correct (0.9 exactly in float32, as torch divides), q_hat 0 and 1 (the logarithms' clamp), an integer and a bool
+    mask, 19 sequences (two tiles of rows); labels and (on CUDA) the gradient bit for bit, the loss to a few float32
+    units."""
     g = torch.Generator().manual_seed(L)
-    correct = torch.rand(6, L, generator=g) < 0.7
-    mask = (torch.rand(6, L, generator=g) < 0.8).long()
+    B = 19
+    correct = torch.rand(B, L, generator=g) < 0.7
+    mask = (torch.rand(B, L, generator=g) < 0.8).long()
     mask[1] = 0
     mask[2], correct[2] = 0, False
     mask[2, :10], correct[2, :9] = 1, True
-    expected = torch_ops.act_labels(correct, mask, threshold)
-    assert bool(expected[2]) == (threshold <= 0.9)
+    q_hat = torch.rand(B, 1, generator=g).to(dtype)
+    q_hat[3], q_hat[4], q_hat[5] = 0.0, 1.0, 1e-7
+    expected_labels = TRMModel._act_labels(correct, mask, threshold)
+    assert bool(expected_labels[2]) == (threshold <= 0.9)
+    leaf = q_hat.to(KERNEL_DEVICE, copy=True).requires_grad_()
+    expected = halting_bce(leaf, expected_labels.to(KERNEL_DEVICE))
+    expected.backward(torch.tensor(0.75, device=KERNEL_DEVICE))
     for m in (mask, mask.bool()):
-        got = act.act_labels_triton(correct.to(KERNEL_DEVICE), m.to(KERNEL_DEVICE), threshold)
-        assert got.shape == (6, 1) and got.dtype == torch.float32
-        assert torch.equal(got.cpu(), expected)
+        loss, labels = hl.halting_loss_fwd_triton(correct.to(KERNEL_DEVICE), m.to(KERNEL_DEVICE),
+                                                  q_hat.to(KERNEL_DEVICE), threshold)
+        assert loss.shape == () and loss.dtype == labels.dtype == torch.float32 and labels.shape == (B,)
+        assert torch.equal(labels.cpu(), expected_labels.view(-1))
+        torch.testing.assert_close(loss, expected.detach(), rtol=1e-6, atol=0)
+    grad = hl.halting_loss_bwd_triton(torch.tensor(0.75, device=KERNEL_DEVICE), q_hat.to(KERNEL_DEVICE), labels)
+    assert grad.dtype == dtype
+    if KERNEL_DEVICE == "cuda":  # the mean's 1 / B a product with its reciprocal, as torch's CUDA `div_` forms it
+        assert torch.equal(grad, leaf.grad)
+    else:  # (torch's CPU `div_` divides: one float32 unit apart at most)
+        torch.testing.assert_close(grad, leaf.grad, rtol=2e-7 if dtype == torch.float32 else 8e-3, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_act_labels_op(device):
+def test_halting_loss_op(device):
+    """The op against the seed's steps (torch_ops), its gradient, opcheck, and bad arguments refused."""
     correct = torch.tensor([[True, False, True], [True, True, False]], device=device)
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]], device=device)
-    assert act.act_labels(correct, mask, 0.6).flatten().tolist() == [1.0, 1.0]
-    assert act.act_labels(correct, mask, 1.0).flatten().tolist() == [0.0, 1.0]
-    torch.library.opcheck(torch.ops.trm_fast.act_labels.default, (correct, mask, 0.6))
+    q_hat = torch.tensor([[0.3], [0.8]], device=device, requires_grad=True)
+    for threshold in (0.6, 1.0):
+        loss = hl.halting_loss(correct, mask, q_hat, threshold)
+        grad, = torch.autograd.grad(loss, q_hat)
+        expected = torch_ops.halting_loss(correct, mask, q_hat, threshold)
+        expected_grad, = torch.autograd.grad(expected, q_hat)
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+        assert torch.equal(grad, expected_grad)
+    torch.library.opcheck(torch.ops.trm_fast.halting_loss.default, (correct, mask, q_hat, 0.6))
     with pytest.raises(ValueError, match="correct must be a bool"):
-        act.act_labels(correct.int(), mask, 0.6)
+        hl.halting_loss(correct.int(), mask, q_hat, 0.6)
     with pytest.raises(ValueError, match="attention_mask must be an integer or bool"):
-        act.act_labels(correct, mask.float(), 0.6)
+        hl.halting_loss(correct, mask.float(), q_hat, 0.6)
+    with pytest.raises(ValueError, match=r"q_hat must be a float \[2, 1\]"):
+        hl.halting_loss(correct, mask, q_hat.view(1, 2), 0.6)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 5])
+def test_mean_losses_kernels(steps):
+    """The three means against the seed's steps (within float32 units; the means bit for bit for 1 or 2 steps), and
+    the steps' gradients from any of the three outputs' (absent ones None), bit for bit on CUDA."""
+    g = torch.Generator().manual_seed(steps)
+    losses = (torch.rand(2 * steps, generator=g) * 5).to(KERNEL_DEVICE)
+    ce, act = list(losses[:steps]), list(losses[steps:])
+    got = ml.mean_losses_fwd_triton(losses, 0.3)
+    expected = torch_ops.mean_losses(ce, act, 0.3)
+    for a, b in zip(got, expected):
+        assert a.shape == () and a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=4e-7, atol=0)
+    if steps <= 2:  # (more steps: the sums' order and 1 / S's rounding may differ by a unit)
+        assert torch.equal(got[1], expected[1]) and torch.equal(got[2], expected[2])
+    grad_out = [torch.tensor(v, device=KERNEL_DEVICE) for v in (1.0, 0.25, -2.0)]
+    for present in ((True, False, False), (False, True, True), (True, True, True)):
+        leaves = losses.clone().requires_grad_()
+        outputs = torch_ops.mean_losses(list(leaves[:steps]), list(leaves[steps:]), 0.3)
+        torch.autograd.backward([o for o, p in zip(outputs, present) if p], [g for g, p in zip(grad_out, present) if p])
+        got_grad = ml.mean_losses_bwd_triton([g if p else None for g, p in zip(grad_out, present)], steps, 0.3)
+        if KERNEL_DEVICE == "cuda":
+            assert torch.equal(got_grad, leaves.grad)
+        else:  # (torch's CPU division by S against the product with 1 / S: a float32 unit at most)
+            torch.testing.assert_close(got_grad, leaves.grad, rtol=2e-7, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mean_losses_op(device):
+    """The op's outputs and gradients (through the eager Function and opcheck's custom op), bad arguments refused."""
+    ce = [torch.tensor(v, device=device, requires_grad=True) for v in (2.0, 3.0)]
+    act = [torch.tensor(v, device=device, requires_grad=True) for v in (0.5, 0.25)]
+    loss, ce_loss, act_loss = ml.mean_losses(ce, act, 0.5)
+    assert (loss.item(), ce_loss.item(), act_loss.item()) == (2.6875, 2.5, 0.375)
+    loss.backward()
+    assert [t.grad.item() for t in ce + act] == [0.5, 0.5, 0.25, 0.25]
+    torch.library.opcheck(torch.ops.trm_fast.mean_losses.default, (torch.stack(ce + act).detach().requires_grad_(),
+                                                                   0.5))
+    with pytest.raises(ValueError, match="as many ce as act losses"):
+        ml.mean_losses(ce, act[:1], 0.5)
+    with pytest.raises(ValueError, match="0-dim float32"):
+        ml.mean_losses([t.double() for t in ce], act, 0.5)
 
 
 def _embed_case(D):
@@ -576,6 +648,27 @@ def test_target_count_kernel(N, ignored):
     assert count.shape == () and scale.shape == (1,) and count.dtype == scale.dtype == torch.float32
     assert count.item() == N - ignored
     assert scale.item() == (1.0 / torch.tensor(float(max(N - ignored, 1)))).item()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 40), (4, 700)])
+def test_id_bounds_kernel(shape):
+    """[min, max] of each id tensor as torch's aminmax gives them (before the clamp, int64 extremes included), then
+    the ids clamped into the vocabulary in place, their dtype kept; one tensor or two; bad arguments refused."""
+    g = torch.Generator().manual_seed(shape[1])
+    ids = torch.randint(-3, 60, shape, generator=g)
+    ids.view(-1)[-1] = 2**63 - 1
+    targets = torch.randint(0, 70, shape, generator=g, dtype=torch.int32)
+    targets.view(-1)[0] = -5
+    expected = torch.cat([torch.stack(torch.aminmax(t)).long() for t in (ids, targets)])
+    got_ids, got_targets = ids.to(KERNEL_DEVICE, copy=True), targets.to(KERNEL_DEVICE, copy=True)
+    assert torch.equal(id_bounds.id_bounds_then_clamp([got_ids, got_targets], 50).cpu(), expected)
+    assert torch.equal(got_ids.cpu(), ids.clamp(0, 49)) and torch.equal(got_targets.cpu(), targets.clamp(0, 49))
+    assert got_targets.dtype == torch.int32
+    alone = ids.to(KERNEL_DEVICE, copy=True)
+    assert torch.equal(id_bounds.id_bounds_then_clamp([alone], 50).cpu(), expected[:2])
+    with pytest.raises(ValueError, match="contiguous integer tensors of one shape"):
+        id_bounds.id_bounds_then_clamp([alone.t()], 50) if shape != (1, 1) else id_bounds.id_bounds_then_clamp(
+            [alone, alone[:, :0]], 50)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -30,14 +30,23 @@ def on_side_stream(fn: Callable[[], object]) -> object:
     return result
 
 
-def inputs_key(inputs) -> tuple:
-    """The shape and dtype of each of a graph's inputs (None where one is absent): what a graph is captured for."""
-    return tuple((t.shape, t.dtype) if t is not None else None for t in inputs)
+def inputs_key(inputs) -> Optional[tuple]:
+    """The shape, dtype and device of each of a graph's inputs (None where one is absent): what a graph is captured
+    for; None where an input is neither a tensor nor None (no graph has that key: the caller's checks raise)."""
+    if not all(t is None or isinstance(t, torch.Tensor) for t in inputs):
+        return None
+    return tuple((t.shape, t.dtype, t.device) if t is not None else None for t in inputs)
+
+
+def typed(value) -> tuple:
+    """`value` with its type, for a key (True and 1 are equal keys; a check passed by one need not pass the other)."""
+    return type(value), value
 
 
 def static_copies(inputs, device: torch.device) -> tuple:
-    """Copies of the inputs on `device` (None kept): a graph's input buffers, captured reading them."""
-    return tuple(t.to(device, copy=True) if t is not None else None for t in inputs)
+    """Contiguous copies of the inputs on `device` (None kept): a graph's input buffers, captured reading them."""
+    return tuple(t.to(device, copy=True, memory_format=torch.contiguous_format) if t is not None else None
+                 for t in inputs)
 
 
 def copy_into(buffers, inputs) -> None:
@@ -48,9 +57,15 @@ def copy_into(buffers, inputs) -> None:
 
 def weights_key(model: torch.nn.Module) -> tuple:
     """The addresses of `model`'s parameters: graphs that read them stay valid while this is unchanged (a
-    move or reallocation, e.g. `model.to`, changes it; in-place updates do not). Checked before every replay,
-    so it walks the modules' own tables (a third of `model.parameters()`' time on the host)."""
+    move or reallocation, e.g. `model.to`, changes it; in-place updates do not). It walks the modules' own tables (a
+    third of `model.parameters()`' time on the host)."""
     return tuple(_parameter_addresses(model))
+
+
+def held_weights(model: torch.nn.Module) -> list:
+    """`model`'s parameters as a graph captured over them reads them: kept with the graph, their memory outlives a
+    move, so that a replay launched before the host compares `weights_key` reads stale values, never freed memory."""
+    return [p.detach() for p in model.parameters()]
 
 
 def _parameter_addresses(module: torch.nn.Module) -> list:

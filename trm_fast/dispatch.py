@@ -14,7 +14,8 @@ from . import ops as extension_ops
 
 KERNEL_CHOICES = ("auto", "torch", "triton")
 TINYNET_OPS = ("concat_linear", "causal_attention", "add_layer_norm", "add_layer_norm_and_cast", "feed_forward",
-               "linear", "cross_entropy", "head_cross_entropy", "act_labels", "embed", "masked_mean", "q_head")
+               "linear", "cross_entropy", "head_cross_entropy", "halting_loss", "mean_losses", "embed", "masked_mean",
+               "q_head")
 DECODE_OPS = ("decode_linear", "decode_add_norm_linear", "decode_ffn_add_norm", "decode_attention",
               "add_layer_norm_into", "decode_append", "decode_pool", "decode_select", "decode_emit")
 

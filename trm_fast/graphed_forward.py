@@ -22,10 +22,11 @@ from .model import TRMModel, check_id_bounds, id_bounds
 class GraphedForward:
     """`graphed(input_ids, attention_mask=None, target_ids=None, supervision_steps=None, keep_logits=True)`
     returns what `model(...)` returns under `torch.no_grad()`. One graph per shape and argument set, captured
-    on its first call (a warm-up run, then the capture). Each call checks its arguments as the model does
-    (the ids' range by `IdRangeCheck`, while the graph runs). Outputs computed in the graph (the q_hats; without
-    logits, the losses too) are copied out of its buffers, or, with `clone_outputs=False`, are those buffers:
-    valid until the next call of the same shape."""
+    on its first call (a warm-up run, then the capture). Each call checks its arguments as the model does; a call
+    with a captured graph's shapes and arguments launches it first (checked as those of an earlier call, the ids'
+    range by `IdRangeCheck` and the weights' addresses while the graph runs). Outputs computed in the graph (the
+    q_hats; without logits, the losses too) are copied out of its buffers, or, with `clone_outputs=False`, are those
+    buffers: valid until the next call of the same shape."""
 
     def __init__(self, model: TRMModel, clone_outputs: bool = True):
         if not isinstance(model, TRMModel):
@@ -40,36 +41,48 @@ class GraphedForward:
         model = self.model
         if model.training:
             raise ValueError("GraphedForward needs the model in eval mode (dropout would be frozen into the graph)")
-        device = model.token_embed.weight.device
-        if not _graphs_on(device):
+        autocast = autocast_state()
+        inputs = (input_ids, attention_mask, target_ids)
+        key = (cuda_graphs.inputs_key(inputs), cuda_graphs.typed(supervision_steps), cuda_graphs.typed(keep_logits),
+               autocast)
+        if key in self.graphs:  # inputs like a checked call's: the GPU starts first, the host checks while it runs
+            result = self._replay(self.graphs[key], inputs, keep_logits, autocast)
+            if result is not None:
+                return result
+        if not _graphs_on(model.token_embed.weight.device):
             with torch.no_grad():
                 return model(input_ids, attention_mask, target_ids, supervision_steps, keep_logits=keep_logits)
-        model._check_inputs(input_ids, attention_mask, target_ids, supervision_steps, check_ranges=False)
+        model._check_inputs(input_ids, attention_mask, target_ids, supervision_steps)  # before the capture's warm-up
         if not keep_logits and target_ids is None:
             raise ValueError("keep_logits=False needs target_ids")
         weights = cuda_graphs.weights_key(model)
         if weights != self.weights:  # first call, or weights moved: graphs would read stale memory
             self.graphs, self.pool, self.weights = {}, None, weights
-        autocast = autocast_state()
-        inputs = (input_ids, attention_mask, target_ids)
-        key = (cuda_graphs.inputs_key(inputs), supervision_steps, keep_logits, autocast)
-        if key not in self.graphs:  # the ranges too, before the capture's warm-up run
-            model._check_inputs(input_ids, attention_mask, target_ids, supervision_steps)
-            self.graphs[key] = self._capture(inputs, supervision_steps, keep_logits, autocast)
-        graph, static_inputs, outputs, id_range = self.graphs[key]
+        self.graphs[key] = self._capture(inputs, supervision_steps, keep_logits, autocast)
+        return self._replay(self.graphs[key], inputs, keep_logits, autocast)
+
+    def _replay(self, graphs: tuple, inputs, keep_logits: bool, autocast) -> Optional[Dict[str, Any]]:
+        """The outputs of a captured forward on `inputs`, or None where the weights moved since the capture (the
+        replay read their old memory, which the graph holds: `cuda_graphs.held_weights`)."""
+        graph, static_inputs, outputs, id_range, _ = graphs
         cuda_graphs.copy_into(static_inputs, inputs)
         graph.replay()
         id_range.check()
+        model = self.model
+        if cuda_graphs.weights_key(model) != self.weights:
+            self.graphs, self.pool = {}, None
+            return None
         if not keep_logits:
             return _cloned(outputs) if self.clone_outputs else outputs
-        with torch.no_grad(), autocast_context(autocast):
+        with torch.no_grad(), autocast_context(autocast), model.memoized_forward():  # the head's weight cast once
             result = model._supervision_outputs(outputs["states"], static_inputs[2], outputs["attention_mask"])
         if self.clone_outputs:
             result["q_hats"] = _cloned(result["q_hats"])
         return result
 
     def _capture(self, inputs, supervision_steps, keep_logits, autocast) -> tuple:
-        """(graph, static input buffers, static outputs, the IdRangeCheck it holds) for inputs like `inputs`."""
+        """(graph, static input buffers, static outputs, the IdRangeCheck it holds, the weights it reads) for inputs
+        like `inputs`."""
         model = self.model
         device = model.token_embed.weight.device
         static_inputs = cuda_graphs.static_copies(inputs, device)
@@ -87,7 +100,7 @@ class GraphedForward:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = cuda_graphs.capture(forward, pool=self.pool)
-        return graph, static_inputs, outputs, id_range
+        return graph, static_inputs, outputs, id_range, cuda_graphs.held_weights(model)
 
 
 class IdRangeCheck:
@@ -105,16 +118,31 @@ class IdRangeCheck:
         self.copied = torch.cuda.Event(external=True) if ids.is_cuda else None  # a node of the graph that records it
 
     def bounds_then_clamp(self) -> None:
-        self.host.copy_(id_bounds(self.named), non_blocking=True)
+        self.host.copy_(_bounds_then_clamp(self.named, self.vocab_size), non_blocking=True)
         if self.copied is not None:
             self.copied.record()
-        for ids in self.named.values():
-            ids.clamp_(0, self.vocab_size - 1)
 
     def check(self) -> None:
         if self.copied is not None:
             self.copied.synchronize()
         check_id_bounds(self.named, self.host.tolist(), self.vocab_size)
+
+
+def _bounds_then_clamp(named: Dict[str, torch.Tensor], vocab_size: int) -> torch.Tensor:
+    """`id_bounds(named)`, then each tensor clamped into [0, vocab_size) in place: one kernel on CUDA
+    (kernels/id_bounds.py), torch's steps elsewhere or without Triton."""
+    ids = list(named.values())
+    if ids[0].is_cuda:
+        try:
+            from trm_fast.kernels.id_bounds import id_bounds_then_clamp
+        except ImportError:
+            pass
+        else:
+            return id_bounds_then_clamp(ids, vocab_size)
+    bounds = id_bounds(named)
+    for t in ids:
+        t.clamp_(0, vocab_size - 1)
+    return bounds
 
 
 def forward_for_capture(model: TRMModel, ids, mask, targets, supervision_steps, keep_logits: bool,

@@ -3,7 +3,8 @@
 A train step of the seed's config launches about 900 kernels, and on a slow host their launches, not the GPU,
 set its time (benchmarks/NOTES.md, issue 3). Captured once per input shape, a step is two launches: the forward
 and backward, then the update, which the host launches once the ids' range check (`IdRangeCheck`, read back
-from the first graph while the GPU runs it) has passed, so no weight changes on a refused step. Dropout
+from the first graph while the GPU runs it) and the checks of what the graphs read have passed, so no weight changes
+on a refused step (a call with the shapes of a captured one launches the first graph before any host check). Dropout
 stays random: the Triton kernels' seeds and torch's dropout are drawn from torch's CUDA generator, whose
 state a replay advances. The first call of a shape is an ordinary step (it also warms up: optimizer state,
 Triton autotuning), after which the step is captured; later calls replay it.
@@ -70,34 +71,41 @@ class GraphedTrainStep:
         model = self.model
         if target_ids is None:
             raise ValueError("GraphedTrainStep needs target_ids (a training step minimizes their loss)")
-        graphs_on = _graphs_on(input_ids.device)
-        model._check_inputs(input_ids, attention_mask, target_ids, supervision_steps, check_ranges=not graphs_on)
         inputs = (input_ids, attention_mask, target_ids)
         autocast = autocast_state()
+        key = (cuda_graphs.inputs_key(inputs), cuda_graphs.typed(supervision_steps), autocast, model.training)
+        if key in self.graphs:  # inputs like a checked call's: the GPU starts first, the host checks while it runs
+            losses = self._replay(self.graphs[key], inputs)
+            if losses is not None:
+                return losses
+        graphs_on = _graphs_on(model.token_embed.weight.device)
+        model._check_inputs(input_ids, attention_mask, target_ids, supervision_steps, check_ranges=not graphs_on)
         if not graphs_on:
             return self._step(inputs, supervision_steps, autocast)
-        weights = cuda_graphs.weights_key(model)
-        if weights != self.weights:  # first call, weights moved: the graphs would read stale memory
+        model._check_inputs(input_ids, attention_mask, target_ids, supervision_steps)  # the ranges, before any step
+        weights, state = cuda_graphs.weights_key(model), self._state_key()
+        if (weights, state) != (self.weights, self.state):  # moved or replaced: every shape's graphs are stale
             self.graphs = {}
-        key = (cuda_graphs.inputs_key(inputs), supervision_steps, autocast, model.training)
-        if key not in self.graphs:
-            model._check_inputs(input_ids, attention_mask, target_ids, supervision_steps)  # the ranges, before any step
-            if self._state_key() != self.state:  # optimizer state replaced: other shapes' graphs are stale too
-                self.graphs = {}
-            losses = cuda_graphs.on_side_stream(lambda: self._step(inputs, supervision_steps, autocast))
-            self.graphs[key] = self._capture(inputs, supervision_steps, autocast)
-            self.weights, self.state = weights, self._state_key()  # (the first step created the optimizer's state)
-            return losses
-        forward_backward, update_graph, static_inputs, static_losses, lrs, id_range = self.graphs[key]
+        losses = cuda_graphs.on_side_stream(lambda: self._step(inputs, supervision_steps, autocast))
+        self.graphs[key] = self._capture(inputs, supervision_steps, autocast)
+        self.weights, self.state = weights, self._state_key()  # (the first step created the optimizer's state)
+        return losses
+
+    def _replay(self, graphs: tuple, inputs) -> Optional[Dict[str, torch.Tensor]]:
+        """A captured step on `inputs`: the forward-backward graph, then the host's checks (ids' range, the weights'
+        and the optimizer state's addresses, float learning rates), then the update graph; None, with nothing updated,
+        where the weights or the optimizer's state moved since the capture (the replay read their old memory, which
+        the graphs hold, and wrote only memory of their own)."""
+        forward_backward, update_graph, static_inputs, static_losses, lrs, id_range, _ = graphs
+        cuda_graphs.copy_into(static_inputs, inputs)
+        forward_backward.replay()  # changes no weight
+        id_range.check()
+        if (cuda_graphs.weights_key(self.model), self._state_key()) != (self.weights, self.state):
+            self.graphs = {}
+            return None
         if self._float_lrs() != lrs:
             raise ValueError("a learning rate given as a float changed since the step was captured; give the "
                              "optimizer tensor learning rates and update them in place (fill_)")
-        cuda_graphs.copy_into(static_inputs, inputs)
-        forward_backward.replay()  # changes no weight: the host checks the ids' range while the GPU runs it
-        id_range.check()
-        if self._state_key() != self.state:  # optimizer state replaced: its graph would update stale memory
-            self.graphs = {}
-            return self(input_ids, attention_mask, target_ids, supervision_steps)
         update_graph.replay()
         return {name: t.clone() for name, t in static_losses.items()}
 
@@ -116,8 +124,8 @@ class GraphedTrainStep:
 
     def _capture(self, inputs, supervision_steps, autocast) -> tuple:
         """(forward-backward graph, update graph, static input buffers, static losses, float learning rates, the
-        IdRangeCheck the first graph holds) of a step on inputs like `inputs`. The two graphs share a memory pool
-        of their own (the update reads the gradients the first leaves in it)."""
+        IdRangeCheck the first graph holds, the weights they read: `held_weights`) of a step on inputs like `inputs`.
+        The two graphs share a memory pool of their own (the update reads the gradients the first leaves in it)."""
         self._check_capturable()
         static_inputs = cuda_graphs.static_copies(inputs, self.model.token_embed.weight.device)
         static_losses: Dict[str, torch.Tensor] = {}
@@ -129,7 +137,8 @@ class GraphedTrainStep:
         forward_backward_graph = cuda_graphs.capture(forward_backward, warmups=0)
         update_graph = cuda_graphs.capture(lambda: update(self.model, self.optimizer, self.max_grad_norm),
                                            warmups=0, pool=forward_backward_graph.pool())
-        return forward_backward_graph, update_graph, static_inputs, static_losses, self._float_lrs(), id_range
+        return (forward_backward_graph, update_graph, static_inputs, static_losses, self._float_lrs(), id_range,
+                cuda_graphs.held_weights(self.model))
 
     def _check_capturable(self) -> None:
         if any(group.get("capturable") is False for group in self.optimizer.param_groups):

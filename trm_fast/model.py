@@ -338,9 +338,13 @@ class TRMModel(reference.TRMModel):
         return ce_loss, self._halting_loss(ops, correct, q_hat, target_ids, attention_mask)
 
     def _halting_loss(self, ops, correct, q_hat, target_ids, attention_mask) -> torch.Tensor:
-        """A step's ACT loss from its bool argmax == target per token (the labels on the op table's kernel)."""
-        labels = ops.act_labels(correct.view_as(target_ids), attention_mask, self.config.act_threshold)
-        return reference.halting_bce(q_hat, labels)
+        """A step's ACT loss from its bool argmax == target per token (on the op table's `halting_loss`)."""
+        return ops.halting_loss(correct.view_as(target_ids), attention_mask, q_hat, self.config.act_threshold)
+
+    def _mean_losses(self, ce_losses, act_losses):
+        """The seed's mean losses, on the op table's `mean_losses`."""
+        ops = tinynet_ops(self.kernels, ce_losses[0].device)
+        return ops.mean_losses(ce_losses, act_losses, self.config.act_weight)
 
     def _supervision_outputs(self, states, target_ids, attention_mask) -> Dict[str, Any]:
         """The seed's outputs; where states carry their autocast copy and the losses need gradients, each step's

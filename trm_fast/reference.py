@@ -103,6 +103,12 @@ def halting_bce(q_hat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy(q_hat.float(), labels.float())
 
 
+def mean_losses(ce_losses, act_losses, act_weight: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ce_loss, act_loss): the supervision steps' mean losses and their act_weight-weighted sum."""
+    ce_loss, act_loss = torch.stack(list(ce_losses)).mean(), torch.stack(list(act_losses)).mean()
+    return ce_loss + act_weight * act_loss, ce_loss, act_loss
+
+
 def sample_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
     """The seed's sampler: top-k, then nucleus (first token always kept), NaN guard, argmax fallback."""
     logits = logits.clone()
@@ -275,9 +281,7 @@ class TRMModel(nn.Module):
         return states
 
     def _mean_losses(self, ce_losses, act_losses) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, ce_loss, act_loss): the steps' mean losses and their act_weight-weighted sum."""
-        ce_loss, act_loss = torch.stack(ce_losses).mean(), torch.stack(act_losses).mean()
-        return ce_loss + self.config.act_weight * act_loss, ce_loss, act_loss
+        return mean_losses(ce_losses, act_losses, self.config.act_weight)
 
     def _supervision_outputs(self, states, target_ids, attention_mask) -> Dict[str, Any]:
         """The forward's outputs from `_supervision_states`: each step's logits and losses."""

@@ -101,10 +101,17 @@ def q_head(pooled, ln_weight, ln_bias, eps: float, weight, bias, dtype) -> torch
     return torch.sigmoid(F.linear(normed, weight, bias))
 
 
-def act_labels(correct, attention_mask, threshold: float) -> torch.Tensor:
-    """The seed's ACT labels, float32 [B, 1], from bool [B, L] argmax == target (trm_fast.reference)."""
-    from .reference import TRMModel
-    return TRMModel._act_labels(correct, attention_mask, threshold)
+def halting_loss(correct, attention_mask, q_hat, threshold: float) -> torch.Tensor:
+    """The seed's ACT loss of a step: the binary cross-entropy of q_hat [B, 1] against the ACT labels of bool [B, L]
+    argmax == target (trm_fast.reference)."""
+    from .reference import TRMModel, halting_bce
+    return halting_bce(q_hat, TRMModel._act_labels(correct, attention_mask, threshold))
+
+
+def mean_losses(ce_losses, act_losses, act_weight: float):
+    """The seed's (loss, ce_loss, act_loss) from the supervision steps' losses (trm_fast.reference)."""
+    from .reference import mean_losses
+    return mean_losses(ce_losses, act_losses, act_weight)
 
 
 def head_cross_entropy(h, weight, targets, ignore_index: int):
