@@ -78,11 +78,9 @@ class GraphedTrainStep:
             losses = self._replay(self.graphs[key], inputs)
             if losses is not None:
                 return losses
-        graphs_on = _graphs_on(model.token_embed.weight.device)
-        model._check_inputs(input_ids, attention_mask, target_ids, supervision_steps, check_ranges=not graphs_on)
-        if not graphs_on:
+        model._check_inputs(input_ids, attention_mask, target_ids, supervision_steps)  # the ranges too, before a step
+        if not _graphs_on(model.token_embed.weight.device):
             return self._step(inputs, supervision_steps, autocast)
-        model._check_inputs(input_ids, attention_mask, target_ids, supervision_steps)  # the ranges, before any step
         weights, state = cuda_graphs.weights_key(model), self._state_key()
         if (weights, state) != (self.weights, self.state):  # moved or replaced: every shape's graphs are stale
             self.graphs = {}
