@@ -247,16 +247,21 @@ at::Tensor lt_matmul_fallback(const at::Tensor& a, const at::Tensor& b, const st
 }
 
 // out [R, N] (=|+=) (scale *) a [R, K] @ b [K, N] by ATen, out in a's dtype or float32 (on the CPU, which has no
-// float32 output for bf16 GEMMs, from float32 operands): the CPU kernel of trm_fast::lt_matmul_into, and its CUDA
-// kernel's path for what cuBLASLt does not take.
+// float32 output for bf16 GEMMs, from float32 operands), or out = a @ b + bias [N] (out in a's dtype, not
+// accumulating, no scale): the CPU kernel of trm_fast::lt_matmul_into, and its CUDA kernel's path for what cuBLASLt
+// does not take.
 void lt_matmul_into_fallback(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
-                             const std::optional<at::Tensor>& scale) {
+                             const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) && out.dim() == 2 && out.size(0) == a.size(0) &&
               out.size(1) == b.size(1), "lt_matmul_into: out [R, N], a [R, K] and b [K, N] must agree, got ",
               out.sizes(), ", ", a.sizes(), " and ", b.sizes());
   const auto dtype = out.scalar_type();
+  TORCH_CHECK(!bias.has_value() || (!accumulate && !scale.has_value() && dtype == a.scalar_type()),
+              "lt_matmul_into: a bias needs out in a's dtype, no accumulation and no scale");
   const int beta = accumulate ? 1 : 0;
-  if (scale.has_value()) {
+  if (bias.has_value()) {
+    at::addmm_out(out, *bias, a, b);
+  } else if (scale.has_value()) {
     const at::Tensor product = scaled_product(a, b, *scale);
     accumulate ? out.add_(product) : out.copy_(product);
   } else if (dtype == a.scalar_type()) {
@@ -278,7 +283,8 @@ TORCH_LIBRARY(trm_fast, m) {
   m.def("scatter_rows(Tensor(a!) dst, Tensor index, Tensor src) -> ()");
   m.def("hidden_confidence(Tensor hidden, Tensor weight, int chunk) -> Tensor");
   m.def("lt_matmul(Tensor a, Tensor b, Tensor? bias=None, Tensor? scale=None) -> Tensor");
-  m.def("lt_matmul_into(Tensor(a!) out, Tensor a, Tensor b, bool accumulate, Tensor? scale=None) -> ()");
+  m.def("lt_matmul_into(Tensor(a!) out, Tensor a, Tensor b, bool accumulate, Tensor? scale=None, Tensor? bias=None) "
+        "-> ()");
   m.def("lt_matmul_timings(Tensor a, Tensor b, Tensor? bias, ScalarType out_dtype, bool accumulate) -> Tensor");
 }
 

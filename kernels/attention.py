@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from trm_fast import torch_ops
+from trm_fast.grad_sums import joined_input
 from trm_fast.kernels.dropout import check_seed, keep_mask, load_seed, row_key, torch_keep_mask
 from trm_fast.kernels.linear import linear
 from trm_fast.kernels.matmul import dot_config, tile_configs
@@ -327,11 +328,11 @@ def _check(qkv, key_valid, p, seed):
     check_seed("attention", seed, p, qkv.device)
 
 
-def attention_fwd_triton(qkv, key_valid, p: float, seed: Optional[torch.Tensor]):
+def attention_fwd_triton(qkv, key_valid, p: float, seed: Optional[torch.Tensor], out: Optional[torch.Tensor] = None):
     """(o [B, L, H, Dh] contiguous, lse [B, H, L] float32 in log2 units, +inf for a query without keys) for qkv
-    [B, L, 3, H, Dh] with unit stride over Dh; `seed` is read when p > 0."""
+    [B, L, 3, H, Dh] with unit stride over Dh, o written into `out` where given; `seed` is read when p > 0."""
     B, L, _, H, Dh = qkv.shape
-    o = torch.empty(B, L, H, Dh, device=qkv.device, dtype=qkv.dtype)
+    o = out if out is not None else torch.empty(B, L, H, Dh, device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty(B, H, L, device=qkv.device, dtype=torch.float32)
     grid = lambda meta: (B * H, triton.cdiv(L, meta["BLOCK_M"]))  # noqa: E731
     _attention_fwd_kernel[grid](qkv, key_valid, o, lse, *qkv.stride()[:4], o.stride(0), o.stride(1), o.stride(2), H,
@@ -368,14 +369,17 @@ def _probs_torch(qkv, key_valid, p: float, seed: Optional[torch.Tensor]):
     return probs, torch_keep_mask(probs.shape, p, seed).to(probs.device) / (1.0 - p)
 
 
-def attention_forward(qkv, key_valid, p: float, seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(o [B, L, H, Dh], lse [B, H, L]; lse is empty off CUDA): Triton on CUDA, torch elsewhere."""
+def attention_forward(qkv, key_valid, p: float, seed: Optional[torch.Tensor],
+                      out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(o [B, L, H, Dh], lse [B, H, L]; lse is empty off CUDA): Triton on CUDA, torch elsewhere; o written into
+    `out` (contiguous [B, L, H, Dh]) where given."""
     _check(qkv, key_valid, p, seed)
     if qkv.is_cuda:
-        return attention_fwd_triton(qkv.contiguous(), key_valid, p, seed)
+        return attention_fwd_triton(qkv.contiguous(), key_valid, p, seed, out)
     probs, keep_scale = _probs_torch(qkv, key_valid, p, seed)
     dropped = probs if keep_scale is None else probs * keep_scale
     o = torch.einsum("bhlm,bmhd->blhd", dropped, qkv[:, :, 2].float()).to(qkv.dtype).contiguous()
+    o = o if out is None else out.copy_(o)
     return o, qkv.new_empty(0, dtype=torch.float32)
 
 
@@ -441,8 +445,8 @@ class _Attention(torch.autograd.Function):
     """The eager path (see kernels/concat_linear.py)."""
 
     @staticmethod
-    def forward(ctx, qkv, key_valid, p, seed):
-        o, lse = attention_forward(qkv, key_valid, p, seed)
+    def forward(ctx, qkv, key_valid, p, seed, into):
+        o, lse = attention_forward(qkv, key_valid, p, seed, into[0])
         ctx.save_for_backward(qkv, o, lse, key_valid, seed)
         ctx.p = p
         return o
@@ -450,14 +454,16 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         qkv, o, lse, key_valid, seed = ctx.saved_tensors
-        return attention_backward(do, qkv, o, lse, key_valid, ctx.p, seed), None, None, None
+        return attention_backward(do, qkv, o, lse, key_valid, ctx.p, seed), None, None, None, None
 
 
-def attention(qkv, key_valid, p: float, seed: Optional[torch.Tensor]) -> torch.Tensor:
-    """o [B, L, H, Dh] of the attention op on qkv [B, L, 3, H, Dh], differentiable in qkv."""
+def attention(qkv, key_valid, p: float, seed: Optional[torch.Tensor], out: Optional[torch.Tensor] = None
+              ) -> torch.Tensor:
+    """o [B, L, H, Dh] of the attention op on qkv [B, L, 3, H, Dh], differentiable in qkv; written into `out`
+    (contiguous [B, L, H, Dh]) where given."""
     if torch.compiler.is_compiling():
         return attention_op(qkv, key_valid, p, seed)[0]
-    return _Attention.apply(qkv, key_valid, p, seed)
+    return _Attention.apply(qkv, key_valid, p, seed, (out,))  # (out not an input of the autograd graph)
 
 
 def causal_attention(h, key_valid, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, n_heads: int,
@@ -471,5 +477,7 @@ def causal_attention(h, key_valid, in_proj_weight, in_proj_bias, out_proj_weight
         return torch_ops.causal_attention(h, key_valid, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
                                           n_heads, dropout_p)
     qkv = linear(h, in_proj_weight, in_proj_bias).view(B, L, 3, n_heads, D // n_heads)
-    o = attention(qkv, key_valid, dropout_p, new_seed(h.device) if dropout_p > 0 else None)
+    # in a tracked call o goes to a slot of the output projection's JoinedRows (trm_fast.grad_sums), if it has them
+    o = attention(qkv, key_valid, dropout_p, new_seed(h.device) if dropout_p > 0 else None,
+                  joined_input(out_proj_weight, (B, L, n_heads, D // n_heads)))
     return linear(o.reshape(B, L, D), out_proj_weight, out_proj_bias)

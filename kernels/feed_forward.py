@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trm_fast.grad_sums import bias_grad, grad_product, grad_sums_of
+from trm_fast.grad_sums import bias_grad, grad_product, grad_sums_of, joined_rows
 from trm_fast.kernels.column_sum import BAND_ROWS
 from trm_fast.kernels.matmul import autocast_cast, product
 
@@ -42,37 +42,40 @@ def _gelu_kernel(pre_ptr, act_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _gelu_backward_kernel(grad_ptr, pre_ptr, act_ptr, sums_ptr, M, N, WRITE_ACT: tl.constexpr,
+def _gelu_backward_kernel(grad_ptr, pre_ptr, act_ptr, sums_ptr, out_ptr, M, N, WRITE_ACT: tl.constexpr,
                           BLOCK_N: tl.constexpr):
-    """For one band of rows: grad *= gelu'(pre) in place, act = gelu(pre) (WRITE_ACT), and the band's column sums
-    of the (rounded) new grad in sums[band]."""
+    """For one band of rows: out = grad * gelu'(pre) (out may be grad or pre), act = gelu(pre) (WRITE_ACT), and the
+    band's column sums of the (rounded) out in sums[band]."""
     band = tl.program_id(0)
     rows = band * _BAND_ROWS + tl.arange(0, _BAND_ROWS)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_range = (rows[:, None] < M) & (cols[None, :] < N)
     offsets = rows[:, None] * N + cols[None, :]
     act, slope = gelu_parts(tl.load(pre_ptr + offsets, mask=in_range, other=0.0).to(tl.float32))
-    grad = (tl.load(grad_ptr + offsets, mask=in_range, other=0.0).to(tl.float32) * slope).to(grad_ptr.dtype.element_ty)
-    tl.store(grad_ptr + offsets, grad, mask=in_range)
+    grad = (tl.load(grad_ptr + offsets, mask=in_range, other=0.0).to(tl.float32) * slope).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offsets, grad, mask=in_range)
     if WRITE_ACT:
         tl.store(act_ptr + offsets, act.to(act_ptr.dtype.element_ty), mask=in_range)
     tl.store(sums_ptr + band * N + cols, tl.sum(grad.to(tl.float32), axis=0), mask=cols < N)
 
 
-def feed_forward_fwd_triton(h, w1, b1, w2, b2, keep_pre: bool = True):
+def feed_forward_fwd_triton(h, w1, b1, w2, b2, keep_pre: bool = True, into=(None, None, None)):
     """(out [M, D], pre-activation [M, F] or None, gelu(pre-activation) [M, F] or None) for a contiguous [M, D] h,
-    computed in w1's dtype; b2 may be None."""
-    pre = product(h.to(w1.dtype), w1.t(), b1)
-    act = torch.empty_like(pre) if keep_pre else pre
+    computed in w1's dtype; b2 may be None. `into`: contiguous tensors to write pre, act and out into, each or None
+    (JoinedRows' slots, trm_fast.grad_sums)."""
+    pre = product(h.to(w1.dtype), w1.t(), b1, out=into[0])
+    act = into[1] if into[1] is not None else torch.empty_like(pre) if keep_pre else pre
     _gelu_kernel[(triton.cdiv(pre.numel(), _GELU_BLOCK),)](pre, act, pre.numel(), BLOCK=_GELU_BLOCK, num_warps=8)
-    out = product(act, w2.t(), b2)
+    out = product(act, w2.t(), b2, out=into[2])
     return (out, pre, act) if keep_pre else (out, None, None)
 
 
-def feed_forward_bwd_triton(grad_out, h, pre, w1, w2, has_b2: bool, grad_sums=(None,) * 4, act=None):
+def feed_forward_bwd_triton(grad_out, h, pre, w1, w2, has_b2: bool, grad_sums=(None,) * 4, act=None,
+                            joined=(False, False)):
     """(grad h in h's dtype, grad w1, grad b1, grad w2, grad b2 or None) for contiguous [M, D] grad_out and h and
     [M, F] pre-activation (and its gelu when the forward kept it, else formed here); a parameter's gradient is None
-    when added into its grad_sums entry (w1, b1, w2, b2; trm_fast.grad_sums)."""
+    when added into its grad_sums entry (w1, b1, w2, b2; trm_fast.grad_sums) or, `joined` (w1, w2), left to the
+    weight's JoinedRows: for w1 the pre-activation's gradient is then written over the pre-activation."""
     dtype = w1.dtype
     M, F = pre.shape
     grad_pre = product(grad_out.to(dtype), w2)
@@ -81,11 +84,14 @@ def feed_forward_bwd_triton(grad_out, h, pre, w1, w2, has_b2: bool, grad_sums=(N
     b1_bands = torch.empty(triton.cdiv(M, BAND_ROWS), F, device=pre.device, dtype=torch.float32)
     # the fastest tiles of scripts/gelu_bench.py on the H100 (gelu_bench_H100.txt, session 24)
     block_n, warps = (128, 8) if write_act else (64, 4)
+    out = pre if joined[0] else grad_pre
     _gelu_backward_kernel[(triton.cdiv(M, BAND_ROWS), triton.cdiv(F, block_n))](
-        grad_pre, pre, act, b1_bands, M, F, WRITE_ACT=write_act, BLOCK_N=block_n, num_warps=warps)
+        grad_pre, pre, act, b1_bands, out, M, F, WRITE_ACT=write_act, BLOCK_N=block_n, num_warps=warps)
+    grad_pre = out
     grad_h = product(grad_pre, w1).to(h.dtype)
-    return (grad_h, grad_product(grad_sums[0], grad_pre.t(), h.to(dtype)), bias_grad(grad_sums[1], b1_bands, dtype),
-            grad_product(grad_sums[2], grad_out.t().to(dtype), act),
+    return (grad_h, None if joined[0] else grad_product(grad_sums[0], grad_pre.t(), h.to(dtype)),
+            bias_grad(grad_sums[1], b1_bands, dtype),
+            None if joined[1] else grad_product(grad_sums[2], grad_out.t().to(dtype), act),
             bias_grad(grad_sums[3], grad_out, dtype) if has_b2 else None)
 
 
@@ -101,33 +107,44 @@ def _check(h, w1, b1, w2, b2):
         raise ValueError(f"feed_forward: weights must share w1's dtype {w1.dtype} and h's device {h.device}")
 
 
-def feed_forward_forward(h, w1, b1, w2, b2, keep_pre: bool = True):
+def feed_forward_forward(h, w1, b1, w2, b2, keep_pre: bool = True, into=(None, None, None)):
     """(out in w1's dtype, pre-activation [rows, F] and its gelu, or None and None): Triton on CUDA, torch
-    elsewhere."""
+    elsewhere; `into` as `feed_forward_fwd_triton`'s (keep_pre then True)."""
     _check(h, w1, b1, w2, b2)
     flat = h.reshape(-1, h.shape[-1]).contiguous()
     if h.is_cuda:
-        out, pre, act = feed_forward_fwd_triton(flat, w1, b1, w2, b2, keep_pre)
+        out, pre, act = feed_forward_fwd_triton(flat, w1, b1, w2, b2, keep_pre, into)
     else:
         pre = torch.nn.functional.linear(flat.to(w1.dtype), w1, b1)
         act = torch.nn.functional.gelu(pre)
         out = torch.nn.functional.linear(act, w2, b2)
+        pre, act, out = (_written_into(t, slot) for t, slot in zip((pre, act, out), into))
         pre, act = (pre, act) if keep_pre else (None, None)
     return out.view(*h.shape[:-1], w2.shape[0]), pre, act
 
 
-def feed_forward_backward(grad_out, h, pre, w1, w2, has_b2: bool, grad_sums=(None,) * 4, act=None):
+def _written_into(t: torch.Tensor, into: Optional[torch.Tensor]) -> torch.Tensor:
+    """t, or (the torch path) t copied into `into`, which then stands for it."""
+    return t if into is None else into.copy_(t)
+
+
+def feed_forward_backward(grad_out, h, pre, w1, w2, has_b2: bool, grad_sums=(None,) * 4, act=None,
+                          joined=(False, False)):
     """(grad h, grad w1, grad b1, grad w2, grad b2 or None), from gelu(pre) as the forward kept it or formed here; a
-    parameter's gradient is None when added into its grad_sums entry (Triton path)."""
+    parameter's gradient is None when added into its grad_sums entry or (`joined`) left to its JoinedRows, as
+    `feed_forward_bwd_triton`'s."""
     D = h.shape[-1]
     grad_flat, flat = grad_out.reshape(-1, D).contiguous(), h.reshape(-1, D).contiguous()
     if h.is_cuda:
-        grads = feed_forward_bwd_triton(grad_flat, flat, pre, w1, w2, has_b2, grad_sums, act)
+        grads = feed_forward_bwd_triton(grad_flat, flat, pre, w1, w2, has_b2, grad_sums, act, joined)
     else:
         act = torch.nn.functional.gelu(pre) if act is None else act
         grad_pre = (grad_flat @ w2) * torch.ops.aten.gelu_backward(torch.ones_like(pre), pre)
-        grads = ((grad_pre @ w1).to(h.dtype), grad_product(grad_sums[0], grad_pre.t(), flat.to(w1.dtype)),
-                 grad_pre.sum(0), grad_product(grad_sums[2], grad_flat.t(), act), grad_flat.sum(0) if has_b2 else None)
+        grad_pre = _written_into(grad_pre, pre if joined[0] else None)
+        grads = ((grad_pre @ w1).to(h.dtype),
+                 None if joined[0] else grad_product(grad_sums[0], grad_pre.t(), flat.to(w1.dtype)),
+                 grad_pre.sum(0), None if joined[1] else grad_product(grad_sums[2], grad_flat.t(), act),
+                 grad_flat.sum(0) if has_b2 else None)
     return (grads[0].view(h.shape),) + tuple(grads[1:])
 
 
@@ -179,17 +196,32 @@ class _FeedForward(torch.autograd.Function):
     neither."""
 
     @staticmethod
-    def forward(ctx, h, w1, b1, w2, b2):
-        out, pre, act = feed_forward_forward(h, w1, b1, w2, b2, keep_pre=any(ctx.needs_input_grad))
+    def forward(ctx, h, w1, b1, w2, b2, joined):
+        j1, j2 = joined  # the weights' JoinedRows in a tracked call, else None
+        rows = h.numel() // h.shape[-1]
+        k1 = j1.slot_of(h, j1.inputs) if j1 is not None else None  # (h written there by the LayerNorm before)
+        k2 = j2.take(rows, w2) if j2 is not None else None
+        into = (j1.slot(j1.grads, k1) if k1 is not None else None,) + (
+            (j2.slot(j2.inputs, k2), j2.slot(j2.grads, k2)) if k2 is not None else (None, None))
+        out, pre, act = feed_forward_forward(h, w1, b1, w2, b2, keep_pre=any(ctx.needs_input_grad), into=into)
+        if k2 is not None:
+            out.grad_in_place = True  # the next op's backward writes out's gradient over it (JoinedRows)
         ctx.save_for_backward(h, pre, w1, w2, act)
         ctx.has_b2 = b2 is not None
         ctx.grad_sums = grad_sums_of(w1, b1, w2, b2)
+        ctx.joined = (j1, k1, j2, k2)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         h, pre, w1, w2, act = ctx.saved_tensors
-        return feed_forward_backward(grad_out, h, pre, w1, w2, ctx.has_b2, ctx.grad_sums, act)
+        j1, k1, j2, k2 = ctx.joined
+        joined = (k1 is not None, k2 is not None and j2.slot_of(grad_out, j2.grads) == k2)
+        grads = feed_forward_backward(grad_out, h, pre, w1, w2, ctx.has_b2, ctx.grad_sums, act, joined)
+        for (j, k), filled in zip(((j1, k1), (j2, k2)), joined):
+            if filled:
+                j.fill(k)
+        return grads + (None,)
 
 
 def feed_forward(h, w1, b1, w2, b2) -> torch.Tensor:
@@ -198,4 +230,5 @@ def feed_forward(h, w1, b1, w2, b2) -> torch.Tensor:
     w1, b1, w2, b2 = autocast_cast(w1, b1, w2, b2)
     if torch.compiler.is_compiling():
         return feed_forward_op(h, w1, b1, w2, b2)[0]
-    return _FeedForward.apply(h, w1, b1, w2, b2)
+    joined = (joined_rows(w1), joined_rows(w2)) if torch.is_grad_enabled() else (None, None)
+    return _FeedForward.apply(h, w1, b1, w2, b2, joined)

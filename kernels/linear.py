@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from trm_fast.grad_sums import bias_grad, grad_product, grad_sum_of, grad_sums_of
+from trm_fast.grad_sums import bias_grad, grad_product, grad_sum_of, grad_sums_of, joined_rows
 from trm_fast.kernels.matmul import autocast_cast, product
 
 
@@ -21,24 +21,29 @@ def _check(x, weight, bias):
                          f"dtype and x's device ({x.device})")
 
 
-def linear_forward(x, weight, bias):
-    """In weight's dtype (x is cast to it); bias may be None."""
+def linear_forward(x, weight, bias, out=None):
+    """In weight's dtype (x is cast to it), written into `out` (contiguous, rows x N) where given; bias may be
+    None."""
     _check(x, weight, bias)
     x = x.to(weight.dtype)
+    shape = (*x.shape[:-1], weight.shape[0])
     if not x.is_cuda:
-        return F.linear(x, weight, bias)
+        y = F.linear(x, weight, bias)
+        return y if out is None else out.view(shape).copy_(y)
     # cuBLASLt's tuned algorithm, or torch's call where that is faster (scripts/lt_matmul_bench.py)
-    return product(x.reshape(-1, x.shape[-1]), weight.t(), bias).view(*x.shape[:-1], weight.shape[0])
+    return product(x.reshape(-1, x.shape[-1]), weight.t(), bias, out=out).view(shape)
 
 
 def linear_backward(grad_out, x, weight, has_bias: bool, grad_sums=(None, None), x_grad_sum=None,
-                    needs_x_grad: bool = True):
+                    needs_x_grad: bool = True, weight_joined: bool = False):
     """(grad x in x's dtype, grad weight, grad bias or None); x's, the weight's or the bias's gradient is None when
-    added into its grad sum (`x_grad_sum`, `grad_sums`: trm_fast.grad_sums), x's also when not needed."""
+    added into its grad sum (`x_grad_sum`, `grad_sums`: trm_fast.grad_sums), x's also when not needed, the
+    weight's also when left to its JoinedRows (`weight_joined`)."""
     flat = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
     grad_x = grad_product(x_grad_sum, flat, weight) if needs_x_grad else None
     grad_x = grad_x.to(x.dtype).view(x.shape) if grad_x is not None else None
-    grad_weight = grad_product(grad_sums[0], flat.t(), x.reshape(-1, x.shape[-1]).to(weight.dtype))
+    grad_weight = None if weight_joined else grad_product(grad_sums[0], flat.t(),
+                                                          x.reshape(-1, x.shape[-1]).to(weight.dtype))
     if not has_bias:
         return grad_x, grad_weight, None
     grad_bias = (bias_grad(grad_sums[1], flat, weight.dtype) if flat.is_cuda
@@ -87,16 +92,28 @@ class _Linear(torch.autograd.Function):
     """The eager path (see kernels/concat_linear.py)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, joined):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         ctx.grad_sums, ctx.x_grad_sum = grad_sums_of(weight, bias), grad_sum_of(x)
-        return linear_forward(x, weight, bias)
+        # a tracked call whose x its maker wrote into a slot of the weight's JoinedRows: the output goes to that
+        # slot's gradient rows, where the next op's backward writes its gradient over it
+        k = joined.slot_of(x, joined.inputs) if joined is not None else None
+        out = linear_forward(x, weight, bias, joined.slot(joined.grads, k) if k is not None else None)
+        if k is not None:
+            out.grad_in_place = True
+        ctx.joined = (joined, k)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        return linear_backward(grad_out, *ctx.saved_tensors, ctx.has_bias, ctx.grad_sums, ctx.x_grad_sum,
-                               ctx.needs_input_grad[0])
+        joined, k = ctx.joined
+        weight_joined = k is not None and joined.slot_of(grad_out, joined.grads) == k
+        grads = linear_backward(grad_out, *ctx.saved_tensors, ctx.has_bias, ctx.grad_sums, ctx.x_grad_sum,
+                                ctx.needs_input_grad[0], weight_joined)
+        if weight_joined:
+            joined.fill(k)
+        return grads + (None,)
 
 
 def linear(x, weight, bias) -> torch.Tensor:
@@ -105,4 +122,4 @@ def linear(x, weight, bias) -> torch.Tensor:
     weight, bias = autocast_cast(weight, bias)
     if torch.compiler.is_compiling():
         return linear_op(x, weight, bias)
-    return _Linear.apply(x, weight, bias)
+    return _Linear.apply(x, weight, bias, joined_rows(weight) if torch.is_grad_enabled() else None)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trm_fast.ops import lt_matmul, lt_matmul_torch
+from trm_fast.ops import lt_matmul, lt_matmul_into, lt_matmul_into_torch, lt_matmul_torch
 from trm_fast.torch_ops import autocast_dtype
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -116,13 +116,20 @@ def matmul_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, dot_dtype: 
                                        out.stride(0), out.stride(1), DOT_DTYPE=dtype, PRECISION=precision)
 
 
-def product(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """a @ b (+ bias) for 2-D operands of one dtype by cuBLAS: for CUDA bf16 / fp16 through cuBLASLt without a
-    workspace, each shape's fastest algorithm (trm_fast.ops.lt_matmul: none of the memsets, and the GPU's idle
-    after them, that torch.addmm's kernels for the TinyNet's K = 512 products bring), else torch."""
+def product(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None,
+            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a @ b (+ bias) for 2-D operands of one dtype by cuBLAS, into `out` where given: for CUDA bf16 / fp16 through
+    cuBLASLt without a workspace, each shape's fastest algorithm (trm_fast.ops.lt_matmul: none of the memsets, and
+    the GPU's idle after them, that torch.addmm's kernels for the TinyNet's K = 512 products bring), else torch."""
+    if out is None:
+        if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+            return lt_matmul(a, b, bias)
+        return lt_matmul_torch(a, b, bias)
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        return lt_matmul(a, b, bias)
-    return lt_matmul_torch(a, b, bias)
+        lt_matmul_into(out, a, b, bias=bias)
+    else:
+        lt_matmul_into_torch(out, a, b, False, bias=bias)
+    return out
 
 
 def matmul_grid(M: int, N: int):

@@ -132,13 +132,15 @@ def residual_layer_norm_fwd_triton(h, residual, weight, bias, eps: float, p: flo
 
 def residual_layer_norm_bwd_triton(grad_out, h, residual, weight, mean, rstd, p: float,
                                    seed: Optional[torch.Tensor], grad_cast: Optional[torch.Tensor] = None,
-                                   residual_bias: Optional[torch.Tensor] = None, grad_sum=None):
+                                   residual_bias: Optional[torch.Tensor] = None, grad_sum=None,
+                                   residual_in_place: bool = False):
     """(grad h, grad residual, grad weight, grad bias, grad residual bias or None); the output's gradient is
     grad_out + grad_cast. With `grad_sum` (the parameters', trm_fast.grad_sums) the parameters' gradients are
-    added into it and returned as None."""
+    added into it and returned as None. With `residual_in_place` grad residual is written over residual (each row
+    read before it is written)."""
     M, N = h.shape
     bands = triton.cdiv(M, ROWS_PER_PROGRAM)
-    grad_h, grad_residual = torch.empty_like(h), torch.empty_like(residual)
+    grad_h, grad_residual = torch.empty_like(h), residual if residual_in_place else torch.empty_like(residual)
     sums = 2 if residual_bias is None else 3
     partial_sums = torch.empty(bands, sums * N, device=h.device, dtype=torch.float32)  # per band: grad w, b (, rb)
     _residual_layer_norm_bwd_kernel[(bands,)](grad_out, grad_cast if grad_cast is not None else grad_out, h, residual,
@@ -189,10 +191,11 @@ def _cast_wanted(dtype: Optional[torch.dtype], weight: torch.Tensor) -> bool:
 
 def add_layer_norm_forward(h, residual, weight, bias, eps: float, p: float, seed: Optional[torch.Tensor],
                            cast_dtype: Optional[torch.dtype] = None, residual_bias: Optional[torch.Tensor] = None,
-                           cast_only: bool = False):
+                           cast_only: bool = False, cast_into: Optional[torch.Tensor] = None):
     """(out in weight's dtype, out in cast_dtype (empty unless cast_dtype is given and differs), per-row mean,
     per-row 1/std): Triton on CUDA, the same math in torch elsewhere; float32 statistics and sum whatever the
-    dtypes of h, residual and residual_bias. With `cast_only` and a cast, out is empty (not written)."""
+    dtypes of h, residual and residual_bias. With `cast_only` and a cast, out is empty (not written). The cast is
+    written into `cast_into` (contiguous, h's shape) where given."""
     _check(h, residual, weight, bias, p, seed, residual_bias)
     N = h.shape[-1]
     cast_wanted = _cast_wanted(cast_dtype, weight)
@@ -203,8 +206,10 @@ def add_layer_norm_forward(h, residual, weight, bias, eps: float, p: float, seed
         rstd = torch.rsqrt(s.var(dim=1, unbiased=False) + eps)
         out = (((s - mean[:, None]) * rstd[:, None]) * weight.float() + bias.float()).to(weight.dtype).view(h.shape)
         cast = out.to(cast_dtype) if cast_wanted else h.new_empty(0)
+        cast = cast_into.copy_(cast) if cast_wanted and cast_into is not None else cast
         return out.new_empty(0) if cast_only else out, cast, mean, rstd
-    cast = torch.empty(h.shape, device=h.device, dtype=cast_dtype) if cast_wanted else None
+    cast = None if not cast_wanted else cast_into if cast_into is not None else torch.empty(
+        h.shape, device=h.device, dtype=cast_dtype)
     out, mean, rstd = residual_layer_norm_fwd_triton(h.reshape(-1, N).contiguous(),
                                                      residual.reshape(-1, N).contiguous(), weight, bias, eps, p, seed,
                                                      cast.view(-1, N) if cast is not None else None, residual_bias,
@@ -213,10 +218,12 @@ def add_layer_norm_forward(h, residual, weight, bias, eps: float, p: float, seed
 
 
 def add_layer_norm_backward(grad_out, grad_cast, h, residual, weight, mean, rstd, p: float,
-                            seed: Optional[torch.Tensor], residual_bias: Optional[torch.Tensor] = None, grad_sum=None):
+                            seed: Optional[torch.Tensor], residual_bias: Optional[torch.Tensor] = None, grad_sum=None,
+                            residual_in_place: bool = False):
     """(grad h, grad residual, grad weight, grad bias, grad residual bias or None), each in its input's dtype; the
     output's gradient is grad_out plus grad_cast (the cast copy's, None or empty when there was none). With
-    `grad_sum` the parameters' gradients are added into it (concatenated) and returned as None."""
+    `grad_sum` the parameters' gradients are added into it (concatenated) and returned as None. With
+    `residual_in_place` (a contiguous residual) grad residual is written over residual."""
     N = h.shape[-1]
     if grad_cast is not None and grad_cast.numel() == 0:
         grad_cast = None
@@ -224,7 +231,7 @@ def add_layer_norm_backward(grad_out, grad_cast, h, residual, weight, mean, rstd
         grads = residual_layer_norm_bwd_triton(grad_out.reshape(-1, N).contiguous(), h.reshape(-1, N).contiguous(),
                                                residual.reshape(-1, N).contiguous(), weight, mean, rstd, p, seed,
                                                grad_cast.reshape(-1, N).contiguous() if grad_cast is not None else None,
-                                               residual_bias, grad_sum)
+                                               residual_bias, grad_sum, residual_in_place)
         return (grads[0].view(h.shape), grads[1].view(h.shape)) + grads[2:]
     xhat = (_summed_torch(h, residual, p, seed, residual_bias) - mean[:, None]) * rstd[:, None]
     dy = (grad_out.float() + (grad_cast.float() if grad_cast is not None else 0.0)).reshape(-1, N)
@@ -232,6 +239,8 @@ def add_layer_norm_backward(grad_out, grad_cast, h, residual, weight, mean, rstd
     ds = (wdy - xhat * (xhat * wdy).mean(dim=1, keepdim=True) - wdy.mean(dim=1, keepdim=True)) * rstd[:, None]
     grad_h = ds.to(h.dtype).view(h.shape)
     grad_residual = _dropped_torch(ds.view(h.shape), p, seed).to(residual.dtype, copy=True)  # never grad_h's alias
+    if residual_in_place:
+        grad_residual = residual.copy_(grad_residual.view(residual.shape))
     param_grads = [(dy * xhat).sum(0), dy.sum(0)]
     if residual_bias is not None:
         param_grads.append(grad_residual.reshape(-1, N).sum(0, dtype=torch.float32))
@@ -304,10 +313,13 @@ class _AddLayerNorm(torch.autograd.Function):
     handed to it."""
 
     @staticmethod
-    def forward(ctx, h, residual, weight, bias, eps, p, seed, cast_dtype, residual_bias, cast_sums_grads, cast_only):
+    def forward(ctx, h, residual, weight, bias, eps, p, seed, cast_dtype, residual_bias, cast_sums_grads, cast_only,
+                cast_into):
         ctx.set_materialize_grads(False)
         out, cast, mean, rstd = add_layer_norm_forward(h, residual, weight, bias, eps, p, seed, cast_dtype,
-                                                       residual_bias, cast_only)
+                                                       residual_bias, cast_only, cast_into[0])
+        # residual's maker laid it out for its gradient to be written over it (JoinedRows, trm_fast.grad_sums)
+        ctx.residual_in_place = getattr(residual, "grad_in_place", False)
         ctx.save_for_backward(h, residual, weight, mean, rstd, seed, residual_bias)
         ctx.p = p
         ctx.grad_sum = shared_grad_sum(weight, bias, *(() if residual_bias is None else (residual_bias,)))
@@ -325,24 +337,25 @@ class _AddLayerNorm(torch.autograd.Function):
         if grad_out is None:
             grad_out, grad_cast = grad_cast, None
         if grad_out is None:
-            return (None,) * 11
+            return (None,) * 12
         h, residual, weight, mean, rstd, seed, residual_bias = ctx.saved_tensors
         grad_h, grad_residual, grad_weight, grad_bias, grad_rb = add_layer_norm_backward(
             grad_out.reshape(h.shape), grad_cast, h, residual, weight, mean, rstd, ctx.p, seed, residual_bias,
-            ctx.grad_sum)
+            ctx.grad_sum, ctx.residual_in_place)
         if ctx.h_grad_sum is not None:  # handed over: h's other uses add theirs into it
             ctx.h_grad_sum.add(grad_h)
             grad_h = None
-        return grad_h, grad_residual, grad_weight, grad_bias, None, None, None, None, grad_rb, None, None
+        return grad_h, grad_residual, grad_weight, grad_bias, None, None, None, None, grad_rb, None, None, None
 
 
 def _add_layer_norm(h, residual, weight, bias, eps: float, dropout_p: float, cast_dtype: Optional[torch.dtype],
-                    residual_bias: Optional[torch.Tensor], cast_sums_grads: bool = False, cast_only: bool = False):
+                    residual_bias: Optional[torch.Tensor], cast_sums_grads: bool = False, cast_only: bool = False,
+                    cast_into: Optional[torch.Tensor] = None):
     seed = new_seed(h.device) if dropout_p > 0 else None
     if torch.compiler.is_compiling():
         return add_layer_norm_op(h, residual, weight, bias, eps, dropout_p, seed, cast_dtype, residual_bias)[:2]
     return _AddLayerNorm.apply(h, residual, weight, bias, eps, dropout_p, seed, cast_dtype, residual_bias,
-                               cast_sums_grads, cast_only)
+                               cast_sums_grads, cast_only, (cast_into,))  # (cast_into not an input of the graph)
 
 
 def add_layer_norm(h, residual, weight, bias, eps: float, dropout_p: float,
@@ -355,14 +368,16 @@ def add_layer_norm(h, residual, weight, bias, eps: float, dropout_p: float,
 
 def add_layer_norm_and_cast(h, residual, weight, bias, eps: float, dropout_p: float, dtype: Optional[torch.dtype],
                             residual_bias: Optional[torch.Tensor] = None, cast_sums_grads: bool = False,
-                            cast_only: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                            cast_only: bool = False, cast_into: Optional[torch.Tensor] = None
+                            ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(add_layer_norm's output, the output in `dtype`), the copy written by the same kernel (the output itself
     when `dtype` is None or its own dtype). With `cast_sums_grads` (eager calls) the copy's uses may add their
     gradients into its float32 `grad_sum` (trm_fast.grad_sums) instead of returning them: a copy read by several
     ops (a TinyNet state) then needs no gradient adds. With `cast_only`, for an output that only ever gets read in
-    `dtype`, only the copy is written: (copy, copy)."""
+    `dtype`, only the copy is written: (copy, copy). The copy is written into `cast_into` (contiguous, h's shape)
+    where given."""
     out, cast = _add_layer_norm(h, residual, weight, bias, eps, dropout_p, dtype, residual_bias, cast_sums_grads,
-                                cast_only)
+                                cast_only, cast_into)
     if not _cast_wanted(dtype, weight):
         return out, out
     return (cast, cast) if cast_only else (out, cast)

@@ -49,7 +49,7 @@ def main():
             dict(DOT_DTYPE=tl.bfloat16, PRECISION="tf32", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, EVEN=even),
             num_warps=8, num_stages=3)
     compile_for_sm90(ffn._gelu_backward_kernel, dict(grad_ptr="*bf16", pre_ptr="*bf16", act_ptr="*bf16",
-                                                     sums_ptr="*fp32", **ints("M", "N")),
+                                                     sums_ptr="*fp32", out_ptr="*bf16", **ints("M", "N")),
                      dict(WRITE_ACT=False, BLOCK_N=128), num_warps=8)
     compile_for_sm90(cl._cast_join_kernel, dict(x0_ptr="*fp32", x1_ptr="*fp32", x2_ptr="*fp32",
                                                 **ints("stride_x0", "stride_x1", "stride_x2"), out_ptr="*bf16",

@@ -26,8 +26,8 @@ def print_differences(pre, grad):
     act = torch.empty_like(pre)
     ffn._gelu_kernel[(triton.cdiv(pre.numel(), 4096),)](pre, act, pre.numel(), BLOCK=4096, num_warps=8)
     grad_pre, sums = grad.clone(), torch.empty(triton.cdiv(M, BAND_ROWS), F, device="cuda")
-    ffn._gelu_backward_kernel[(triton.cdiv(M, BAND_ROWS), F // 64)](grad_pre, pre, act, sums, M, F, WRITE_ACT=True,
-                                                                    BLOCK_N=64)
+    ffn._gelu_backward_kernel[(triton.cdiv(M, BAND_ROWS), F // 64)](grad_pre, pre, act, sums, grad_pre, M, F,
+                                                                    WRITE_ACT=True, BLOCK_N=64)
     want_pre = torch.ops.aten.gelu_backward(grad, pre)
     print(f"outputs differing from torch's: gelu {int((act != torch.nn.functional.gelu(pre)).sum())}, gelu "
           f"backward {int((grad_pre != want_pre).sum())} (largest {float((grad_pre - want_pre).abs().max()):.3g}) of "
@@ -52,7 +52,7 @@ def main():
             for warps in (4, 8):
                 grid = (triton.cdiv(M, BAND_ROWS), triton.cdiv(F, block_n))
                 us = per_call_us(lambda: ffn._gelu_backward_kernel[grid](
-                    grad, pre, act, sums, M, F, WRITE_ACT=write_act, BLOCK_N=block_n, num_warps=warps))
+                    grad, pre, act, sums, grad, M, F, WRITE_ACT=write_act, BLOCK_N=block_n, num_warps=warps))
                 print(f"backward write_act {write_act!s:5} BLOCK_N {block_n:3d} warps {warps}: {us:6.1f} us")
 
 

@@ -446,6 +446,21 @@ def test_lt_matmul_into_opcheck(device):
                               (out, a, b, accumulate, torch.tensor([0.5], device=device)))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_lt_matmul_into_with_a_bias(device):
+    """out = a @ b + bias into a given tensor (a row block of a larger buffer) is lt_matmul's product, bit for bit;
+    a bias with accumulation, a float32 out or a scale is refused."""
+    a, b, bias = lt_matmul_operands(33, 40, 24, torch.bfloat16, device, has_bias=True)
+    buffer = torch.zeros(66, 24, device=device, dtype=torch.bfloat16)
+    ops.lt_matmul_into(buffer[33:], a, b, bias=bias)
+    assert torch.equal(buffer[33:], ops.lt_matmul(a, b, bias)) and not buffer[:33].any()
+    torch.library.opcheck(torch.ops.trm_fast.lt_matmul_into.default, (buffer[33:], a, b, False, None, bias))
+    for out, accumulate, scale in ((buffer[33:], True, None), (torch.zeros(33, 24, device=device), False, None),
+                                   (buffer[33:], False, torch.tensor([0.5], device=device))):
+        with pytest.raises(ValueError, match="lt_matmul_into: (a bias needs|takes a bias or a scale)"):
+            ops.lt_matmul_into(out, a, b, accumulate, scale=scale, bias=bias)
+
+
 def test_lt_matmul_into_bad_input():
     a, b, _ = lt_matmul_operands(4, 3, 5, torch.bfloat16, "cpu", has_bias=False)
     for out in (torch.zeros(4, 6), torch.zeros(4, 5, dtype=torch.float16), torch.zeros(5, 4).t(), "out"):

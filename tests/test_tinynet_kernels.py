@@ -983,3 +983,63 @@ def test_masked_mean_op(device):
         mm.masked_mean(y, mask[:, :4])
     with pytest.raises(ValueError, match="y must be a float"):
         mm.masked_mean(y[0], mask)
+
+
+def test_joined_weight_gradients(monkeypatch):
+    """A forward whose backward runs once (`memoized_forward(one_backward=...)`, as GraphedTrainStep's) lays the
+    tracked calls' FFN and output-projection inputs and output gradients out in row buffers (JoinedRows) and forms
+    each of those weights' gradients with one GEMM over all of them: the loss and every gradient are those of the
+    per-call GEMMs, in training mode with dropout, to float32 summation order; only those three weights' sums are
+    joined, each over all eight tracked calls."""
+    from trm_fast import grad_sums
+    fast = make_pair(kernels="triton", d_model=64, n_heads=2, dropout=0.1)[1].train()
+    ids, targets = random_batch(2, 11, 61, lengths=[11, 6])
+    joined_products = []
+    real_add = grad_sums.JoinedRows.add_product_into
+
+    def recording_add(self, grad_sum):
+        joined_products.append((self.grads.shape[1], self.inputs.shape[1], sorted(self.filled)) if self.filled
+                               else None)
+        real_add(self, grad_sum)
+    monkeypatch.setattr(grad_sums.JoinedRows, "add_product_into", recording_add)
+    results = []
+    for one_backward in (None, 0):
+        fast.zero_grad()
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16), fast.memoized_forward(one_backward=one_backward):
+            out = fast(ids, target_ids=targets)
+        out["loss"].backward()
+        results.append((out["loss"].detach(), [p.grad.clone() for p in fast.parameters()]))
+    assert sorted(p for p in joined_products if p is not None) == [(64, 64, list(range(8))), (64, 256, list(range(8))),
+                                                                   (256, 64, list(range(8)))]
+    (loss, grads), (loss_joined, grads_joined) = results
+    assert torch.equal(loss, loss_joined)
+    for (name, _), a, b in zip(fast.named_parameters(), grads, grads_joined):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_joined_rows_slots_and_runs():
+    """JoinedRows hands out one slot per use up to its capacity (rows fixed by the first), finds a tensor's slot by
+    address, and forms the sum of the filled slots' products in one GEMM per run of adjacent slots."""
+    from trm_fast.grad_sums import GradSum, JoinedRows
+    weight = torch.zeros(3, 4)
+    joined = JoinedRows(4)
+    assert [joined.take(5, weight) for _ in range(4)] + [joined.take(5, weight)] == [0, 1, 2, 3, None]
+    assert joined.inputs.shape == (20, 4) and joined.grads.shape == (20, 3)
+    assert JoinedRows(2).take(5, weight) == 0 and joined.take(6, weight) is None
+    g = torch.Generator().manual_seed(0)
+    joined.inputs.copy_(torch.randn(20, 4, generator=g))
+    joined.grads.copy_(torch.randn(20, 3, generator=g))
+    assert joined.slot_of(joined.slot(joined.grads, 2).view(5, 1, 3), joined.grads) == 2
+    assert joined.slot_of(joined.slot(joined.grads, 2).clone(), joined.grads) is None
+    assert joined.slot_of(joined.grads[1:6], joined.grads) is None
+    for k in (3, 0, 1):
+        joined.fill(k)
+    products = []
+    total = GradSum(shape=weight.shape, joined=joined)
+    real_addmm = total.addmm
+    total.addmm = lambda a, b, scale=None: products.append(a.shape[1]) or real_addmm(a, b, scale)
+    rows = torch.cat([torch.arange(0, 10), torch.arange(15, 20)])
+    expected = joined.grads[rows].t() @ joined.inputs[rows]
+    torch.testing.assert_close(total.take(), expected)
+    assert products == [10, 5] and joined.inputs is None

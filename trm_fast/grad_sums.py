@@ -14,7 +14,11 @@ the output head add their input gradients into the copy's total (cuBLAS, beta = 
 An activation read by two ops in its own dtype (a TinyNet block's input: by the QKV projection and by the first
 LayerNorm) gets a sum in that dtype (`summing_grads`): the LayerNorm's backward hands it its gradient, into which the
 projection's input-gradient GEMM adds its own (beta = 1) instead of autograd's add of the two.
+A cast copy made with `joined_uses` (a training step that runs one backward: trm_fast.graphed_train_step) also has
+`JoinedRows`: ops that support it lay their tracked uses' inputs and output gradients out as slots of two row
+buffers, and the weight's gradient is one GEMM over all of them when the sum is taken (K = uses x rows).
 """
+import math
 from typing import Optional
 
 import torch
@@ -26,8 +30,10 @@ class GradSum:
     """The float32 sum of the gradients of `count` parameters (concatenated) over the uses of their cast copy or
     aliases in the running backward (or, `summing_grads`, an activation's sum in its own dtype)."""
 
-    def __init__(self, count: int = 1, shape: Optional[torch.Size] = None, dtype: torch.dtype = torch.float32):
+    def __init__(self, count: int = 1, shape: Optional[torch.Size] = None, dtype: torch.dtype = torch.float32,
+                 joined: Optional["JoinedRows"] = None):
         self.total: Optional[torch.Tensor] = None
+        self.joined = joined
         self.task = None
         self.count = count  # parameters whose gradients it sums, concatenated
         self.shape = shape  # of the total that `take` returns (the GEMMs form it in 2-D)
@@ -75,21 +81,102 @@ class GradSum:
 
     def take(self) -> Optional[torch.Tensor]:
         self._in_this_pass()
+        if self.joined is not None:
+            self.joined.add_product_into(self)
         total, self.total = self.total, None
         return total.view(self.shape) if total is not None and self.shape is not None else total
 
 
+class JoinedRows:
+    """A 2-D weight's tracked uses in one forward, as slots of two row buffers: slot k's `inputs` rows hold use k's
+    input (written by the op that made it), its `grads` rows first the use's output (written by its forward) and then,
+    overwritten in place by the backward of the op that reads that output, the output's gradient. The weight's
+    gradient is then one GEMM, grads.T @ inputs over the filled slots, formed when its GradSum is taken: K = uses x
+    rows, where cuBLAS runs at 560-760 TFLOP/s on the H100 against 300-550 for one GEMM per use of 8192 rows
+    (scripts/weight_grad_k_bench.py). The buffers are made at the first slot taken; a use that gets no slot (all
+    taken, other rows) or whose output gradient is elsewhere adds its product into the sum itself."""
+
+    def __init__(self, uses: int):
+        self.uses, self.rows, self.taken = uses, 0, 0
+        self.inputs: Optional[torch.Tensor] = None
+        self.grads: Optional[torch.Tensor] = None
+        self.filled: list = []
+
+    def take(self, rows: int, weight: torch.Tensor) -> Optional[int]:
+        """The next slot for a use of `rows` rows of the weight (its copy), or None."""
+        if self.inputs is None:
+            self.rows = rows
+            self.inputs = weight.new_empty(self.uses * rows, weight.shape[1])
+            self.grads = weight.new_empty(self.uses * rows, weight.shape[0])
+        if rows != self.rows or self.taken == self.uses:
+            return None
+        self.taken += 1
+        return self.taken - 1
+
+    def slot(self, buffer: torch.Tensor, k: int) -> torch.Tensor:
+        """Slot k of `buffer` as a tensor of its own, not a view: the ops write slots in place, which autograd would
+        otherwise count as writes to the other slots (one version counter per base) and refuse."""
+        cols = buffer.shape[1]
+        return buffer.new_empty(0).set_(buffer.untyped_storage(), buffer.storage_offset() + k * self.rows * cols,
+                                        (self.rows, cols), (cols, 1))
+
+    def slot_of(self, x: torch.Tensor, buffer: Optional[torch.Tensor]) -> Optional[int]:
+        """k where x (any shape, contiguous) is slot k of `buffer` (`inputs` or `grads`), else None."""
+        if buffer is None or x.dtype != buffer.dtype or x.device != buffer.device or not x.is_contiguous() \
+                or x.numel() != self.rows * buffer.shape[1]:
+            return None
+        k, rest = divmod(x.data_ptr() - buffer.data_ptr(), x.numel() * x.element_size())
+        return k if rest == 0 and 0 <= k < self.taken else None
+
+    def fill(self, k: int) -> None:
+        """Slot k's gradient rows are final: its product joins the weight's GEMM."""
+        self.filled.append(k)
+
+    def add_product_into(self, grad_sum: "GradSum") -> None:
+        """grad_sum += grads.T @ inputs over the filled slots, one GEMM per run of adjacent ones; then the buffers go
+        (the weight's last use in this backward)."""
+        filled = sorted(self.filled)
+        while filled:
+            run = 1
+            while run < len(filled) and filled[run] == filled[0] + run:
+                run += 1
+            rows = slice(filled[0] * self.rows, (filled[0] + run) * self.rows)
+            grad_sum.addmm(self.grads[rows].t(), self.inputs[rows])
+            filled = filled[run:]
+        if self.filled:
+            self.inputs = self.grads = None
+            self.filled = []
+
+
+def joined_rows(weight: Optional[torch.Tensor]) -> Optional[JoinedRows]:
+    """The JoinedRows of a cast copy made with `joined_uses` (`cast_summing_grads`), else None."""
+    grad_sum = grad_sum_of(weight)
+    return grad_sum.joined if grad_sum is not None else None
+
+
+def joined_input(weight: torch.Tensor, shape) -> Optional[torch.Tensor]:
+    """Where a tracked use of `weight` (a cast copy with JoinedRows) is to have its input of `shape` (any rows x the
+    weight's in features) written: the next slot's input rows, viewed as `shape`; None outside grad mode, for a copy
+    without JoinedRows, or when no slot is left."""
+    joined = joined_rows(weight)
+    if joined is None or not torch.is_grad_enabled():
+        return None
+    k = joined.take(math.prod(shape) // weight.shape[1], weight)
+    return joined.slot(joined.inputs, k).view(shape) if k is not None else None
+
+
 class _CastSummingGrads(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, param, dtype):
+    def forward(ctx, param, dtype, joined_uses):
         ctx.set_materialize_grads(False)
         copy = param.to(dtype)
-        copy.grad_sum = ctx.grad_sum = GradSum(shape=param.shape)
+        joined = JoinedRows(joined_uses) if joined_uses and param.dim() == 2 else None
+        copy.grad_sum = ctx.grad_sum = GradSum(shape=param.shape, joined=joined)
         return copy
 
     @staticmethod
     def backward(ctx, grad):
-        return plus(ctx.grad_sum.take(), grad), None  # (uses that returned their gradient: a torch fallback)
+        return plus(ctx.grad_sum.take(), grad), None, None  # (uses that returned their gradient: a torch fallback)
 
 
 class _ParamsSummingGrads(torch.autograd.Function):
@@ -151,10 +238,11 @@ def shared_grad_sum(*params: torch.Tensor) -> Optional[GradSum]:
     return grad_sum
 
 
-def cast_summing_grads(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def cast_summing_grads(param: torch.Tensor, dtype: torch.dtype, joined_uses: int = 0) -> torch.Tensor:
     """param.to(dtype) whose gradient the kernels may sum into its `grad_sum` (float32) instead of returning it
-    (a weight, or an activation read by several ops: TinyNet's input x)."""
-    return _CastSummingGrads.apply(param, dtype)
+    (a weight, or an activation read by several ops: TinyNet's input x); with `joined_uses` (a 2-D weight) its sum
+    has `JoinedRows` for that many tracked uses."""
+    return _CastSummingGrads.apply(param, dtype, joined_uses)
 
 
 def grad_sum_of(weight: Optional[torch.Tensor]) -> Optional[GradSum]:

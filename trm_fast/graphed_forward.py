@@ -146,13 +146,15 @@ def _bounds_then_clamp(named: Dict[str, torch.Tensor], vocab_size: int) -> torch
 
 
 def forward_for_capture(model: TRMModel, ids, mask, targets, supervision_steps, keep_logits: bool,
-                        autocast: Optional[torch.dtype], before_heads: bool = False) -> Dict[str, Any]:
+                        autocast: Optional[torch.dtype], before_heads: bool = False,
+                        one_backward: bool = False) -> Dict[str, Any]:
     """The model's forward without its host-side checks (a read-back would break a capture), under `autocast`
     (a dtype, or None for off). With keep_logits and `before_heads`, only up to the output head: {"states":
-    `_supervision_states`, "attention_mask"}, which `_supervision_outputs` finishes."""
+    `_supervision_states`, "attention_mask"}, which `_supervision_outputs` finishes. `one_backward`: the caller
+    runs the forward's backward exactly once (TRMModel.memoized_forward)."""
     with autocast_context(autocast):
         attention_mask = mask if mask is not None else (ids != model.config.pad_token_id).long()
-        with model.memoized_forward():
+        with model.memoized_forward(one_backward=(supervision_steps or 0) if one_backward else None):
             if keep_logits and before_heads:
                 return {"states": model._supervision_states(ids, attention_mask, supervision_steps),
                         "attention_mask": attention_mask}

@@ -116,7 +116,8 @@ class GraphedTrainStep:
     def _forward_backward(self, inputs, supervision_steps, autocast) -> Dict[str, torch.Tensor]:
         """Zeroed gradients, the forward and its backward; the forward's losses, detached."""
         self.optimizer.zero_grad(set_to_none=True)
-        result = forward_for_capture(self.model, *inputs, supervision_steps, self.keep_logits, autocast)
+        result = forward_for_capture(self.model, *inputs, supervision_steps, self.keep_logits, autocast,
+                                     one_backward=True)
         result["loss"].backward()
         return {name: result[name].detach() for name in LOSSES}
 

@@ -12,7 +12,7 @@ from . import decoding, reference, seeds
 from .early_exit import EarlyExit, compacted_early_exit
 from .early_exit import reset_runs as reset_early_exit_runs
 from .dispatch import check_kernels_choice, tinynet_ops
-from .grad_sums import cast_summing_grads, params_summing_grads, summing_grads
+from .grad_sums import cast_summing_grads, joined_input, params_summing_grads, summing_grads
 from .linear_cross_entropy import linear_cross_entropy
 from .reference import TRMConfig
 from .torch_ops import autocast_dtype
@@ -27,14 +27,16 @@ class DispatchTinyNet(reference.TinyNet):
         self._memo: Optional[dict] = None
 
     @contextlib.contextmanager
-    def memoized(self, z_copy_only: bool = False):
+    def memoized(self, z_copy_only: bool = False, joined_uses: int = 0):
         """Within, the TinyNet calls of one forward share the autocast copies of the linear weights (cast once,
         as autocast's own cache does for F.linear) and the key mask, instead of making them per call, and their
         dropout seeds are drawn together (trm_fast.seeds). `z_copy_only`: the forward reads `forward_xyz`'s output
         (the latent z) only through the projections, in the autocast dtype, so where states carry their copy in
-        that dtype z is that copy alone (the same values; its LayerNorm writes no float32 output)."""
+        that dtype z is that copy alone (the same values; its LayerNorm writes no float32 output). `joined_uses`:
+        the forward's backward runs once, so the weights' copies get JoinedRows for that many tracked calls
+        (trm_fast.grad_sums: the FFN's and the output projection's weight gradients one GEMM each)."""
         outer = self._memo
-        self._memo = {"z_copy_only": z_copy_only} if outer is None else outer
+        self._memo = {"z_copy_only": z_copy_only, "joined_uses": joined_uses} if outer is None else outer
         try:
             with seeds.drawn_together():
                 yield
@@ -55,15 +57,18 @@ class DispatchTinyNet(reference.TinyNet):
         if dtype is None:
             return params
         sum_grads = ops.SUMS_WEIGHT_GRADS and not torch.compiler.is_compiling()
-        return tuple(self._memo_get((p, dtype), lambda p=p: self._cast(p, dtype, sum_grads)) for p in params)
+        joined_uses = self._memo["joined_uses"] if self._memo is not None else 0
+        return tuple(self._memo_get((p, dtype), lambda p=p: self._cast(p, dtype, sum_grads, joined_uses))
+                     for p in params)
 
     @staticmethod
-    def _cast(param: torch.Tensor, dtype: torch.dtype, sum_grads: bool) -> torch.Tensor:
+    def _cast(param: torch.Tensor, dtype: torch.dtype, sum_grads: bool, joined_uses: int) -> torch.Tensor:
         """param.to(dtype), recorded for autograd even under no_grad: the training forward's no-grad deep steps
         come first, and its last step's gradient then flows through the same copy (one cast per parameter). With
-        `sum_grads`, the ops add their gradients for it into a float32 sum (trm_fast.grad_sums)."""
+        `sum_grads`, the ops add their gradients for it into a float32 sum (trm_fast.grad_sums), with JoinedRows
+        for `joined_uses` tracked uses."""
         with torch.enable_grad():
-            return cast_summing_grads(param, dtype) if sum_grads else param.to(dtype)
+            return cast_summing_grads(param, dtype, joined_uses) if sum_grads else param.to(dtype)
 
     def _block(self, ops, h: torch.Tensor, attn_mask: Optional[torch.Tensor], copy_only: bool = False) -> torch.Tensor:
         """The TinyNet block on the projection's output h; with `copy_only` (where states carry copies) the new state
@@ -90,11 +95,13 @@ class DispatchTinyNet(reference.TinyNet):
         # the FFN reads the LayerNorm's output in the autocast dtype: the copy autocast would make, written by the
         # LayerNorm itself
         ln1 = self._norm_params(ops, block.ln1, out_bias if in_norm else None)
+        ffn_params = self.linear_params(ops, block.ffn[0].weight, block.ffn[0].bias, block.ffn[2].weight)
+        # in a tracked call the FFN's input goes to a slot of its first weight's JoinedRows, if it has them
+        cast_into = joined_input(ffn_params[0], h.shape)
         h, h_cast = ops.add_layer_norm_and_cast(h, a, ln1[0], ln1[1], block.ln1.eps, p(block.dropout.p),
-                                                autocast_dtype(h.device.type), ln1[2] if in_norm else None)
-        f = ops.feed_forward(h_cast, *self.linear_params(ops, block.ffn[0].weight, block.ffn[0].bias,
-                                                         block.ffn[2].weight),
-                             None if in_norm else self.linear_params(ops, ffn_bias)[0])
+                                                autocast_dtype(h.device.type), ln1[2] if in_norm else None,
+                                                cast_into=cast_into)
+        f = ops.feed_forward(h_cast, *ffn_params, None if in_norm else self.linear_params(ops, ffn_bias)[0])
         ln2 = self._norm_params(ops, block.ln2, ffn_bias if in_norm else None)
         args = (h, f, ln2[0], ln2[1], block.ln2.eps, p(block.ffn[3].p))
         residual_bias = ln2[2] if in_norm else None
@@ -252,10 +259,16 @@ class TRMModel(reference.TRMModel):
         with self.memoized_forward(return_diagnostics):
             return super().forward(input_ids, attention_mask, target_ids, supervision_steps, return_diagnostics)
 
-    def memoized_forward(self, diagnostics: bool = False):
+    def memoized_forward(self, diagnostics: bool = False, one_backward: Optional[int] = None):
         """TinyNet's `memoized` for one forward of the model: z only as its autocast copy unless a TinyNet call hook
-        (trm_fast.task_vectors) or the diagnostics' trace reads it."""
-        return self.tiny_net.memoized(z_copy_only=self._call_hook is None and not diagnostics)
+        (trm_fast.task_vectors) or the diagnostics' trace reads it. `one_backward` (the forward's supervision steps,
+        0 for the config's): the caller runs the forward's backward exactly once, so its tracked TinyNet calls may
+        share row buffers for their weight gradients (`memoized`'s joined_uses; trm_fast.graphed_train_step)."""
+        joined_uses = 0
+        if one_backward is not None:  # the tracked calls: the last latent recursion of each supervision step
+            joined_uses = 2 * self.config.latent_steps * (one_backward or self.config.supervision_steps)
+        return self.tiny_net.memoized(z_copy_only=self._call_hook is None and not diagnostics,
+                                      joined_uses=joined_uses)
 
     def _check_inputs(self, input_ids, attention_mask, target_ids, supervision_steps,
                       check_ranges: bool = True) -> None:

@@ -87,11 +87,13 @@ def lt_matmul_torch(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tenso
 
 
 def lt_matmul_into_torch(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool,
-                         scale: Optional[torch.Tensor] = None) -> None:
+                         scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> None:
     """lt_matmul_into's fallback: out in a's dtype, or float32 (on the CPU, which has no float32 output for bf16
     GEMMs, from float32 operands)."""
     dtype, beta = out.dtype, 1 if accumulate else 0
-    if scale is not None:
+    if bias is not None:
+        torch.addmm(bias, a, b, out=out)
+    elif scale is not None:
         product = _scaled_product(a, b, scale)
         out.add_(product) if accumulate else out.copy_(product)
     elif dtype == a.dtype:
@@ -164,7 +166,7 @@ def _lt_matmul_fake(a, b, bias=None, scale=None):
 
 
 @torch.library.register_fake("trm_fast::lt_matmul_into")
-def _lt_matmul_into_fake(out, a, b, accumulate, scale=None):
+def _lt_matmul_into_fake(out, a, b, accumulate, scale=None, bias=None):
     return None
 
 
@@ -207,18 +209,21 @@ def lt_matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = N
 
 
 def lt_matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False,
-                   scale: Optional[torch.Tensor] = None) -> None:
+                   scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> None:
     """out = a @ b, or out += a @ b when `accumulate`, in place; out [R, N] in a's dtype or float32 (float32
     accumulation either way: the weight gradients' sums), with a unit column stride; the product times `scale`
-    where given, as `lt_matmul`'s. cuBLASLt as `lt_matmul`."""
-    _check_product("lt_matmul_into", a, b)
-    _check_scale("lt_matmul_into", scale, a)
+    where given, as `lt_matmul`'s; or out = a @ b + bias (out in a's dtype, not accumulating: `lt_matmul` into a
+    given tensor). cuBLASLt as `lt_matmul`."""
+    _check_product("lt_matmul_into", a, b, bias)
+    _check_scale("lt_matmul_into", scale, a, bias)
+    if bias is not None and (accumulate or out.dtype != a.dtype):
+        raise ValueError(f"lt_matmul_into: a bias needs out in a's dtype ({a.dtype}) and accumulate=False")
     if not isinstance(out, torch.Tensor) or out.shape != (a.shape[0], b.shape[1]) or out.device != a.device \
             or out.dtype not in (a.dtype, torch.float32) or (out.numel() and out.stride(-1) != 1):
         got = f"{out.dtype} {tuple(out.shape)} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"lt_matmul_into: out must be [{a.shape[0]}, {b.shape[1]}] in {a.dtype} or float32 on "
                          f"{a.device} with a unit column stride, got {got}")
-    torch.ops.trm_fast.lt_matmul_into(out, a, b, bool(accumulate), scale)
+    torch.ops.trm_fast.lt_matmul_into(out, a, b, bool(accumulate), scale, bias)
 
 
 def lt_matmul_timings(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None,

@@ -55,11 +55,13 @@ def add_layer_norm(h, residual, weight, bias, eps: float, dropout_p: float,
 
 
 def add_layer_norm_and_cast(h, residual, weight, bias, eps: float, dropout_p: float, dtype: Optional[torch.dtype],
-                            residual_bias: Optional[torch.Tensor] = None):
-    """(add_layer_norm's output, that output in `dtype`: the copy its next matmul reads; the output itself when
-    `dtype` is None)."""
+                            residual_bias: Optional[torch.Tensor] = None, cast_into: Optional[torch.Tensor] = None):
+    """(add_layer_norm's output, that output in `dtype`: the copy its next matmul reads, written into `cast_into`
+    where given; the output itself when `dtype` is None)."""
     out = add_layer_norm(h, residual, weight, bias, eps, dropout_p, residual_bias)
-    return out, out.to(dtype) if dtype is not None else out
+    if dtype is None:
+        return out, out
+    return out, out.to(dtype) if cast_into is None else cast_into.copy_(out)
 
 
 def feed_forward(h, w1, b1, w2, b2) -> torch.Tensor:

@@ -38,7 +38,7 @@ namespace trm_fast {
 at::Tensor lt_matmul_fallback(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& scale);
 void lt_matmul_into_fallback(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
-                             const std::optional<at::Tensor>& scale);
+                             const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias);
 
 namespace {
 
@@ -333,16 +333,17 @@ at::Tensor lt_matmul_cuda(const at::Tensor& a, const at::Tensor& b, const std::o
   return out;
 }
 
-// out [R, N] (a's dtype or float32, unit column stride) = scale * a @ b, or += when accumulating.
+// out [R, N] (a's dtype or float32, unit column stride) = scale * a @ b, or += when accumulating; or a @ b + bias
+// (out in a's dtype, not accumulating).
 void lt_matmul_into_cuda(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
-                         const std::optional<at::Tensor>& scale) {
+                         const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias) {
   check_shapes(a, b);
   TORCH_CHECK(out.dim() == 2 && out.size(0) == a.size(0) && out.size(1) == b.size(1), "lt_matmul_into: out must be [",
               a.size(0), ", ", b.size(1), "], got ", out.sizes());
   const c10::cuda::CUDAGuard guard(a.device());
-  const auto torch_call = [&](at::Tensor& into) { lt_matmul_into_fallback(into, a, b, accumulate, scale); };
-  if (!lt_product(a, b, std::nullopt, out, accumulate, scale, torch_call))
-    lt_matmul_into_fallback(out, a, b, accumulate, scale);
+  const auto torch_call = [&](at::Tensor& into) { lt_matmul_into_fallback(into, a, b, accumulate, scale, bias); };
+  if (!lt_product(a, b, bias, out, accumulate, scale, torch_call))
+    lt_matmul_into_fallback(out, a, b, accumulate, scale, bias);
 }
 
 // Microseconds per call of each algorithm cuBLASLt offers without a workspace for the product (the heuristic's
@@ -358,7 +359,7 @@ at::Tensor lt_matmul_timings_cuda(const at::Tensor& a, const at::Tensor& b, cons
   const bool new_output = bias.has_value() || (out_dtype == a.scalar_type() && !accumulate);
   const auto torch_call = [&](at::Tensor& into) {
     new_output ? (void)lt_matmul_fallback(a, b, bias, std::nullopt)
-               : lt_matmul_into_fallback(into, a, b, accumulate, std::nullopt);
+               : lt_matmul_into_fallback(into, a, b, accumulate, std::nullopt, std::nullopt);
   };
   Product product;
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
