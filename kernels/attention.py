@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from trm_fast import torch_ops
-from trm_fast.grad_sums import joined_input
+from trm_fast.grad_sums import joined_input, written_into
 from trm_fast.kernels.dropout import check_seed, keep_mask, load_seed, row_key, torch_keep_mask
 from trm_fast.kernels.linear import linear
 from trm_fast.kernels.matmul import dot_config, tile_configs
@@ -379,8 +379,7 @@ def attention_forward(qkv, key_valid, p: float, seed: Optional[torch.Tensor],
     probs, keep_scale = _probs_torch(qkv, key_valid, p, seed)
     dropped = probs if keep_scale is None else probs * keep_scale
     o = torch.einsum("bhlm,bmhd->blhd", dropped, qkv[:, :, 2].float()).to(qkv.dtype).contiguous()
-    o = o if out is None else out.copy_(o)
-    return o, qkv.new_empty(0, dtype=torch.float32)
+    return written_into(o, out), qkv.new_empty(0, dtype=torch.float32)
 
 
 def attention_backward(do, qkv, o, lse, key_valid, p: float, seed: Optional[torch.Tensor]) -> torch.Tensor:

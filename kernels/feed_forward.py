@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trm_fast.grad_sums import bias_grad, grad_product, grad_sums_of, joined_rows
+from trm_fast.grad_sums import bias_grad, grad_product, grad_sums_of, joined_rows, written_into
 from trm_fast.kernels.column_sum import BAND_ROWS
 from trm_fast.kernels.matmul import autocast_cast, product
 
@@ -118,14 +118,9 @@ def feed_forward_forward(h, w1, b1, w2, b2, keep_pre: bool = True, into=(None, N
         pre = torch.nn.functional.linear(flat.to(w1.dtype), w1, b1)
         act = torch.nn.functional.gelu(pre)
         out = torch.nn.functional.linear(act, w2, b2)
-        pre, act, out = (_written_into(t, slot) for t, slot in zip((pre, act, out), into))
+        pre, act, out = (written_into(t, slot) for t, slot in zip((pre, act, out), into))
         pre, act = (pre, act) if keep_pre else (None, None)
     return out.view(*h.shape[:-1], w2.shape[0]), pre, act
-
-
-def _written_into(t: torch.Tensor, into: Optional[torch.Tensor]) -> torch.Tensor:
-    """t, or (the torch path) t copied into `into`, which then stands for it."""
-    return t if into is None else into.copy_(t)
 
 
 def feed_forward_backward(grad_out, h, pre, w1, w2, has_b2: bool, grad_sums=(None,) * 4, act=None,
@@ -140,7 +135,7 @@ def feed_forward_backward(grad_out, h, pre, w1, w2, has_b2: bool, grad_sums=(Non
     else:
         act = torch.nn.functional.gelu(pre) if act is None else act
         grad_pre = (grad_flat @ w2) * torch.ops.aten.gelu_backward(torch.ones_like(pre), pre)
-        grad_pre = _written_into(grad_pre, pre if joined[0] else None)
+        grad_pre = written_into(grad_pre, pre if joined[0] else None)
         grads = ((grad_pre @ w1).to(h.dtype),
                  None if joined[0] else grad_product(grad_sums[0], grad_pre.t(), flat.to(w1.dtype)),
                  grad_pre.sum(0), None if joined[1] else grad_product(grad_sums[2], grad_flat.t(), act),
@@ -199,10 +194,9 @@ class _FeedForward(torch.autograd.Function):
     def forward(ctx, h, w1, b1, w2, b2, joined):
         j1, j2 = joined  # the weights' JoinedRows in a tracked call, else None
         rows = h.numel() // h.shape[-1]
-        k1 = j1.slot_of(h, j1.inputs) if j1 is not None else None  # (h written there by the LayerNorm before)
+        k1, pre_slot = j1.output_slot(h) if j1 is not None else (None, None)  # (h written there by the LayerNorm)
         k2 = j2.take(rows, w2) if j2 is not None else None
-        into = (j1.slot(j1.grads, k1) if k1 is not None else None,) + (
-            (j2.slot(j2.inputs, k2), j2.slot(j2.grads, k2)) if k2 is not None else (None, None))
+        into = (pre_slot,) + ((j2.slot(j2.inputs, k2), j2.slot(j2.grads, k2)) if k2 is not None else (None, None))
         out, pre, act = feed_forward_forward(h, w1, b1, w2, b2, keep_pre=any(ctx.needs_input_grad), into=into)
         if k2 is not None:
             out.grad_in_place = True  # the next op's backward writes out's gradient over it (JoinedRows)
@@ -216,12 +210,10 @@ class _FeedForward(torch.autograd.Function):
     def backward(ctx, grad_out):
         h, pre, w1, w2, act = ctx.saved_tensors
         j1, k1, j2, k2 = ctx.joined
-        joined = (k1 is not None, k2 is not None and j2.slot_of(grad_out, j2.grads) == k2)
-        grads = feed_forward_backward(grad_out, h, pre, w1, w2, ctx.has_b2, ctx.grad_sums, act, joined)
-        for (j, k), filled in zip(((j1, k1), (j2, k2)), joined):
-            if filled:
-                j.fill(k)
-        return grads + (None,)
+        if k1 is not None:  # (the backward writes pre's gradient over pre, in slot k1)
+            j1.fill(k1)
+        joined = (k1 is not None, k2 is not None and j2.joins(k2, grad_out))
+        return feed_forward_backward(grad_out, h, pre, w1, w2, ctx.has_b2, ctx.grad_sums, act, joined) + (None,)
 
 
 def feed_forward(h, w1, b1, w2, b2) -> torch.Tensor:

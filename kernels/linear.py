@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from trm_fast.grad_sums import bias_grad, grad_product, grad_sum_of, grad_sums_of, joined_rows
+from trm_fast.grad_sums import bias_grad, grad_product, grad_sum_of, grad_sums_of, joined_rows, written_into
 from trm_fast.kernels.matmul import autocast_cast, product
 
 
@@ -28,8 +28,7 @@ def linear_forward(x, weight, bias, out=None):
     x = x.to(weight.dtype)
     shape = (*x.shape[:-1], weight.shape[0])
     if not x.is_cuda:
-        y = F.linear(x, weight, bias)
-        return y if out is None else out.view(shape).copy_(y)
+        return written_into(F.linear(x, weight, bias), out).view(shape)
     # cuBLASLt's tuned algorithm, or torch's call where that is faster (scripts/lt_matmul_bench.py)
     return product(x.reshape(-1, x.shape[-1]), weight.t(), bias, out=out).view(shape)
 
@@ -98,8 +97,8 @@ class _Linear(torch.autograd.Function):
         ctx.grad_sums, ctx.x_grad_sum = grad_sums_of(weight, bias), grad_sum_of(x)
         # a tracked call whose x its maker wrote into a slot of the weight's JoinedRows: the output goes to that
         # slot's gradient rows, where the next op's backward writes its gradient over it
-        k = joined.slot_of(x, joined.inputs) if joined is not None else None
-        out = linear_forward(x, weight, bias, joined.slot(joined.grads, k) if k is not None else None)
+        k, out_slot = joined.output_slot(x) if joined is not None else (None, None)
+        out = linear_forward(x, weight, bias, out_slot)
         if k is not None:
             out.grad_in_place = True
         ctx.joined = (joined, k)
@@ -108,12 +107,9 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         joined, k = ctx.joined
-        weight_joined = k is not None and joined.slot_of(grad_out, joined.grads) == k
-        grads = linear_backward(grad_out, *ctx.saved_tensors, ctx.has_bias, ctx.grad_sums, ctx.x_grad_sum,
-                                ctx.needs_input_grad[0], weight_joined)
-        if weight_joined:
-            joined.fill(k)
-        return grads + (None,)
+        weight_joined = k is not None and joined.joins(k, grad_out)
+        return linear_backward(grad_out, *ctx.saved_tensors, ctx.has_bias, ctx.grad_sums, ctx.x_grad_sum,
+                               ctx.needs_input_grad[0], weight_joined) + (None,)
 
 
 def linear(x, weight, bias) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trm_fast.grad_sums import GradSum, grad_sum_of, plus, shared_grad_sum
+from trm_fast.grad_sums import GradSum, grad_sum_of, plus, shared_grad_sum, written_into
 from trm_fast.kernels.column_sum import sum_rows
 from trm_fast.kernels.dropout import check_seed, keep_mask, load_seed, row_key, torch_keep_mask
 from trm_fast.seeds import new_seed
@@ -206,7 +206,7 @@ def add_layer_norm_forward(h, residual, weight, bias, eps: float, p: float, seed
         rstd = torch.rsqrt(s.var(dim=1, unbiased=False) + eps)
         out = (((s - mean[:, None]) * rstd[:, None]) * weight.float() + bias.float()).to(weight.dtype).view(h.shape)
         cast = out.to(cast_dtype) if cast_wanted else h.new_empty(0)
-        cast = cast_into.copy_(cast) if cast_wanted and cast_into is not None else cast
+        cast = written_into(cast, cast_into) if cast_wanted else cast
         return out.new_empty(0) if cast_only else out, cast, mean, rstd
     cast = None if not cast_wanted else cast_into if cast_into is not None else torch.empty(
         h.shape, device=h.device, dtype=cast_dtype)
@@ -239,8 +239,7 @@ def add_layer_norm_backward(grad_out, grad_cast, h, residual, weight, mean, rstd
     ds = (wdy - xhat * (xhat * wdy).mean(dim=1, keepdim=True) - wdy.mean(dim=1, keepdim=True)) * rstd[:, None]
     grad_h = ds.to(h.dtype).view(h.shape)
     grad_residual = _dropped_torch(ds.view(h.shape), p, seed).to(residual.dtype, copy=True)  # never grad_h's alias
-    if residual_in_place:
-        grad_residual = residual.copy_(grad_residual.view(residual.shape))
+    grad_residual = written_into(grad_residual, residual if residual_in_place else None)
     param_grads = [(dy * xhat).sum(0), dy.sum(0)]
     if residual_bias is not None:
         param_grads.append(grad_residual.reshape(-1, N).sum(0, dtype=torch.float32))

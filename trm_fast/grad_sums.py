@@ -128,9 +128,23 @@ class JoinedRows:
         k, rest = divmod(x.data_ptr() - buffer.data_ptr(), x.numel() * x.element_size())
         return k if rest == 0 and 0 <= k < self.taken else None
 
+    def output_slot(self, x: torch.Tensor):
+        """(k, slot k's gradient rows) where a use's input x is slot k's input rows, else (None, None): the use's
+        output goes there, for the next op's backward to write its gradient over it."""
+        k = self.slot_of(x, self.inputs)
+        return (k, self.slot(self.grads, k)) if k is not None else (None, None)
+
     def fill(self, k: int) -> None:
         """Slot k's gradient rows are final: its product joins the weight's GEMM."""
         self.filled.append(k)
+
+    def joins(self, k: Optional[int], grad: torch.Tensor) -> bool:
+        """Whether use k's output gradient `grad` lies in slot k (written over the output there); then the slot is
+        filled."""
+        if k is None or self.slot_of(grad, self.grads) != k:
+            return False
+        self.fill(k)
+        return True
 
     def add_product_into(self, grad_sum: "GradSum") -> None:
         """grad_sum += grads.T @ inputs over the filled slots, one GEMM per run of adjacent ones; then the buffers go
@@ -152,6 +166,12 @@ def joined_rows(weight: Optional[torch.Tensor]) -> Optional[JoinedRows]:
     """The JoinedRows of a cast copy made with `joined_uses` (`cast_summing_grads`), else None."""
     grad_sum = grad_sum_of(weight)
     return grad_sum.joined if grad_sum is not None else None
+
+
+def written_into(t: torch.Tensor, into: Optional[torch.Tensor]) -> torch.Tensor:
+    """t, or t copied into `into` (a slot, where an op's torch path writes what its kernels write there), which then
+    stands for it."""
+    return t if into is None else into.copy_(t.view(into.shape))
 
 
 def joined_input(weight: torch.Tensor, shape) -> Optional[torch.Tensor]:
