@@ -44,6 +44,20 @@ def _sum_bands(x: torch.Tensor, out: torch.Tensor, band_rows: int, block_r: int,
                              BLOCK_N=block_n, num_warps=warps)
 
 
+def band_count(rows: int) -> int:
+    """The bands of `sum_rows`' first pass over `rows` rows (1: it sums them in one pass)."""
+    return triton.cdiv(rows, FIRST_PASS_ROWS) if rows > ONE_PASS_ROWS else 1
+
+
+def sum_bands(x: torch.Tensor, bands: torch.Tensor) -> torch.Tensor:
+    """`sum_rows`' first pass over x [R, N]: bands[i] (a [band_count(R), N] float32 tensor with unit column stride,
+    returned) = the float32 column sums of x's rows i * FIRST_PASS_ROWS up to (i + 1) * FIRST_PASS_ROWS."""
+    # where the columns give few programs (fewer than ~4 an SM), 8 warps each: -2.7 us at [8192, 512] from DRAM
+    programs = triton.cdiv(x.shape[1], FIRST_PASS_TILE[1]) * bands.shape[0]
+    _sum_bands(x, bands, FIRST_PASS_ROWS, *FIRST_PASS_TILE, warps=8 if programs < 512 else 4)
+    return bands
+
+
 def sum_rows(x: torch.Tensor, dtype: torch.dtype, into: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x.sum(0) in `dtype`, accumulated in float32, for a CUDA (or, under TRITON_INTERPRET=1, CPU) [R, N] tensor
     with unit column stride: over more than ONE_PASS_ROWS rows, bands of FIRST_PASS_ROWS first (a loop of tiles per
@@ -59,12 +73,9 @@ def sum_rows(x: torch.Tensor, dtype: torch.dtype, into: Optional[torch.Tensor] =
         raise ValueError(f"sum_rows: into must be a contiguous float32 [{N}] tensor on {x.device}, got {into.dtype} "
                          f"{tuple(into.shape)} on {into.device}")
     out = into if into is not None else torch.empty(N, device=x.device, dtype=dtype)
-    if R > ONE_PASS_ROWS:
-        bands = torch.empty(triton.cdiv(R, FIRST_PASS_ROWS), N, device=x.device, dtype=torch.float32)
-        # where the columns give few programs (fewer than ~4 an SM), 8 warps each: -2.7 us at [8192, 512] from DRAM
-        programs = triton.cdiv(N, FIRST_PASS_TILE[1]) * bands.shape[0]
-        _sum_bands(x, bands, FIRST_PASS_ROWS, *FIRST_PASS_TILE, warps=8 if programs < 512 else 4)
-        x, R = bands, bands.shape[0]
+    if band_count(R) > 1:
+        x = sum_bands(x, torch.empty(band_count(R), N, device=x.device, dtype=torch.float32))
+        R = x.shape[0]
     block_r = min(max(triton.next_power_of_2(R), 16), ONE_PASS_ROWS)
     block_n = min(32, 8192 // block_r)
     # half the warps of a tile's elements / 1024 (at least 2): [128, 2048] float32 2.7 -> 1.8 us from L2

@@ -81,11 +81,13 @@ def feed_forward_bwd_triton(grad_out, h, pre, w1, w2, has_b2: bool, grad_sums=(N
     grad_pre = product(grad_out.to(dtype), w2)
     write_act = act is None
     act = torch.empty_like(pre) if write_act else act
-    b1_bands = torch.empty(triton.cdiv(M, BAND_ROWS), F, device=pre.device, dtype=torch.float32)
+    bands = triton.cdiv(M, BAND_ROWS)
+    b1_bands = (grad_sums[1].band_sums(bands, F, pre.device) if grad_sums[1] is not None else
+                torch.empty(bands, F, device=pre.device, dtype=torch.float32))
     # the fastest tiles of scripts/gelu_bench.py on the H100 (gelu_bench_H100.txt, session 24)
     block_n, warps = (128, 8) if write_act else (64, 4)
     out = pre if joined[0] else grad_pre
-    _gelu_backward_kernel[(triton.cdiv(M, BAND_ROWS), triton.cdiv(F, block_n))](
+    _gelu_backward_kernel[(bands, triton.cdiv(F, block_n))](
         grad_pre, pre, act, b1_bands, out, M, F, WRITE_ACT=write_act, BLOCK_N=block_n, num_warps=warps)
     grad_pre = out
     grad_h = product(grad_pre, w1).to(h.dtype)

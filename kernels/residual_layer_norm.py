@@ -142,7 +142,9 @@ def residual_layer_norm_bwd_triton(grad_out, h, residual, weight, mean, rstd, p:
     bands = triton.cdiv(M, ROWS_PER_PROGRAM)
     grad_h, grad_residual = torch.empty_like(h), residual if residual_in_place else torch.empty_like(residual)
     sums = 2 if residual_bias is None else 3
-    partial_sums = torch.empty(bands, sums * N, device=h.device, dtype=torch.float32)  # per band: grad w, b (, rb)
+    # per band: grad w, b (, rb); a slot of the sum's buffer where it has one (summed once for all calls)
+    partial_sums = (grad_sum.band_sums(bands, sums * N, h.device) if grad_sum is not None else
+                    torch.empty(bands, sums * N, device=h.device, dtype=torch.float32))
     _residual_layer_norm_bwd_kernel[(bands,)](grad_out, grad_cast if grad_cast is not None else grad_out, h, residual,
                                               residual_bias if residual_bias is not None else weight, weight, mean,
                                               rstd, grad_h, grad_residual, partial_sums, M, N, p,

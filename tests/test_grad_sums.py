@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from parity_helpers import DEVICES
-from trm_fast.grad_sums import cast_summing_grads, params_summing_grads, shared_grad_sum, summing_grads
+from trm_fast.grad_sums import GradSum, cast_summing_grads, params_summing_grads, shared_grad_sum, summing_grads
 from trm_fast.kernels.linear import linear
 from trm_fast.kernels.residual_layer_norm import add_layer_norm
 
@@ -101,3 +101,27 @@ def test_activation_gradient_summed_in_its_dtype(device):
     expected = torch.autograd.grad(uses(h, plain_use=True), h)[0]
     got = torch.autograd.grad(uses(summing_grads(h), plain_use=True), h)[0]
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_band_sums_summed_once_at_take(device):
+    """GradSum(band_slots=3): `band_sums` hands out slots of one buffer (then, or for another shape, new tensors),
+    whose column sums `add_column_sums` defers to `take` (one reduction): the total of summing each at once. On CUDA
+    the first pass over a long tensor goes to a slot too."""
+    g = torch.Generator().manual_seed(3)
+    grad_sum = GradSum(band_slots=3)
+    parts = [torch.randn(4, 6, generator=g).to(device) for _ in range(5)]
+    sums = [grad_sum.band_sums(4, 6, parts[0].device) for _ in range(4)] + [
+        grad_sum.band_sums(5, 6, parts[0].device)[:4]]
+    assert [s._base is grad_sum.bands for s in sums] == [True, True, True, False, False]
+    for s, part in zip(sums, parts):
+        grad_sum.add_column_sums(s.copy_(part))
+    assert grad_sum.bands_used == 3
+    torch.testing.assert_close(grad_sum.take(), torch.stack(parts).sum((0, 1)))
+    assert grad_sum.bands_used == 0 and grad_sum.take() is None
+    long_sum = GradSum(band_slots=2)
+    x = torch.randn(1000, 24, generator=g).bfloat16().to(device)
+    for _ in range(2):
+        long_sum.add_column_sums(x)
+    assert long_sum.bands_used == (2 if device == "cuda" else 0)
+    torch.testing.assert_close(long_sum.take(), 2 * x.float().sum(0), rtol=1e-5, atol=1e-4)

@@ -112,12 +112,14 @@ def test_residual_layer_norm_kernels(M, N, p, with_residual_bias):
     assert (grads[4] is None) != with_residual_bias
     for got, leaf in zip(grads, leaves):
         _close(got, leaf.grad)
-    grad_sum = GradSum(3 if with_residual_bias else 2)  # the parameters' gradients added into a float32 total, twice
-    for _ in range(2):
-        summed = rln.residual_layer_norm_bwd_triton(grad_out, h, residual, weight, mean, rstd, p, _seed(123),
-                                                    residual_bias=residual_bias, grad_sum=grad_sum)
-    assert summed[2:] == (None, None, None)
-    _close(grad_sum.take(), 2 * torch.cat([leaf.grad for leaf in leaves[2:]]))
+    # the parameters' gradients added into a float32 total, twice: at once, or their band sums summed at the end
+    for band_slots in (0, 2):
+        grad_sum = GradSum(3 if with_residual_bias else 2, band_slots=band_slots)
+        for _ in range(2):
+            summed = rln.residual_layer_norm_bwd_triton(grad_out, h, residual, weight, mean, rstd, p, _seed(123),
+                                                        residual_bias=residual_bias, grad_sum=grad_sum)
+        assert summed[2:] == (None, None, None) and grad_sum.bands_used == band_slots
+        _close(grad_sum.take(), 2 * torch.cat([leaf.grad for leaf in leaves[2:]]))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -741,6 +743,12 @@ def test_feed_forward_kernels(M, D, F_, with_b2):
         assert (grads[4] is None) != with_b2
         for got, leaf in zip(grads, leaves):
             _close(got, leaf.grad, tol)
+    b1_sum = GradSum(band_slots=2)  # grad b1's band sums of two calls, summed once at the end
+    for _ in range(2):
+        assert ffn.feed_forward_bwd_triton(grad_out, h, pre, w1 * 0.3, w2 * 0.3, with_b2,
+                                           grad_sums=(None, b1_sum, None, None))[2] is None
+    assert b1_sum.bands_used == 2
+    _close(b1_sum.take(), 2 * leaves[2].grad, tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)

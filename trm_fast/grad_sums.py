@@ -16,7 +16,8 @@ LayerNorm) gets a sum in that dtype (`summing_grads`): the LayerNorm's backward 
 projection's input-gradient GEMM adds its own (beta = 1) instead of autograd's add of the two.
 A cast copy made with `joined_uses` (a training step that runs one backward: trm_fast.graphed_train_step) also has
 `JoinedRows`: ops that support it lay their tracked uses' inputs and output gradients out as slots of two row
-buffers, and the weight's gradient is one GEMM over all of them when the sum is taken (K = uses x rows).
+buffers, and the weight's gradient is one GEMM over all of them when the sum is taken (K = uses x rows); its sums
+of biases' and LayerNorm parameters' gradients keep the uses' band sums in one buffer, reduced once at the end.
 """
 import math
 from typing import Optional
@@ -31,18 +32,21 @@ class GradSum:
     aliases in the running backward (or, `summing_grads`, an activation's sum in its own dtype)."""
 
     def __init__(self, count: int = 1, shape: Optional[torch.Size] = None, dtype: torch.dtype = torch.float32,
-                 joined: Optional["JoinedRows"] = None):
+                 joined: Optional["JoinedRows"] = None, band_slots: int = 0):
         self.total: Optional[torch.Tensor] = None
         self.joined = joined
         self.task = None
         self.count = count  # parameters whose gradients it sums, concatenated
         self.shape = shape  # of the total that `take` returns (the GEMMs form it in 2-D)
         self.dtype = dtype  # of the total: float32, or (`summing_grads`) the activation's own
+        self.band_slots = band_slots  # uses whose band sums `band_sums` defers to `take`
+        self.bands: Optional[torch.Tensor] = None  # [band_slots x band_rows, columns] float32, made at first use
+        self.band_rows = self.bands_used = 0
 
     def _in_this_pass(self) -> None:
         task = torch._C._current_graph_task_id()
         if task != self.task:
-            self.total, self.task = None, task
+            self.total, self.task, self.bands_used = None, task, 0
 
     def addmm(self, a: torch.Tensor, b: torch.Tensor, scale: Optional[torch.Tensor] = None) -> None:
         """total += a @ b (times `scale`, a float32 tensor of one element, where given), computed from a and b as
@@ -62,9 +66,38 @@ class GradSum:
         x = x.reshape(-1, x.shape[-1])
         self.total = x if self.total is None else self.total.add_(x)
 
-    def add_column_sums(self, x: torch.Tensor) -> None:
-        """total += x.sum(0) in float32 (on CUDA kernels/column_sum.py, adding into the total)."""
+    def band_sums(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+        """A float32 [rows, cols] tensor for a kernel to write per-band column sums into, then handed to
+        `add_column_sums`: with `band_slots`, the next slot of one buffer that `take` sums for all uses at once (one
+        reduction where each use would launch its own: the LayerNorms' and b1's band sums, the second pass of a bias
+        gradient's column sums); a new tensor where no slot is left or the shape differs."""
         self._in_this_pass()
+        if self.band_slots and self.bands is None:
+            self.band_rows = rows
+            self.bands = torch.empty(self.band_slots * rows, cols, device=device, dtype=torch.float32)
+        if self.bands is not None and self.bands_used < self.band_slots and (rows, cols) == (
+                self.band_rows, self.bands.shape[1]) and self.bands.device == device:
+            self.bands_used += 1
+            return self.bands[(self.bands_used - 1) * rows:self.bands_used * rows]
+        return torch.empty(rows, cols, device=device, dtype=torch.float32)
+
+    def add_column_sums(self, x: torch.Tensor) -> None:
+        """total += x.sum(0) in float32 (on CUDA kernels/column_sum.py, adding into the total); deferred to `take`
+        when x is a slot of `band_sums`' buffer, and the second pass of a long x's sums when it gets one."""
+        self._in_this_pass()
+        if self.bands is not None and x._base is self.bands:
+            return
+        if x.is_cuda and self.band_slots:
+            from trm_fast.kernels.column_sum import band_count, sum_bands  # (Triton: CUDA only)
+            if band_count(x.shape[0]) > 1:
+                bands = self.band_sums(band_count(x.shape[0]), x.shape[1], x.device)
+                sum_bands(x, bands)
+                x = bands
+                if x._base is self.bands:
+                    return
+        self._add_sums_now(x)
+
+    def _add_sums_now(self, x: torch.Tensor) -> None:
         if not x.is_cuda:
             sums = x.float().sum(0)
             self.total = sums if self.total is None else self.total.add_(sums)
@@ -83,6 +116,9 @@ class GradSum:
         self._in_this_pass()
         if self.joined is not None:
             self.joined.add_product_into(self)
+        if self.bands_used:
+            self._add_sums_now(self.bands[:self.bands_used * self.band_rows])
+            self.bands_used = 0
         total, self.total = self.total, None
         return total.view(self.shape) if total is not None and self.shape is not None else total
 
@@ -191,7 +227,7 @@ class _CastSummingGrads(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         copy = param.to(dtype)
         joined = JoinedRows(joined_uses) if joined_uses and param.dim() == 2 else None
-        copy.grad_sum = ctx.grad_sum = GradSum(shape=param.shape, joined=joined)
+        copy.grad_sum = ctx.grad_sum = GradSum(shape=param.shape, joined=joined, band_slots=joined_uses)
         return copy
 
     @staticmethod
@@ -201,9 +237,9 @@ class _CastSummingGrads(torch.autograd.Function):
 
 class _ParamsSummingGrads(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, *params):
+    def forward(ctx, band_slots, *params):
         ctx.set_materialize_grads(False)
-        ctx.grad_sum, ctx.shapes = GradSum(len(params)), [p.shape for p in params]
+        ctx.grad_sum, ctx.shapes = GradSum(len(params), band_slots=band_slots), [p.shape for p in params]
         aliases = tuple(p.view_as(p) for p in params)
         for alias in aliases:
             alias.grad_sum = ctx.grad_sum
@@ -213,8 +249,8 @@ class _ParamsSummingGrads(torch.autograd.Function):
     def backward(ctx, *grads):
         total = ctx.grad_sum.take()
         parts = total.split([shape.numel() for shape in ctx.shapes]) if total is not None else [None] * len(grads)
-        return tuple(plus(part.view(shape) if part is not None else None, grad)
-                     for part, shape, grad in zip(parts, ctx.shapes, grads))
+        return (None,) + tuple(plus(part.view(shape) if part is not None else None, grad)
+                               for part, shape, grad in zip(parts, ctx.shapes, grads))
 
 
 class _SummingGrads(torch.autograd.Function):
@@ -244,10 +280,11 @@ def plus(total: Optional[torch.Tensor], grad: Optional[torch.Tensor],
     return grad.to(dtype) if total is None else total + grad
 
 
-def params_summing_grads(*params: torch.Tensor) -> tuple:
+def params_summing_grads(*params: torch.Tensor, band_slots: int = 0) -> tuple:
     """Aliases of float32 parameters (one op's, e.g. a LayerNorm's weight and bias) that share one `grad_sum`:
-    the op adds their gradients, concatenated in this order, into its float32 total."""
-    return _ParamsSummingGrads.apply(*params)
+    the op adds their gradients, concatenated in this order, into its float32 total (with `band_slots`, the band
+    sums of that many uses summed once: `GradSum.band_sums`)."""
+    return _ParamsSummingGrads.apply(band_slots, *params)
 
 
 def shared_grad_sum(*params: torch.Tensor) -> Optional[GradSum]:
@@ -260,8 +297,8 @@ def shared_grad_sum(*params: torch.Tensor) -> Optional[GradSum]:
 
 def cast_summing_grads(param: torch.Tensor, dtype: torch.dtype, joined_uses: int = 0) -> torch.Tensor:
     """param.to(dtype) whose gradient the kernels may sum into its `grad_sum` (float32) instead of returning it
-    (a weight, or an activation read by several ops: TinyNet's input x); with `joined_uses` (a 2-D weight) its sum
-    has `JoinedRows` for that many tracked uses."""
+    (a weight, or an activation read by several ops: TinyNet's input x); with `joined_uses` its sum has band slots
+    (`GradSum.band_sums`) and, for a 2-D weight, `JoinedRows` for that many tracked uses."""
     return _CastSummingGrads.apply(param, dtype, joined_uses)
 
 

@@ -131,7 +131,7 @@ class DispatchTinyNet(reference.TinyNet):
 
         def aliases():
             with torch.enable_grad():
-                return params_summing_grads(*params)
+                return params_summing_grads(*params, band_slots=self._memo["joined_uses"] if self._memo else 0)
         return self._memo_get(("norm",) + params, aliases)
 
     def reads_z_as_copy(self) -> bool:
