@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from trm_fast import torch_ops
-from trm_fast.grad_sums import joined_input, written_into
+from trm_fast.grad_sums import JoinedRows, joined_input, joined_rows, written_into
 from trm_fast.kernels.dropout import check_seed, keep_mask, load_seed, row_key, torch_keep_mask
 from trm_fast.kernels.linear import linear
 from trm_fast.kernels.matmul import dot_config, tile_configs
@@ -341,10 +341,12 @@ def attention_fwd_triton(qkv, key_valid, p: float, seed: Optional[torch.Tensor],
     return o, lse
 
 
-def attention_bwd_triton(do, qkv, o, lse, key_valid, p: float, seed: Optional[torch.Tensor]) -> torch.Tensor:
-    """dqkv, laid out as qkv; `do` and `o` contiguous [B, L, H, Dh]."""
+def attention_bwd_triton(do, qkv, o, lse, key_valid, p: float, seed: Optional[torch.Tensor],
+                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dqkv, laid out as qkv (contiguous), written into `out` (contiguous, qkv's size) where given; `do` and `o`
+    contiguous [B, L, H, Dh]."""
     B, L, _, H, Dh = qkv.shape
-    dqkv = torch.empty_like(qkv)
+    dqkv = torch.empty_like(qkv) if out is None else out.view(qkv.shape)
     delta = torch.empty(B, H, L, device=qkv.device, dtype=torch.float32)  # written by the dQ kernel
     common = (*qkv.stride()[:4], do.stride(0), do.stride(1), do.stride(2), H, L, LOG2E / math.sqrt(Dh),
               1.0 / (math.sqrt(Dh) * (1.0 - p)), p, seed if p > 0 else lse)
@@ -382,10 +384,11 @@ def attention_forward(qkv, key_valid, p: float, seed: Optional[torch.Tensor],
     return written_into(o, out), qkv.new_empty(0, dtype=torch.float32)
 
 
-def attention_backward(do, qkv, o, lse, key_valid, p: float, seed: Optional[torch.Tensor]) -> torch.Tensor:
-    """dqkv [B, L, 3, H, Dh]."""
+def attention_backward(do, qkv, o, lse, key_valid, p: float, seed: Optional[torch.Tensor],
+                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dqkv [B, L, 3, H, Dh], written into `out` (contiguous, qkv's size) where given."""
     if qkv.is_cuda:
-        return attention_bwd_triton(do.contiguous(), qkv.contiguous(), o.contiguous(), lse, key_valid, p, seed)
+        return attention_bwd_triton(do.contiguous(), qkv.contiguous(), o.contiguous(), lse, key_valid, p, seed, out)
     probs, keep_scale = _probs_torch(qkv, key_valid, p, seed)
     dropped = probs if keep_scale is None else probs * keep_scale
     q, k, v = qkv.float().unbind(2)
@@ -397,7 +400,7 @@ def attention_backward(do, qkv, o, lse, key_valid, p: float, seed: Optional[torc
     dscores = probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True)) / math.sqrt(q.shape[-1])
     dq = torch.einsum("bhlm,bmhd->blhd", dscores, k)
     dk = torch.einsum("bhlm,blhd->bmhd", dscores, q)
-    return torch.stack((dq, dk, dv), dim=2).to(qkv.dtype)
+    return written_into(torch.stack((dq, dk, dv), dim=2).to(qkv.dtype), out).view(qkv.shape)
 
 
 @torch.library.custom_op("trm_fast::attention", mutates_args=())
@@ -447,22 +450,24 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, qkv, key_valid, p, seed, into):
         o, lse = attention_forward(qkv, key_valid, p, seed, into[0])
         ctx.save_for_backward(qkv, o, lse, key_valid, seed)
-        ctx.p = p
+        ctx.p, ctx.qkv_joined = p, into[1]
         return o
 
     @staticmethod
     def backward(ctx, do):
         qkv, o, lse, key_valid, seed = ctx.saved_tensors
-        return attention_backward(do, qkv, o, lse, key_valid, ctx.p, seed), None, None, None, None
+        # where qkv lies in a slot of the QKV weight's JoinedRows, dqkv goes to the rows that it names
+        into = ctx.qkv_joined.gradient_rows(qkv) if ctx.qkv_joined is not None else None
+        return attention_backward(do, qkv, o, lse, key_valid, ctx.p, seed, into), None, None, None, None
 
 
-def attention(qkv, key_valid, p: float, seed: Optional[torch.Tensor], out: Optional[torch.Tensor] = None
-              ) -> torch.Tensor:
+def attention(qkv, key_valid, p: float, seed: Optional[torch.Tensor], out: Optional[torch.Tensor] = None,
+              qkv_joined: Optional[JoinedRows] = None) -> torch.Tensor:
     """o [B, L, H, Dh] of the attention op on qkv [B, L, 3, H, Dh], differentiable in qkv; written into `out`
-    (contiguous [B, L, H, Dh]) where given."""
+    (contiguous [B, L, H, Dh]) where given; `qkv_joined`: the QKV weight's JoinedRows, whose slot may hold qkv."""
     if torch.compiler.is_compiling():
         return attention_op(qkv, key_valid, p, seed)[0]
-    return _Attention.apply(qkv, key_valid, p, seed, (out,))  # (out not an input of the autograd graph)
+    return _Attention.apply(qkv, key_valid, p, seed, (out, qkv_joined))  # (not inputs of the autograd graph)
 
 
 def causal_attention(h, key_valid, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, n_heads: int,
@@ -478,5 +483,6 @@ def causal_attention(h, key_valid, in_proj_weight, in_proj_bias, out_proj_weight
     qkv = linear(h, in_proj_weight, in_proj_bias).view(B, L, 3, n_heads, D // n_heads)
     # in a tracked call o goes to a slot of the output projection's JoinedRows (trm_fast.grad_sums), if it has them
     o = attention(qkv, key_valid, dropout_p, new_seed(h.device) if dropout_p > 0 else None,
-                  joined_input(out_proj_weight, (B, L, n_heads, D // n_heads)))
+                  joined_input(out_proj_weight, (B, L, n_heads, D // n_heads)),
+                  joined_rows(in_proj_weight) if torch.is_grad_enabled() else None)
     return linear(o.reshape(B, L, D), out_proj_weight, out_proj_bias)

@@ -111,15 +111,17 @@ def cast_join(inputs: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tenso
     return out
 
 
-def concat_linear_fwd_triton(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def concat_linear_fwd_triton(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
+                             out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[M, N] = cat(inputs, -1) @ weight.T + bias for 2-D [M, K] inputs with unit column stride, computed and
-    returned in weight's dtype (the inputs may be wider: they are cast as they are loaded)."""
+    returned in weight's dtype (the inputs may be wider: they are cast as they are loaded); written into `out` (a
+    contiguous [M, N] tensor in weight's dtype) where given."""
     M, K = inputs[0].shape
     N = weight.shape[0]
     x0, x1, x2 = inputs[0], inputs[1], inputs[-1]
     if len({x.stride(0) for x in inputs}) > 1:  # the kernel's one-loop path reads them with x0's row stride
         x0, x1, x2 = (x.contiguous() for x in (x0, x1, x2))
-    out = torch.empty(M, N, device=x0.device, dtype=weight.dtype)
+    out = torch.empty(M, N, device=x0.device, dtype=weight.dtype) if out is None else out
     dtype, precision = dot_config(weight.dtype)
     _concat_linear_fwd_kernel[matmul_grid(M, N)](x0, x1, x2, x0.stride(0), x1.stride(0), x2.stride(0), weight,
                                                  weight.stride(0), bias, out, out.stride(0), M, N, K,
@@ -176,13 +178,16 @@ def _check(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Ten
                          f"a dtype and the inputs' device ({first.dtype}, {first.device})")
 
 
-def concat_linear_forward(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The op's forward, in weight's dtype: Triton on CUDA, torch elsewhere."""
+def concat_linear_forward(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
+                          out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The op's forward, in weight's dtype: Triton on CUDA, torch elsewhere; written into `out` (contiguous, the
+    output's shape) where given."""
     _check(inputs, weight, bias)
     if not inputs[0].is_cuda:
-        return torch_ops.concat_linear([x.to(weight.dtype) for x in inputs], weight, bias)
-    out = concat_linear_fwd_triton([_flat(x).contiguous() for x in inputs], weight.contiguous(), bias.contiguous())
-    return out.view(*inputs[0].shape[:-1], weight.shape[0])
+        return torch_ops.concat_linear([x.to(weight.dtype) for x in inputs], weight, bias, out)
+    result = concat_linear_fwd_triton([_flat(x).contiguous() for x in inputs], weight.contiguous(),
+                                      bias.contiguous(), _flat(out) if out is not None else None)
+    return result.view(*inputs[0].shape[:-1], weight.shape[0])
 
 
 def concat_linear_backward(grad_out: torch.Tensor, inputs: Sequence[torch.Tensor], weight: torch.Tensor,
@@ -243,23 +248,25 @@ class _ConcatLinear(torch.autograd.Function):
     """The eager path: the same forward and backward without the custom-op dispatch."""
 
     @staticmethod
-    def forward(ctx, weight, bias, *inputs):
+    def forward(ctx, weight, bias, into, *inputs):
         ctx.save_for_backward(*inputs, weight)
         ctx.grad_sums, ctx.input_grad_sums = grad_sums_of(weight, bias), grad_sums_of(*inputs)
-        return concat_linear_forward(inputs, weight, bias)
+        return concat_linear_forward(inputs, weight, bias, into[0])
 
     @staticmethod
     def backward(ctx, grad_out):
         *xs, weight = ctx.saved_tensors
         grads, grad_weight, grad_bias = concat_linear_backward(grad_out, xs, weight, ctx.grad_sums,
-                                                               ctx.needs_input_grad[2:], ctx.input_grad_sums)
-        return (grad_weight, grad_bias, *grads)
+                                                               ctx.needs_input_grad[3:], ctx.input_grad_sums)
+        return (grad_weight, grad_bias, None, *grads)
 
 
-def concat_linear(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def concat_linear(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The TinyNet op: `cat(inputs, -1) @ weight.T + bias` (Triton on CUDA, torch elsewhere), computed in the
-    weight's dtype, or under autocast in the autocast dtype (the inputs are cast as the kernel loads them)."""
+    weight's dtype, or under autocast in the autocast dtype (the inputs are cast as the kernel loads them); written
+    into `out` (contiguous, in that dtype: a JoinedRows slot, trm_fast.grad_sums) where given."""
     weight, bias = autocast_cast(weight, bias)
     if torch.compiler.is_compiling():
         return concat_linear_op(list(inputs), weight, bias)
-    return _ConcatLinear.apply(weight, bias, *inputs)
+    return _ConcatLinear.apply(weight, bias, (out,), *inputs)  # (out not an input of the autograd graph)

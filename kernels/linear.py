@@ -99,7 +99,7 @@ class _Linear(torch.autograd.Function):
         # slot's gradient rows, where the next op's backward writes its gradient over it
         k, out_slot = joined.output_slot(x) if joined is not None else (None, None)
         out = linear_forward(x, weight, bias, out_slot)
-        if k is not None:
+        if k is not None and joined.shift == 0:
             out.grad_in_place = True
         ctx.joined = (joined, k)
         return out

@@ -995,10 +995,10 @@ def test_masked_mean_op(device):
 
 def test_joined_weight_gradients(monkeypatch):
     """A forward whose backward runs once (`memoized_forward(one_backward=...)`, as GraphedTrainStep's) lays the
-    tracked calls' FFN and output-projection inputs and output gradients out in row buffers (JoinedRows) and forms
-    each of those weights' gradients with one GEMM over all of them: the loss and every gradient are those of the
-    per-call GEMMs, in training mode with dropout, to float32 summation order; only those three weights' sums are
-    joined, each over all eight tracked calls."""
+    tracked calls' FFN, output-projection and QKV inputs and output gradients out in row buffers (JoinedRows; the
+    QKV gradients one slot on) and forms each of those weights' gradients with one GEMM over all of them: the loss
+    and every gradient are those of the per-call GEMMs, in training mode with dropout, to float32 summation order;
+    only those four weights' sums are joined, each over all eight tracked calls."""
     from trm_fast import grad_sums
     fast = make_pair(kernels="triton", d_model=64, n_heads=2, dropout=0.1)[1].train()
     ids, targets = random_batch(2, 11, 61, lengths=[11, 6])
@@ -1018,8 +1018,8 @@ def test_joined_weight_gradients(monkeypatch):
             out = fast(ids, target_ids=targets)
         out["loss"].backward()
         results.append((out["loss"].detach(), [p.grad.clone() for p in fast.parameters()]))
-    assert sorted(p for p in joined_products if p is not None) == [(64, 64, list(range(8))), (64, 256, list(range(8))),
-                                                                   (256, 64, list(range(8)))]
+    assert sorted(p for p in joined_products if p is not None) == [
+        (64, 64, list(range(8))), (64, 256, list(range(8))), (192, 64, list(range(8))), (256, 64, list(range(8)))]
     (loss, grads), (loss_joined, grads_joined) = results
     assert torch.equal(loss, loss_joined)
     for (name, _), a, b in zip(fast.named_parameters(), grads, grads_joined):
@@ -1051,3 +1051,25 @@ def test_joined_rows_slots_and_runs():
     expected = joined.grads[rows].t() @ joined.inputs[rows]
     torch.testing.assert_close(total.take(), expected)
     assert products == [10, 5] and joined.inputs is None
+
+
+def test_joined_rows_shifted_by_one_slot():
+    """With shift 1 use k's output gradient goes to slot k + 1's gradient rows (one slot more than uses), handed out
+    only once no backward reads the output there (the backward runs the uses last to first), and the weight's GEMM
+    pairs those rows with slot k's inputs."""
+    from trm_fast.grad_sums import GradSum, JoinedRows
+    weight = torch.zeros(3, 4)
+    joined = JoinedRows(3, shift=1)
+    assert [joined.take(5, weight) for _ in range(3)] == [0, 1, 2] and joined.grads.shape == (20, 3)
+    outputs = [joined.slot(joined.grads, k) for k in range(3)]
+    assert joined.gradient_rows(outputs[0]) is None  # slot 1's output is still to be read
+    grads = [joined.gradient_rows(outputs[k]) for k in (2, 1, 0)][::-1]
+    assert [joined.slot_of(g, joined.grads) for g in grads] == [1, 2, 3]
+    assert joined.gradient_rows(outputs[0].clone()) is None
+    g = torch.Generator().manual_seed(1)
+    joined.inputs.copy_(torch.randn(15, 4, generator=g))
+    joined.grads.copy_(torch.randn(20, 3, generator=g))
+    assert [joined.joins(k, grads[k]) for k in range(3)] == [True, True, True]
+    assert not joined.joins(0, outputs[0])
+    expected = joined.grads[5:].t() @ joined.inputs
+    torch.testing.assert_close(GradSum(shape=weight.shape, joined=joined).take(), expected)

@@ -130,20 +130,25 @@ class JoinedRows:
     gradient is then one GEMM, grads.T @ inputs over the filled slots, formed when its GradSum is taken: K = uses x
     rows, where cuBLAS runs at 560-760 TFLOP/s on the H100 against 300-550 for one GEMM per use of 8192 rows
     (scripts/weight_grad_k_bench.py). The buffers are made at the first slot taken; a use that gets no slot (all
-    taken, other rows) or whose output gradient is elsewhere adds its product into the sum itself."""
+    taken, other rows) or whose output gradient is elsewhere adds its product into the sum itself.
+    With `shift` 1 (an output that its reader's backward reads while it forms the gradient: the QKV projection's,
+    read by the attention backward's two kernels), use k's output gradient goes to the `grads` rows of slot k + 1
+    instead, once no backward reads the output there any more (`released`; the backward runs the uses last to
+    first), and `grads` has one slot more for the last use's."""
 
-    def __init__(self, uses: int):
-        self.uses, self.rows, self.taken = uses, 0, 0
+    def __init__(self, uses: int, shift: int = 0):
+        self.uses, self.shift, self.rows, self.taken = uses, shift, 0, 0
         self.inputs: Optional[torch.Tensor] = None
         self.grads: Optional[torch.Tensor] = None
         self.filled: list = []
+        self.released: set = set()  # slots whose output no backward reads any more
 
     def take(self, rows: int, weight: torch.Tensor) -> Optional[int]:
         """The next slot for a use of `rows` rows of the weight (its copy), or None."""
         if self.inputs is None:
             self.rows = rows
             self.inputs = weight.new_empty(self.uses * rows, weight.shape[1])
-            self.grads = weight.new_empty(self.uses * rows, weight.shape[0])
+            self.grads = weight.new_empty((self.uses + self.shift) * rows, weight.shape[0])
         if rows != self.rows or self.taken == self.uses:
             return None
         self.taken += 1
@@ -162,7 +167,7 @@ class JoinedRows:
                 or x.numel() != self.rows * buffer.shape[1]:
             return None
         k, rest = divmod(x.data_ptr() - buffer.data_ptr(), x.numel() * x.element_size())
-        return k if rest == 0 and 0 <= k < self.taken else None
+        return k if rest == 0 and 0 <= k < self.taken + (self.shift if buffer is self.grads else 0) else None
 
     def output_slot(self, x: torch.Tensor):
         """(k, slot k's gradient rows) where a use's input x is slot k's input rows, else (None, None): the use's
@@ -175,12 +180,21 @@ class JoinedRows:
         self.filled.append(k)
 
     def joins(self, k: Optional[int], grad: torch.Tensor) -> bool:
-        """Whether use k's output gradient `grad` lies in slot k (written over the output there); then the slot is
-        filled."""
-        if k is None or self.slot_of(grad, self.grads) != k:
+        """Whether use k's output gradient `grad` lies in its slot's rows (k + shift: written over the output there);
+        then slot k is filled."""
+        if k is None or self.slot_of(grad, self.grads) != k + self.shift:
             return False
         self.fill(k)
         return True
+
+    def gradient_rows(self, output: torch.Tensor) -> Optional[torch.Tensor]:
+        """With shift 1, where the backward of the op that reads `output` (use k's output rows) writes its gradient:
+        slot k + 1's rows, when no backward reads the output there any more; else None. Slot k is released then."""
+        k = self.slot_of(output, self.grads)
+        if self.shift != 1 or k is None or k >= self.taken:
+            return None
+        self.released.add(k)  # (its reader's kernels run before any later kernel writes there)
+        return self.slot(self.grads, k + 1) if k + 1 >= self.taken or k + 1 in self.released else None
 
     def add_product_into(self, grad_sum: "GradSum") -> None:
         """grad_sum += grads.T @ inputs over the filled slots, one GEMM per run of adjacent ones; then the buffers go
@@ -190,12 +204,13 @@ class JoinedRows:
             run = 1
             while run < len(filled) and filled[run] == filled[0] + run:
                 run += 1
-            rows = slice(filled[0] * self.rows, (filled[0] + run) * self.rows)
-            grad_sum.addmm(self.grads[rows].t(), self.inputs[rows])
+            first, end = filled[0] * self.rows, (filled[0] + run) * self.rows
+            shift = self.shift * self.rows
+            grad_sum.addmm(self.grads[first + shift:end + shift].t(), self.inputs[first:end])
             filled = filled[run:]
         if self.filled:
             self.inputs = self.grads = None
-            self.filled = []
+            self.filled, self.released = [], set()
 
 
 def joined_rows(weight: Optional[torch.Tensor]) -> Optional[JoinedRows]:
@@ -223,16 +238,16 @@ def joined_input(weight: torch.Tensor, shape) -> Optional[torch.Tensor]:
 
 class _CastSummingGrads(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, param, dtype, joined_uses):
+    def forward(ctx, param, dtype, joined_uses, joined_shift):
         ctx.set_materialize_grads(False)
         copy = param.to(dtype)
-        joined = JoinedRows(joined_uses) if joined_uses and param.dim() == 2 else None
+        joined = JoinedRows(joined_uses, joined_shift) if joined_uses and param.dim() == 2 else None
         copy.grad_sum = ctx.grad_sum = GradSum(shape=param.shape, joined=joined, band_slots=joined_uses)
         return copy
 
     @staticmethod
     def backward(ctx, grad):
-        return plus(ctx.grad_sum.take(), grad), None, None  # (uses that returned their gradient: a torch fallback)
+        return plus(ctx.grad_sum.take(), grad), None, None, None  # (uses that returned their gradient: torch paths)
 
 
 class _ParamsSummingGrads(torch.autograd.Function):
@@ -295,11 +310,12 @@ def shared_grad_sum(*params: torch.Tensor) -> Optional[GradSum]:
     return grad_sum
 
 
-def cast_summing_grads(param: torch.Tensor, dtype: torch.dtype, joined_uses: int = 0) -> torch.Tensor:
+def cast_summing_grads(param: torch.Tensor, dtype: torch.dtype, joined_uses: int = 0,
+                       joined_shift: int = 0) -> torch.Tensor:
     """param.to(dtype) whose gradient the kernels may sum into its `grad_sum` (float32) instead of returning it
     (a weight, or an activation read by several ops: TinyNet's input x); with `joined_uses` its sum has band slots
-    (`GradSum.band_sums`) and, for a 2-D weight, `JoinedRows` for that many tracked uses."""
-    return _CastSummingGrads.apply(param, dtype, joined_uses)
+    (`GradSum.band_sums`) and, for a 2-D weight, `JoinedRows` for that many tracked uses (with `joined_shift`)."""
+    return _CastSummingGrads.apply(param, dtype, joined_uses, joined_shift)
 
 
 def grad_sum_of(weight: Optional[torch.Tensor]) -> Optional[GradSum]:

@@ -58,17 +58,22 @@ class DispatchTinyNet(reference.TinyNet):
             return params
         sum_grads = ops.SUMS_WEIGHT_GRADS and not torch.compiler.is_compiling()
         joined_uses = self._memo["joined_uses"] if self._memo is not None else 0
-        return tuple(self._memo_get((p, dtype), lambda p=p: self._cast(p, dtype, sum_grads, joined_uses))
+        # the QKV weight's JoinedRows are shifted by a slot: the attention backward reads its output while it
+        # writes the gradient
+        qkv_weight = self.block.attn.in_proj_weight
+        return tuple(self._memo_get((p, dtype), lambda p=p: self._cast(p, dtype, sum_grads, joined_uses,
+                                                                       int(p is qkv_weight)))
                      for p in params)
 
     @staticmethod
-    def _cast(param: torch.Tensor, dtype: torch.dtype, sum_grads: bool, joined_uses: int) -> torch.Tensor:
+    def _cast(param: torch.Tensor, dtype: torch.dtype, sum_grads: bool, joined_uses: int,
+              joined_shift: int) -> torch.Tensor:
         """param.to(dtype), recorded for autograd even under no_grad: the training forward's no-grad deep steps
         come first, and its last step's gradient then flows through the same copy (one cast per parameter). With
         `sum_grads`, the ops add their gradients for it into a float32 sum (trm_fast.grad_sums), with JoinedRows
-        for `joined_uses` tracked uses."""
+        for `joined_uses` tracked uses (shifted by `joined_shift` slots)."""
         with torch.enable_grad():
-            return cast_summing_grads(param, dtype, joined_uses) if sum_grads else param.to(dtype)
+            return cast_summing_grads(param, dtype, joined_uses, joined_shift) if sum_grads else param.to(dtype)
 
     def _block(self, ops, h: torch.Tensor, attn_mask: Optional[torch.Tensor], copy_only: bool = False) -> torch.Tensor:
         """The TinyNet block on the projection's output h; with `copy_only` (where states carry copies) the new state
@@ -141,14 +146,21 @@ class DispatchTinyNet(reference.TinyNet):
     def forward_xyz(self, x, y, z, attn_mask):
         ops = tinynet_ops(self.kernels, x.device)
         h = ops.concat_linear(self._projection_inputs(ops, (x, y, z)),
-                              *self.linear_params(ops, self.xyz_proj.weight, self.xyz_proj.bias))
+                              *self.linear_params(ops, self.xyz_proj.weight, self.xyz_proj.bias),
+                              self._qkv_input_slot(ops, x))
         return self._block(ops, h, attn_mask, self.reads_z_as_copy())
 
     def forward_yz(self, y, z, attn_mask):
         ops = tinynet_ops(self.kernels, y.device)
         h = ops.concat_linear(self._projection_inputs(ops, (y, z)),
-                              *self.linear_params(ops, self.yz_proj.weight, self.yz_proj.bias))
+                              *self.linear_params(ops, self.yz_proj.weight, self.yz_proj.bias),
+                              self._qkv_input_slot(ops, y))
         return self._block(ops, h, attn_mask)
+
+    def _qkv_input_slot(self, ops, state: torch.Tensor) -> Optional[torch.Tensor]:
+        """Where a tracked call's projection writes its output h (the QKV projection's input): the next input slot
+        of the QKV weight's JoinedRows, if it has them (trm_fast.grad_sums), else None."""
+        return joined_input(self.linear_params(ops, self.block.attn.in_proj_weight)[0], state.shape)
 
 
 def _state_copy_dtype(ops, state: torch.Tensor) -> Optional[torch.dtype]:

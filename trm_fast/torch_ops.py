@@ -6,6 +6,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .grad_sums import written_into
+
 # whether TinyNet leaves the biases of the layers before its residual LayerNorms to `add_layer_norm`: not here
 # (F.linear adds them in cuBLAS' epilogue, at no cost)
 RESIDUAL_BIAS_IN_NORM = False
@@ -21,9 +23,10 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-def concat_linear(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """`cat(inputs, -1) @ weight.T + bias`."""
-    return F.linear(torch.cat(list(inputs), dim=-1), weight, bias)
+def concat_linear(inputs: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`cat(inputs, -1) @ weight.T + bias`, written into `out` where given (the op table's signature)."""
+    return written_into(F.linear(torch.cat(list(inputs), dim=-1), weight, bias), out)
 
 
 def causal_attention(h, key_valid, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
