@@ -125,3 +125,8 @@ def test_band_sums_summed_once_at_take(device):
         long_sum.add_column_sums(x)
     assert long_sum.bands_used == (2 if device == "cuda" else 0)
     torch.testing.assert_close(long_sum.take(), 2 * x.float().sum(0), rtol=1e-5, atol=1e-4)
+    long_slots = GradSum(band_slots=2)  # a slot longer than one pass is summed at `take` alone
+    slot = long_slots.band_sums(1000, 24, x.device).copy_(x.float())
+    long_slots.add_column_sums(slot)
+    assert long_slots.bands_used == 1
+    torch.testing.assert_close(long_slots.take(), x.float().sum(0), rtol=1e-5, atol=1e-4)

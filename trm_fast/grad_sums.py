@@ -85,14 +85,12 @@ class GradSum:
         """total += x.sum(0) in float32 (on CUDA kernels/column_sum.py, adding into the total); deferred to `take`
         when x is a slot of `band_sums`' buffer, and the second pass of a long x's sums when it gets one."""
         self._in_this_pass()
-        if self.bands is not None and x._base is self.bands:
+        if self.bands is not None and x._base is self.bands:  # a slot (of any rows): summed at `take`
             return
         if x.is_cuda and self.band_slots:
             from trm_fast.kernels.column_sum import band_count, sum_bands  # (Triton: CUDA only)
-            if band_count(x.shape[0]) > 1:
-                bands = self.band_sums(band_count(x.shape[0]), x.shape[1], x.device)
-                sum_bands(x, bands)
-                x = bands
+            if band_count(x.shape[0]) > 1:  # the first pass, into a slot where one is left
+                x = sum_bands(x, self.band_sums(band_count(x.shape[0]), x.shape[1], x.device))
                 if x._base is self.bands:
                     return
         self._add_sums_now(x)

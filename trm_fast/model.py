@@ -160,6 +160,8 @@ class DispatchTinyNet(reference.TinyNet):
     def _qkv_input_slot(self, ops, state: torch.Tensor) -> Optional[torch.Tensor]:
         """Where a tracked call's projection writes its output h (the QKV projection's input): the next input slot
         of the QKV weight's JoinedRows, if it has them (trm_fast.grad_sums), else None."""
+        if self._memo is None or not self._memo["joined_uses"]:
+            return None
         return joined_input(self.linear_params(ops, self.block.attn.in_proj_weight)[0], state.shape)
 
 
