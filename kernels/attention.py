@@ -483,6 +483,5 @@ def causal_attention(h, key_valid, in_proj_weight, in_proj_bias, out_proj_weight
     qkv = linear(h, in_proj_weight, in_proj_bias).view(B, L, 3, n_heads, D // n_heads)
     # in a tracked call o goes to a slot of the output projection's JoinedRows (trm_fast.grad_sums), if it has them
     o = attention(qkv, key_valid, dropout_p, new_seed(h.device) if dropout_p > 0 else None,
-                  joined_input(out_proj_weight, (B, L, n_heads, D // n_heads)),
-                  joined_rows(in_proj_weight) if torch.is_grad_enabled() else None)
+                  joined_input(out_proj_weight, (B, L, n_heads, D // n_heads)), joined_rows(in_proj_weight))
     return linear(o.reshape(B, L, D), out_proj_weight, out_proj_bias)

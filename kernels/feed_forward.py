@@ -224,5 +224,4 @@ def feed_forward(h, w1, b1, w2, b2) -> torch.Tensor:
     w1, b1, w2, b2 = autocast_cast(w1, b1, w2, b2)
     if torch.compiler.is_compiling():
         return feed_forward_op(h, w1, b1, w2, b2)[0]
-    joined = (joined_rows(w1), joined_rows(w2)) if torch.is_grad_enabled() else (None, None)
-    return _FeedForward.apply(h, w1, b1, w2, b2, joined)
+    return _FeedForward.apply(h, w1, b1, w2, b2, (joined_rows(w1), joined_rows(w2)))

@@ -118,4 +118,4 @@ def linear(x, weight, bias) -> torch.Tensor:
     weight, bias = autocast_cast(weight, bias)
     if torch.compiler.is_compiling():
         return linear_op(x, weight, bias)
-    return _Linear.apply(x, weight, bias, joined_rows(weight) if torch.is_grad_enabled() else None)
+    return _Linear.apply(x, weight, bias, joined_rows(weight))

@@ -197,13 +197,12 @@ class JoinedRows:
     def add_product_into(self, grad_sum: "GradSum") -> None:
         """grad_sum += grads.T @ inputs over the filled slots, one GEMM per run of adjacent ones; then the buffers go
         (the weight's last use in this backward)."""
-        filled = sorted(self.filled)
+        filled, shift = sorted(self.filled), self.shift * self.rows
         while filled:
             run = 1
             while run < len(filled) and filled[run] == filled[0] + run:
                 run += 1
             first, end = filled[0] * self.rows, (filled[0] + run) * self.rows
-            shift = self.shift * self.rows
             grad_sum.addmm(self.grads[first + shift:end + shift].t(), self.inputs[first:end])
             filled = filled[run:]
         if self.filled:
@@ -212,9 +211,10 @@ class JoinedRows:
 
 
 def joined_rows(weight: Optional[torch.Tensor]) -> Optional[JoinedRows]:
-    """The JoinedRows of a cast copy made with `joined_uses` (`cast_summing_grads`), else None."""
+    """The JoinedRows of a cast copy made with `joined_uses` (`cast_summing_grads`) in grad mode (a tracked use),
+    else None."""
     grad_sum = grad_sum_of(weight)
-    return grad_sum.joined if grad_sum is not None else None
+    return grad_sum.joined if grad_sum is not None and torch.is_grad_enabled() else None
 
 
 def written_into(t: torch.Tensor, into: Optional[torch.Tensor]) -> torch.Tensor:
@@ -228,7 +228,7 @@ def joined_input(weight: torch.Tensor, shape) -> Optional[torch.Tensor]:
     weight's in features) written: the next slot's input rows, viewed as `shape`; None outside grad mode, for a copy
     without JoinedRows, or when no slot is left."""
     joined = joined_rows(weight)
-    if joined is None or not torch.is_grad_enabled():
+    if joined is None:
         return None
     k = joined.take(math.prod(shape) // weight.shape[1], weight)
     return joined.slot(joined.inputs, k).view(shape) if k is not None else None

@@ -34,7 +34,8 @@ class DispatchTinyNet(reference.TinyNet):
         (the latent z) only through the projections, in the autocast dtype, so where states carry their copy in
         that dtype z is that copy alone (the same values; its LayerNorm writes no float32 output). `joined_uses`:
         the forward's backward runs once, so the weights' copies get JoinedRows for that many tracked calls
-        (trm_fast.grad_sums: the FFN's and the output projection's weight gradients one GEMM each)."""
+        (trm_fast.grad_sums: the FFN's, the output projection's and the QKV projection's weight gradients one GEMM
+        each) and the gradient sums of the copies and LayerNorm parameters band slots."""
         outer = self._memo
         self._memo = {"z_copy_only": z_copy_only, "joined_uses": joined_uses} if outer is None else outer
         try:
@@ -42,6 +43,10 @@ class DispatchTinyNet(reference.TinyNet):
                 yield
         finally:
             self._memo = outer
+
+    def _joined_uses(self) -> int:
+        """The memo's `joined_uses` (0 outside `memoized`)."""
+        return self._memo["joined_uses"] if self._memo is not None else 0
 
     def _memo_get(self, key, make):
         if self._memo is None:
@@ -57,7 +62,7 @@ class DispatchTinyNet(reference.TinyNet):
         if dtype is None:
             return params
         sum_grads = ops.SUMS_WEIGHT_GRADS and not torch.compiler.is_compiling()
-        joined_uses = self._memo["joined_uses"] if self._memo is not None else 0
+        joined_uses = self._joined_uses()
         # the QKV weight's JoinedRows are shifted by a slot: the attention backward reads its output while it
         # writes the gradient
         qkv_weight = self.block.attn.in_proj_weight
@@ -136,7 +141,7 @@ class DispatchTinyNet(reference.TinyNet):
 
         def aliases():
             with torch.enable_grad():
-                return params_summing_grads(*params, band_slots=self._memo["joined_uses"] if self._memo else 0)
+                return params_summing_grads(*params, band_slots=self._joined_uses())
         return self._memo_get(("norm",) + params, aliases)
 
     def reads_z_as_copy(self) -> bool:
@@ -160,7 +165,7 @@ class DispatchTinyNet(reference.TinyNet):
     def _qkv_input_slot(self, ops, state: torch.Tensor) -> Optional[torch.Tensor]:
         """Where a tracked call's projection writes its output h (the QKV projection's input): the next input slot
         of the QKV weight's JoinedRows, if it has them (trm_fast.grad_sums), else None."""
-        if self._memo is None or not self._memo["joined_uses"]:
+        if not self._joined_uses():
             return None
         return joined_input(self.linear_params(ops, self.block.attn.in_proj_weight)[0], state.shape)
 
